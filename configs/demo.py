@@ -1,0 +1,34 @@
+"""CPU demo: a tiny EVEv2 learns to describe coloured shapes (the embedded dataset).
+
+  python -m evejax.train --config=configs/demo.py --workdir=/tmp/evejax_demo
+  python -m evejax.train --config=configs/demo.py:blank=True --workdir=/tmp/evejax_blind
+"""
+import ml_collections
+
+from evejax.config_utils import parse_arg
+from evejax.models.presets import model_preset
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, model='eve_v2_tiny', blank=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_preset(arg.model)
+
+  config.data = dict(
+      source='shapes', num_train=50_000, num_eval=512, seed=0,
+      tokenizer='',  # '' = train the demo BPE on the dataset's corpus; else a tokenizer.json path.
+      template='chat', seq_len=80, max_size=96, resize='eve_v2_train',
+      blank_images=arg.blank,  # Ablation: same layout, no pixels.
+      num_threads=2,
+      shapes=dict(min_side=48, max_side=112, max_shapes=3,
+                  question_kinds='caption,color,shape,count,leftmost'),
+  )
+  config.batch_size = 32
+  config.total_steps = 600
+  config.optim = dict(lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
+                      b2=0.999, eps=1e-8, grad_clip=1.0)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.log_every = 25
+  config.eval_every = 200
+  return config

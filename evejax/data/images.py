@@ -1,0 +1,73 @@
+"""Image decoding, the EVE any-resolution resize policies, and patchify into patch groups."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+RESIZE_POLICIES = ('eve_v2_train', 'eve_v2_infer', 'none')
+
+
+def decode_image(data: bytes) -> Image.Image:
+  """Encoded bytes -> RGB image. Raises ValueError for empty, truncated or unreadable data."""
+  if not data:
+    raise ValueError('empty image bytes')
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f'undecodable image: {e}') from e
+  return image.convert('RGB')
+
+
+def target_size(width: int, height: int, max_size: int, multiple: int, policy: str) -> tuple[int, int]:
+  """Output (width, height) of an image under one of the reference resize policies.
+
+  eve_v2_train: scale down (never up) to an area of max_size**2, then round each side to the nearest
+    multiple (Python's round-half-even), at least one multiple.
+  eve_v2_infer: scale to an area of max_size**2 (also up), then round each side up to a multiple.
+  none: keep the size; each side must already be a multiple.
+  """
+  ratio = math.sqrt(width * height) / max_size
+  if policy == 'eve_v2_train':
+    if ratio > 1:
+      width, height = width / ratio, height / ratio
+    return (max(round(width / multiple), 1) * multiple, max(round(height / multiple), 1) * multiple)
+  if policy == 'eve_v2_infer':
+    return (max(math.ceil(width / ratio / multiple), 1) * multiple,
+            max(math.ceil(height / ratio / multiple), 1) * multiple)
+  if policy == 'none':
+    if width % multiple or height % multiple:
+      raise ValueError(f'image of {width}x{height} px is not a multiple of {multiple} px per side; '
+                       "use data.resize='eve_v2_train' or resize it beforehand")
+    return width, height
+  raise ValueError(f'Unknown data.resize {policy!r}; available: {RESIZE_POLICIES}')
+
+
+def resize(image: Image.Image, max_size: int, multiple: int, policy: str) -> Image.Image:
+  size = target_size(image.width, image.height, max_size, multiple, policy)
+  return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+
+def max_patch_groups(max_size: int, token_pixels: int) -> int:
+  """Visual-token budget of one image: the grid of a max_size x max_size image plus a rounding row
+  and column (the train policy rounds sides to the nearest multiple)."""
+  return (max_size // token_pixels + 1) ** 2
+
+
+def patchify(pixels: np.ndarray, patch: int, merge: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """(H, W, 3) uint8 -> patch groups (rows*cols, merge**2, patch**2*3) and the grid (rows, cols).
+
+  Group order is row-major over visual tokens; inside a group sub-patches are row-major and each
+  sub-patch is flattened (y, x, channel), matching the reference convolution kernels.
+  """
+  token = patch * merge
+  height, width, channels = pixels.shape
+  if height % token or width % token:
+    raise ValueError(f'image of {width}x{height} px is not a multiple of {token} px per side')
+  rows, cols = height // token, width // token
+  x = pixels.reshape(rows, merge, patch, cols, merge, patch, channels)
+  x = x.transpose(0, 3, 1, 4, 2, 5, 6)  # rows, cols, my, mx, py, px, c
+  return x.reshape(rows * cols, merge * merge, patch * patch * channels), (rows, cols)

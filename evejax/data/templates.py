@@ -1,0 +1,102 @@
+"""Conversation templates and label masking (loss on caption / assistant tokens only).
+
+A conversation is tokenised segment by segment, each segment carrying its own "supervised" flag, which
+gives the reference's masks without its re-tokenise-and-count bookkeeping.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from evejax.batch import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+from evejax.data.tokenizer import Tokenizer
+
+VICUNA_SYSTEM = ('A chat between a curious user and an artificial intelligence assistant. '
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """`{system}{sep}USER: {q1} ASSISTANT: {a1}{sep2}USER: ...`; plain templates keep only captions."""
+  name: str
+  system: str = ''
+  roles: tuple[str, str] = ('USER', 'ASSISTANT')
+  sep: str = ' '
+  sep2: str = ''
+  plain: bool = False
+
+
+TEMPLATES = {
+    'plain': Template('plain', sep='\n', plain=True),
+    'qwen2': Template('qwen2', system=VICUNA_SYSTEM, sep2='<|im_end|>'),
+    'vicuna_v1': Template('vicuna_v1', system=VICUNA_SYSTEM, sep2='</s>'),
+    'chat': Template('chat', sep2='<|im_end|>'),  # qwen2 without the system prompt (demo).
+}
+
+
+def get_template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f'Unknown template {name!r}; available: {sorted(TEMPLATES)}')
+  return TEMPLATES[name]
+
+
+def _turn_pairs(conversation: Sequence[dict]) -> list[tuple[str, str]]:
+  turns = list(conversation)
+  if turns and turns[0].get('from') == 'gpt':  # The reference drops a leading assistant turn.
+    turns = turns[1:]
+  if not turns or len(turns) % 2:
+    raise ValueError(f'A conversation needs human/gpt turn pairs, got {len(turns)} turns')
+  pairs = []
+  for human, gpt in zip(turns[::2], turns[1::2]):
+    if human.get('from') != 'human' or gpt.get('from') != 'gpt':
+      raise ValueError(f"Turns must alternate 'human' and 'gpt', got {human.get('from')!r}, "
+                       f"{gpt.get('from')!r}")
+    pairs.append((human['value'], gpt['value']))
+  return pairs
+
+
+def _image_first(text: str) -> str:
+  """The reference moves an `<image>` in a turn to its start, followed by a newline."""
+  if IMAGE_PLACEHOLDER not in text:
+    return text
+  count = text.count(IMAGE_PLACEHOLDER)
+  rest = text.replace(IMAGE_PLACEHOLDER, '').strip()
+  return (IMAGE_PLACEHOLDER + '\n') * count + rest
+
+
+def _encode_with_images(text: str, tokenizer: Tokenizer) -> list[int]:
+  """Tokenises around each `<image>`, putting IMAGE_TOKEN_INDEX in its place."""
+  ids: list[int] = []
+  for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    if i:
+      ids.append(IMAGE_TOKEN_INDEX)
+    if chunk:
+      ids.extend(tokenizer.encode(chunk))
+  return ids
+
+
+def tokenize_conversation(conversation: Sequence[dict], tokenizer: Tokenizer,
+                          template: Template) -> tuple[list[int], list[bool]]:
+  """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised."""
+  pairs = _turn_pairs(conversation)
+  segments: list[tuple[str, bool]] = []
+  if template.plain:
+    if len(pairs) != 1:
+      raise ValueError(f'The plain template takes one (image, caption) pair, got {len(pairs)}')
+    prompt, caption = pairs[0]
+    image = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in prompt else ''
+    segments = [(image, False), (caption.strip() + template.sep, True)]
+  else:
+    user, assistant = template.roles
+    prefix = template.system + template.sep if template.system else ''
+    for question, answer in pairs:
+      segments.append((f'{prefix}{user}: {_image_first(question)}{template.sep}{assistant}:', False))
+      segments.append((f' {answer}{template.sep2}', True))
+      prefix = ''
+  ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  supervised = [False] * len(ids)
+  for text, is_target in segments:
+    piece = _encode_with_images(text, tokenizer)
+    ids.extend(piece)
+    supervised.extend([is_target] * len(piece))
+  return ids, supervised

@@ -1,0 +1,39 @@
+"""Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Writes each `write(step, scalars)` call to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled  # Only one process of a multi-host job writes.
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,75 @@
+"""Typed model configuration, built from the `model` section of an ml_collections config."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+DECOMPOSABLE_PARTS = ('layernorm', 'self_attn', 'mlp')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Dimensions of an EVE model. Names follow the HF configs of the base LLMs."""
+  family: str = 'qwen2'  # 'qwen2' (EVEv2) or 'llama' (EVEv1).
+  vocab_size: int = 152064
+  hidden_size: int = 3584
+  intermediate_size: int = 18944
+  num_layers: int = 28
+  num_heads: int = 28
+  num_kv_heads: int = 4
+  head_dim: int = 128
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  attention_bias: bool = True  # q/k/v biases (Qwen2); o_proj never has one.
+  tie_word_embeddings: bool = False
+  # EVEv2 modality decomposition, the reference's `moe_part`: '-'-joined subset of
+  # DECOMPOSABLE_PARTS; '' keeps one dense decoder for all tokens (`add_moe=False`).
+  moe_part: str = 'layernorm-self_attn-mlp'
+  routing: str = 'select'  # How decomposed ops pick their branch; see routing.py.
+  # Vision tokenizer (EVEv2 PEL): conv patch_size/patch_size -> GELU -> conv merge/merge.
+  vision_patch_size: int = 16
+  vision_merge: int = 2
+  vision_hidden_size: int = 1024
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.family not in ('qwen2', 'llama'):
+      raise ValueError(f"model.family must be 'qwen2' or 'llama', got {self.family!r}")
+    unknown = set(self.decomposed_parts) - set(DECOMPOSABLE_PARTS)
+    if unknown:
+      raise ValueError(f'model.moe_part={self.moe_part!r} names unknown parts {sorted(unknown)}; '
+                       f'use a "-"-joined subset of {DECOMPOSABLE_PARTS} or "" for none')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
+                       f'model.num_kv_heads={self.num_kv_heads}')
+
+  @classmethod
+  def from_dict(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+      raise ValueError(f'Unknown model config keys {unknown}; valid keys: {sorted(known)}')
+    return cls(**dict(cfg))
+
+  @property
+  def decomposed_parts(self) -> tuple[str, ...]:
+    return tuple(p for p in self.moe_part.split('-') if p)
+
+  def decomposes(self, part: str) -> bool:
+    return part in self.decomposed_parts
+
+  @property
+  def vision_token_pixels(self) -> int:
+    """Side in pixels of the square covered by one visual token."""
+    return self.vision_patch_size * self.vision_merge
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)

@@ -1,0 +1,63 @@
+"""The EVE model: vision tokenizer -> splice into the token stream -> decoder -> final norm -> LM head."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+from flax import nnx
+
+from evejax import batch as batch_format
+from evejax.models import layers
+from evejax.models.config import ModelConfig
+from evejax.models.decoder import DecoderLayer
+from evejax.models.vision import VisionTokenizerV2, splice
+
+Array = jax.Array
+
+
+class EVE(nnx.Module):
+  """Encoder-free VLM. Attribute names follow the reference keys (`embed_tokens`, `layers.N`, ...)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # Parameters are placed on devices by evejax.sharding, never at construction.
+    with nnx.use_eager_sharding(False):
+      self._build(cfg, rngs)
+
+  def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(layers.INIT_STD),
+                                             ('vocab', 'embed')),
+        rngs=rngs)
+    self.vision_tower = VisionTokenizerV2(cfg, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                               param_dtype=cfg.jnp_param_dtype)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.dense(cfg.hidden_size, cfg.vocab_size, ('embed', 'vocab'),
+                                  use_bias=False, dtype=cfg.jnp_dtype,
+                                  param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+
+  def embed(self, batch: Mapping[str, Array]) -> Array:
+    """Input embeddings (B, L, D) with the visual tokens spliced in at their positions."""
+    vt = self.vision_tower
+    return splice(self.embed_tokens(batch['tokens']), vt(batch['patches']), batch['token_kind'],
+                  batch['patch_index'], vt.class_embedding[...], vt.split_embedding[...])
+
+  def logits(self, hidden: Array) -> Array:
+    hidden = self.norm(hidden)
+    if self.lm_head is None:
+      return self.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(self, batch: Mapping[str, Array]) -> Array:
+    """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""
+    x = self.embed(batch)
+    vision_mask = batch['token_kind'] != batch_format.TEXT
+    mask = layers.attention_mask(batch['segment_ids'])
+    for layer in self.layers:
+      x = layer(x, vision_mask, batch['positions'], mask)
+    return self.logits(x)

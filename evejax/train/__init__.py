@@ -1,0 +1,1 @@
+"""Training: CLI, loop, functional steps, optimizer, losses."""
