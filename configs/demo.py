@@ -22,7 +22,7 @@ def get_config(arg=None):
       blank_images=arg.blank,  # Ablation: same layout, no pixels.
       num_threads=2,
       shapes=dict(min_side=48, max_side=112, max_shapes=3,
-                  question_kinds='caption,color,shape,count,leftmost'),
+                  question_kinds='caption,color,shape,count,top'),
   )
   config.batch_size = 32
   config.total_steps = 600

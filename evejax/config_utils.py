@@ -1,6 +1,8 @@
 """Helpers for `get_config(arg)` files (big_vision style)."""
 from __future__ import annotations
 
+import runpy
+
 import ml_collections
 
 
@@ -23,3 +25,21 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ValueError(f'Unknown config argument {key!r}; valid: {sorted(defaults)}')
     values[key] = _coerce(key, text, defaults[key])
   return ml_collections.ConfigDict(values)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
+  path, _, arg = spec.partition(':')
+  return runpy.run_path(path)['get_config'](arg or None)
+
+
+def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """A message if `dotted` (e.g. 'optim.lr') is not a key of `config`, else None."""
+  node, walked = config, []
+  for key in dotted.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      where = '.'.join(['config', *walked])
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      return f'--config.{dotted}: {where} has no key {key!r}; valid keys: {valid}'
+    node, walked = node[key], walked + [key]
+  return None

@@ -1,8 +1,10 @@
 """The embedded demo dataset: coloured shapes on a plain background, with captions and questions.
 
 Every example is a pure function of (seed, index), so any index can be regenerated on any host. The
-text is a function of the image (colours, shapes, count, left-to-right order), so a model that ignores
-the image cannot answer well. Records use the LLaVA layout with encoded PNG bytes, like converted data.
+text is a function of the image (colours, shapes, count, top-to-bottom order), so a model that ignores
+the image cannot answer well. Shapes are listed top to bottom: the order in which a raster scan, and so
+the visual token sequence, meets them. Records use the LLaVA layout with encoded PNG bytes, like
+converted data.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ COLORS = {
 }
 SHAPES = ('circle', 'square', 'triangle')
 NUMBERS = ('zero', 'one', 'two', 'three')
-QUESTION_KINDS = ('caption', 'color', 'shape', 'count', 'leftmost')
+QUESTION_KINDS = ('caption', 'color', 'shape', 'count', 'top')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +46,14 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
 
 
 def _place_shapes(rng: np.random.Generator, width: int, height: int, count: int) -> list[Shape]:
-  """Non-overlapping shapes with distinct kinds and colours, sorted left to right."""
+  """Non-overlapping shapes with distinct kinds and colours, sorted top to bottom."""
   kinds = rng.choice(len(SHAPES), count, replace=False)
   colors = rng.choice(len(COLORS), count, replace=False)
   names = list(COLORS)
   shapes: list[Shape] = []
   for kind, color in zip(kinds, colors):
     for _ in range(100):
-      size = int(rng.uniform(0.3, 0.45) * min(width, height))
+      size = int(rng.uniform(0.32, 0.5) * min(width, height))
       x0 = int(rng.integers(0, width - size))
       y0 = int(rng.integers(0, height - size))
       box = (x0, y0, x0 + size - 1, y0 + size - 1)
@@ -59,7 +61,7 @@ def _place_shapes(rng: np.random.Generator, width: int, height: int, count: int)
              for s in shapes):
         shapes.append(Shape(SHAPES[kind], names[color], box))
         break
-  return sorted(shapes, key=lambda s: s.center[0])
+  return sorted(shapes, key=lambda s: (s.box[1], s.box[0]))
 
 
 def _describe(shapes: list[Shape]) -> str:
@@ -79,8 +81,8 @@ def _question(rng: np.random.Generator, shapes: list[Shape], kinds: tuple[str, .
     return f'what shape is {target.color}?', f'{target.kind}.'
   if kind == 'count':
     return 'how many shapes are there?', f'{NUMBERS[len(shapes)]}.'
-  leftmost = shapes[0]
-  return 'what is on the left?', f'a {leftmost.color} {leftmost.kind}.'
+  top = shapes[0]
+  return 'what is at the top?', f'a {top.color} {top.kind}.'
 
 
 class ShapesDataset:
@@ -127,7 +129,7 @@ class ShapesDataset:
 
   def corpus(self) -> list[str]:
     """Every sentence the dataset can produce, to train the demo tokenizer on."""
-    texts = ['describe the image.', 'how many shapes are there?', 'what is on the left?',
+    texts = ['describe the image.', 'how many shapes are there?', 'what is at the top?',
              *(f'{n}.' for n in NUMBERS), 'USER: ASSISTANT:', '\n', ', and .']
     for color in COLORS:
       for kind in SHAPES:

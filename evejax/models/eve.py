@@ -19,17 +19,11 @@ class EVE(nnx.Module):
   """Encoder-free VLM. Attribute names follow the reference keys (`embed_tokens`, `layers.N`, ...)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    # Parameters are placed on devices by evejax.sharding, never at construction.
-    with nnx.use_eager_sharding(False):
-      self._build(cfg, rngs)
-
-  def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(layers.INIT_STD),
-                                             ('vocab', 'embed')),
-        rngs=rngs)
+        embedding_init=nnx.initializers.normal(layers.INIT_STD),
+        embedding_metadata=layers.logical('vocab', 'embed'), rngs=rngs)
     self.vision_tower = VisionTokenizerV2(cfg, rngs=rngs)
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,

@@ -13,14 +13,19 @@ Array = jax.Array
 INIT_STD = 0.02  # HF `initializer_range` for Llama and Qwen2.
 
 
+def logical(*axes: str | None) -> dict:
+  """Variable metadata naming logical axes. Placement is left to evejax.sharding (no eager sharding),
+  so modules build the same way with or without a mesh."""
+  return {'sharding': axes, 'eager_sharding': False}
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
           use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
   """A Linear layer whose kernel and bias carry logical axis names."""
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.normal(INIT_STD), axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
-      rngs=rngs)
+      kernel_init=nnx.initializers.normal(INIT_STD), kernel_metadata=logical(*axes),
+      bias_metadata=logical(*axes[1:]), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -28,7 +33,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding=('norm',))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical('norm'))
 
   def __call__(self, x: Array) -> Array:
     xf = x.astype(jnp.float32)

@@ -38,9 +38,9 @@ class VisionTokenizerV2(nnx.Module):
     self.merge_conv = layers.dense(m * m * c, d, ('vision_embed', 'embed'), **kw)
     init = nnx.initializers.normal(1.0)
     self.class_embedding = nnx.Param(init(rngs.params(), (d,), cfg.jnp_param_dtype),
-                                     sharding=('embed',))
+                                     **layers.logical('embed'))
     self.split_embedding = nnx.Param(init(rngs.params(), (d,), cfg.jnp_param_dtype),
-                                     sharding=('embed',))
+                                     **layers.logical('embed'))
 
   def __call__(self, patches: Array) -> Array:
     b, p, s, _ = patches.shape
