@@ -6,6 +6,7 @@ converters map names one to one. With `moe_part=''` the layer is a plain Llama/Q
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from evejax.models import layers
@@ -34,6 +35,25 @@ class Attention(nnx.Module):
       self.moe_q_proj, self.moe_k_proj, self.moe_v_proj, self.moe_o_proj = projections()
     else:
       self.moe_q_proj = self.moe_k_proj = self.moe_v_proj = self.moe_o_proj = None
+    # Generation's KV cache (see `init_cache`); None on the training path.
+    self.cached_key = self.cached_value = self.cache_index = None
+
+  def init_cache(self, batch_size: int, max_len: int, dtype) -> None:
+    """Allocates a static-shape KV cache of `max_len` slots. Every later call writes its k/v at the
+    next free slots and attends over all slots; the caller's mask (B, 1, T, max_len) hides the
+    empty and padded ones."""
+    shape = (batch_size, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def _append_to_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
+    start = self.cache_index[...]
+    for cache, new in ((self.cached_key, k), (self.cached_value, v)):
+      cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new.astype(cache.dtype), start,
+                                                       axis=1)
+    self.cache_index[...] = start + k.shape[1]
+    return self.cached_key[...], self.cached_value[...]
 
   def project_qkv(self, x: Array, vision_mask: Array | None, positions: Array):
     """Routed q/k/v projections with RoPE applied: (B,T,N,H), (B,T,K,H), (B,T,K,H)."""
@@ -52,6 +72,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
     q, k, v = self.project_qkv(x, vision_mask, positions)
+    if self.cached_key is not None:
+      k, v = self._append_to_cache(k, v)
     return self.project_out(layers.dot_product_attention(q, k, v, mask), vision_mask)
 
 

@@ -47,11 +47,19 @@ class EVE(nnx.Module):
       return self.embed_tokens.attend(hidden)
     return self.lm_head(hidden)
 
+  def init_cache(self, batch_size: int, max_len: int) -> None:
+    """Gives every attention layer a KV cache of `max_len` slots (generation, evejax/inference)."""
+    for layer in self.layers:
+      layer.self_attn.init_cache(batch_size, max_len, self.cfg.jnp_dtype)
+
+  def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
+    """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
+    weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots."""
+    for layer in self.layers:
+      x = layer(x, vision_mask, positions, mask)
+    return self.logits(x)
+
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""
-    x = self.embed(batch)
-    vision_mask = batch['token_kind'] != batch_format.TEXT
-    mask = layers.attention_mask(batch['segment_ids'])
-    for layer in self.layers:
-      x = layer(x, vision_mask, batch['positions'], mask)
-    return self.logits(x)
+    return self.forward(self.embed(batch), batch['token_kind'] != batch_format.TEXT,
+                        batch['positions'], layers.attention_mask(batch['segment_ids']))
