@@ -36,7 +36,7 @@ class Attention(nnx.Module):
     else:
       self.moe_q_proj = self.moe_k_proj = self.moe_v_proj = self.moe_o_proj = None
     # Generation's KV cache (see `init_cache`); None on the training path.
-    self.cached_key = self.cached_value = self.cache_index = None
+    self.cached_key = self.cached_value = self.cache_index = nnx.data(None)
 
   def init_cache(self, batch_size: int, max_len: int, dtype) -> None:
     """Allocates a static-shape KV cache of `max_len` slots. Every later call writes its k/v at the
