@@ -1,0 +1,139 @@
+"""The one mapping between evejax parameter paths and the official PyTorch state-dict keys.
+
+evejax module attributes mirror the reference names (`layers.N.self_attn.moe_q_proj`, `moe_mlp`,
+`vision_tower`, ...), so a key is the parameter path with a few renames. Everything that reads or
+writes official files goes through `tensor_specs` and the two layout functions below; a stacked
+(scanned) layer layout only changes how `tensor_specs` enumerates layers.
+
+Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The EVEv2 vision convolutions
+have kernel == stride, so evejax holds them as Linear kernels over the patch flattened in
+(ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from evejax.models import EVE, ModelConfig
+
+# evejax module name -> reference module name.
+MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2'}
+CONV_MODULES = frozenset(MODULE_RENAMES)
+# Reference buffers that are recomputed at load time and may appear in old checkpoints.
+IGNORED_KEY_SUFFIXES = ('rotary_emb.inv_freq',)
+VISION_PREFIX = 'model.vision_tower.'
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One official tensor and where it lives in the evejax parameter tree."""
+  path: tuple[Any, ...]  # keys into the evejax pure-dict parameters
+  layer: int | None  # index into the leading axis of a stacked (scanned) parameter, else None
+  key: str  # official state-dict key
+  kind: str  # 'linear', 'conv' or 'same': how the layouts differ
+  shape: tuple[int, ...]  # official (PyTorch) shape
+  param_shape: tuple[int, ...]  # evejax shape (of one layer's slice for stacked parameters)
+  dtype: np.dtype  # evejax parameter dtype
+
+  @property
+  def is_vision_tower(self) -> bool:
+    return self.key.startswith(VISION_PREFIX)
+
+  @property
+  def is_vision_copy(self) -> bool:
+    """A modality copy of an LLM weight (the reference's `moe_*` tensors)."""
+    return '.moe_' in self.key
+
+  @property
+  def is_llm(self) -> bool:
+    """Part of the plain text LLM (what a HF Llama/Qwen2 checkpoint holds)."""
+    return not (self.is_vision_tower or self.is_vision_copy)
+
+  @property
+  def llm_key(self) -> str:
+    """The LLM tensor a vision copy is initialised from (the reference's repeat_moe step)."""
+    return self.key.replace('.moe_', '.')
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """The evejax parameter tree of `cfg` as ShapeDtypeStructs (nothing is allocated)."""
+  _, state = nnx.split(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return nnx.to_pure_dict(state)
+
+
+def _is_stacked(path: tuple[Any, ...]) -> bool:
+  """Scanned layers keep one array per weight with a leading layer axis: layers.<name>..."""
+  return len(path) > 1 and path[0] == 'layers' and not isinstance(path[1], int)
+
+
+def _official_key(path: tuple[Any, ...], layer: int | None) -> tuple[str, str]:
+  *modules, leaf = [str(p) for p in path]
+  if layer is not None:
+    modules.insert(1, str(layer))
+  kind = 'same'
+  if leaf == 'kernel':
+    kind = 'conv' if modules[-1] in CONV_MODULES else 'linear'
+  modules = [MODULE_RENAMES.get(m, m) for m in modules]
+  if leaf in ('class_embedding', 'split_embedding'):
+    name = '.'.join(modules + [leaf])  # bare nn.Parameter in the reference
+  else:
+    name = '.'.join(modules + ['bias' if leaf == 'bias' else 'weight'])
+  return ('' if modules[0] == 'lm_head' else 'model.') + name, kind
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...], cfg: ModelConfig, key: str) -> tuple[int, ...]:
+  if kind == 'linear':
+    return shape[::-1]
+  if kind == 'conv':
+    side = cfg.vision_patch_size if key.endswith('patch_embedding.0.weight') else cfg.vision_merge
+    return (shape[1], shape[0] // (side * side), side, side)
+  return shape
+
+
+def tensor_specs(cfg: ModelConfig, params: Mapping | None = None) -> list[TensorSpec]:
+  """Every official tensor of `cfg`'s model, in the order of the evejax parameter tree.
+
+  `params` (arrays or ShapeDtypeStructs) defaults to the tree `EVE(cfg)` builds.
+  """
+  params = abstract_params(cfg) if params is None else params
+  specs = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(k.key for k in key_path)
+    layers = range(leaf.shape[0]) if _is_stacked(path) else [None]
+    for layer in layers:
+      shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
+      key, kind = _official_key(path, layer)
+      specs.append(TensorSpec(path, layer, key, kind, _torch_shape(kind, shape, cfg, key), shape,
+                              np.dtype(leaf.dtype)))
+  return specs
+
+
+def to_torch_layout(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
+  """An evejax parameter (slice) -> the official layout (a view where possible)."""
+  if spec.kind == 'linear':
+    return value.T
+  if spec.kind == 'conv':
+    out, cin, kh, kw = spec.shape
+    return value.reshape(kh, kw, cin, out).transpose(3, 2, 0, 1)
+  return value
+
+
+def from_torch_layout(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
+  """An official tensor -> the evejax layout (a view where possible)."""
+  if spec.kind == 'linear':
+    return value.T
+  if spec.kind == 'conv':
+    return value.transpose(2, 3, 1, 0).reshape(spec.param_shape)
+  return value
+
+
+def get_param(params: Mapping, spec: TensorSpec):
+  """The array (or layer slice of a stacked array) that `spec` names."""
+  value = params
+  for key in spec.path:
+    value = value[key]
+  return value if spec.layer is None else value[spec.layer]
