@@ -31,4 +31,11 @@ def get_config(arg=None):
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 200
+  # Checkpoints in {workdir}/checkpoints (async); the same command resumes from the newest.
+  config.checkpoint = dict(every=200, keep_last=2, keep_every=0, async_save=True)
+  config.init_from = ''  # A workdir or checkpoint to take the weights (only) from.
+  config.guard = dict(nonfinite='stop', max_skipped=10)  # Or 'skip': skip and count bad steps.
+  config.metrics = dict(peak_flops=0.0)  # Per device; 0 looks up the device kind (flops.py).
+  config.profile_steps = 0  # >0: trace this many steps from profile_first_step to {workdir}/profile.
+  config.profile_first_step = 10
   return config

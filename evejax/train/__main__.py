@@ -28,6 +28,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   final = train(_CONFIG.value, _WORKDIR.value)
+  if 'preempted' in final:
+    return  # Exit status 0: the checkpoint is written; the same command resumes.
   print(f"Held-out caption/answer token accuracy: {final['eval/accuracy']:.4f} "
         f"(loss {final['eval/loss']:.4f})", flush=True)
 

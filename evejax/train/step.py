@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 from clu import metrics
 from flax import nnx
@@ -33,6 +34,7 @@ class TokenMetrics(metrics.Collection):
 @flax.struct.dataclass
 class StepMetrics(metrics.Collection):
   grad_norm: metrics.Average.from_output('grad_norm')
+  param_norm: metrics.LastValue.from_output('param_norm')
   learning_rate: metrics.LastValue.from_output('learning_rate')
 
 
@@ -45,14 +47,22 @@ def _token_metrics(graphdef: nnx.GraphDef, params, batch) -> tuple[Array, TokenM
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, *, skip_nonfinite: bool = False) -> Callable:
+  """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
+  unchanged (the step counter still advances, past the bad batch)."""
   def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[TokenMetrics, StepMetrics]]:
     grad_fn = jax.value_and_grad(lambda p: _token_metrics(graphdef, p, batch), has_aux=True)
-    (_, token_metrics), grads = grad_fn(state.params)
+    (loss, token_metrics), grads = grad_fn(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
     step_metrics = StepMetrics.single_from_model_output(
-        grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        grad_norm=grad_norm, param_norm=optax.global_norm(params),
+        learning_rate=schedule(state.step))
     return TrainState(state.step + 1, params, opt_state), (token_metrics, step_metrics)
 
   return jax.jit(train_step, donate_argnums=0)

@@ -1,22 +1,42 @@
-"""The training loop: data, sharded model and optimizer, jitted steps, evaluation and metrics."""
+"""The training loop: data, sharded model and optimizer, jitted steps, checkpoints, evaluation and
+metrics. A run resumes from the newest complete checkpoint in its workdir."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
-from clu import metrics
-from flax import nnx
+from clu import metrics, parameter_overview
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from evejax import sharding
+from evejax import checkpoint, sharding
 from evejax.data import pipeline
-from evejax.metrics import MetricWriter, Progress
+from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
 from evejax.train import optim
+from evejax.train.guard import NonFiniteGuard
 from evejax.train.step import TrainState, make_eval_step, make_train_step
+from flax import nnx
+
+# Sections a config may leave out (configs/demo.py lists them all).
+DEFAULTS = dict(
+    checkpoint=dict(every=1000, keep_last=3, keep_every=0, async_save=True),
+    guard=dict(nonfinite='stop', max_skipped=10),
+    metrics=dict(peak_flops=0.0),  # 0: look the device kind up in flops.PEAK_FLOPS.
+    init_from='', profile_steps=0, profile_first_step=10,
+)
+
+
+def _option(config: ml_collections.ConfigDict, name: str):
+  default = DEFAULTS[name]
+  if isinstance(default, dict):
+    return ml_collections.ConfigDict({**default, **config.get(name, {})})
+  return config.get(name, default)
 
 
 def _is_collection(x) -> bool:
@@ -32,8 +52,53 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
   return {f'eval/{k}': float(v) for k, v in total.compute().items()}
 
 
+def _checkpoint_metadata(config, params, mesh) -> dict:
+  layers = params.get('layers', {})
+  per_layer = all(isinstance(k, int) for k in layers)
+  return {
+      'config': json.loads(config.to_json_best_effort()),
+      'layer_layout': {'layers': 'per_layer' if per_layer else 'stacked',
+                       'num_layers': len(layers) if per_layer else
+                       int(jax.tree.leaves(layers)[0].shape[0])},
+      'mesh': dict(mesh.shape), 'jax_version': jax.__version__,
+  }
+
+
+def _throughput_meter(model_cfg: ModelConfig, batch, peak_flops: float) -> Throughput:
+  rows, seq_len = batch['tokens'].shape
+  step_flops = flops.train_step_flops(model_cfg, rows, seq_len, batch['patches'].shape[1])
+  peak = flops.peak_flops_per_device(flops.device_kind(), peak_flops)
+  if peak is None:
+    logging.info('No peak FLOP/s known for %r: set metrics.peak_flops to report MFU',
+                 flops.device_kind())
+  return Throughput(step_flops, jax.device_count(), peak)
+
+
+def _restore_or_start(config, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState,
+                      rng: jax.Array, train_iter) -> tuple[TrainState, jax.Array]:
+  """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
+  if ckpt.latest_step() is not None:
+    target = {'params': state.params, 'opt_state': state.opt_state,
+              'progress': {'step': state.step, 'rng': rng}}
+    step, restored, _ = ckpt.restore(target, train_iter)
+    logging.info('Resumed from checkpoint %s/%d', ckpt.directory, step)
+    progress = restored['progress']
+    return TrainState(progress['step'], restored['params'], restored['opt_state']), progress['rng']
+  init_from = _option(config, 'init_from')
+  if init_from:
+    params, report = checkpoint.load_params(init_from, state.params)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
+        json.dump({'init_from': init_from, **report}, f, indent=1)
+    state = state.replace(params=params)
+  return state, rng
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains per `config`, writing metrics (and the tokenizer) to `workdir`; returns final metrics."""
+  """Trains per `config`, writing checkpoints, metrics (and the tokenizer) to `workdir`.
+
+  Returns the final metrics; `preempted` is set when a SIGTERM ended the run early.
+  """
   model_cfg = ModelConfig.from_dict(config.model)
   train_source, eval_source = pipeline.make_sources(config.data)
   tokenizer = pipeline.load_tokenizer(config.data, train_source)
@@ -50,52 +115,102 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   graphdef, params = sharding.init_sharded(
       lambda: EVE(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
   num_params = sum(p.size for p in jax.tree.leaves(params))
-  logging.info('Model: %s parameters; mesh %s', f'{num_params:,}', dict(mesh.shape))
+  logging.info('Model: %s parameters; mesh %s\n%s', f'{num_params:,}', dict(mesh.shape),
+               parameter_overview.get_parameter_overview(params, include_stats=False))
 
   total_steps = config.total_steps
   schedule = optim.learning_rate_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
+  replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                        opt_state=jax.jit(tx.init)(params))
-  train_step = make_train_step(graphdef, tx, schedule)
+  # The run's base key, checkpointed with the state for stochastic ops (none in the recipes yet).
+  rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
+  guard_cfg = _option(config, 'guard')
+  guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
+  train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip')
   eval_step = make_eval_step(graphdef)
 
   def eval_batches():
     return pipeline.batches(eval_source, preprocess, config.batch_size, seed=0, shuffle=False,
                             num_epochs=1, num_threads=config.data.num_threads)
 
-  writer = MetricWriter(workdir, enabled=is_main)
-  progress = Progress(total_steps)
   train_iter = iter(pipeline.batches(train_source, preprocess, config.batch_size,
                                      seed=config.data.seed, num_threads=config.data.num_threads))
+  ckpt_cfg = _option(config, 'checkpoint')
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), **ckpt_cfg)
+  state, rng = _restore_or_start(config, workdir, ckpt, state, rng, train_iter)
+  metadata = _checkpoint_metadata(config, params, mesh)
+
+  def save(step: int, force: bool = False) -> None:
+    state_items = {'params': state.params, 'opt_state': state.opt_state,
+                   'progress': {'step': state.step, 'rng': rng}}
+    ckpt.save(step, state_items, train_iter, metadata, force=force)
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  progress = Progress(total_steps)
+  profile = ProfileWindow(workdir, _option(config, 'profile_first_step'),
+                          _option(config, 'profile_steps'), enabled=is_main)
+  preemption = checkpoint.PreemptionWatcher()
+  first_step = int(state.step) + 1
+  throughput = None
   accumulated, final = None, {}
-  for step in range(1, total_steps + 1):
-    batch = sharding.shard_batch(next(train_iter), mesh)
-    if step == 1:
-      compile_start = time.perf_counter()
+  if first_step > total_steps:
+    logging.info('Checkpoint step %d: training is already complete', first_step - 1)
     with jax.set_mesh(mesh):
-      state, step_metrics = train_step(state, batch)
-    if step == 1:
-      jax.block_until_ready(state.step)
-      writer.write(step, {'compile_time_s': time.perf_counter() - compile_start})
-      progress.start(step)
-    accumulated = step_metrics if accumulated is None else jax.tree.map(
-        lambda a, b: a.merge(b), accumulated, step_metrics, is_leaf=_is_collection)
-    if step % config.log_every == 0 or step == total_steps:
-      scalars = {f'train/{k}': float(v) for m in accumulated for k, v in m.compute().items()}
-      scalars['train/steps_per_s'] = progress.steps_per_second(step)
-      writer.write(step, scalars)
-      logging.info(progress.line(step, {'loss': scalars['train/loss'],
-                                        'acc': scalars['train/accuracy']}))
-      final.update(scalars)
-      accumulated = None
-    if step % config.eval_every == 0 or step == total_steps:
+      final.update(evaluate(eval_step, state.params, eval_batches(), mesh))
+  try:
+    for step in range(first_step, total_steps + 1):
+      profile.step_begins(step, state.step)
+      start_time = time.perf_counter()
+      host_batch = next(train_iter)
+      batch = sharding.shard_batch(host_batch, mesh)
       with jax.set_mesh(mesh):
-        eval_scalars = evaluate(eval_step, state.params, eval_batches(), mesh)
-      writer.write(step, eval_scalars)
-      logging.info('step %d held-out: loss %.4f, caption/answer token accuracy %.4f', step,
-                   eval_scalars['eval/loss'], eval_scalars['eval/accuracy'])
-      final.update(eval_scalars)
-  writer.close()
+        state, step_metrics = train_step(state, batch)
+      token_metrics, update_metrics = step_metrics
+      finite = guard.check(step, float(token_metrics.loss.total),
+                           float(update_metrics.grad_norm.compute()), ckpt.describe_latest)
+      seconds = time.perf_counter() - start_time
+      if throughput is None:  # The first step of this process compiles.
+        writer.write(step, {'compile_time_s': seconds})
+        progress.start(step)
+        throughput = _throughput_meter(model_cfg, batch, _option(config, 'metrics').peak_flops)
+      else:
+        throughput.add(seconds, *(n * jax.process_count() for n in batch_counts(host_batch)))
+      if finite:
+        accumulated = step_metrics if accumulated is None else jax.tree.map(
+            lambda a, b: a.merge(b), accumulated, step_metrics, is_leaf=_is_collection)
+      if (step % config.log_every == 0 or step == total_steps) and accumulated is not None:
+        scalars = {f'train/{k}': float(v) for m in accumulated for k, v in m.compute().items()}
+        scalars.update({f'perf/{k}': v for k, v in throughput.scalars().items()})
+        scalars['train/steps_per_s'] = progress.steps_per_second(step)
+        scalars['train/skipped_steps'] = guard.skipped
+        writer.write(step, scalars)
+        logging.info(progress.line(step, {'loss': scalars['train/loss'],
+                                          'acc': scalars['train/accuracy']}))
+        final.update(scalars)
+        accumulated = None
+      preempted = preemption.reached(step)
+      if ckpt.should_save(step) or step == total_steps or preempted:
+        save(step, force=True)
+      if preempted:
+        ckpt.wait()
+        logging.warning('Preempted: saved checkpoint %s/%d; the same command resumes from it.',
+                        ckpt.directory, step)
+        final['preempted'] = step
+        break
+      if step % config.eval_every == 0 or step == total_steps:
+        with jax.set_mesh(mesh):
+          eval_scalars = evaluate(eval_step, state.params, eval_batches(), mesh)
+        writer.write(step, eval_scalars)
+        logging.info('step %d held-out: loss %.4f, caption/answer token accuracy %.4f', step,
+                     eval_scalars['eval/loss'], eval_scalars['eval/accuracy'])
+        final.update(eval_scalars)
+  finally:  # Also when the guard stops the run: finish the pending save, flush the metrics.
+    profile.stop(state.step)
+    preemption.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return final

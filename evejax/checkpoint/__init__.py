@@ -1,0 +1,6 @@
+"""Orbax checkpoints, exact resume, weights-only initialisation and preemption handling."""
+from evejax.checkpoint.init_from import load_params
+from evejax.checkpoint.manager import CheckpointError, Checkpointer
+from evejax.checkpoint.preemption import PreemptionWatcher
+
+__all__ = ['CheckpointError', 'Checkpointer', 'PreemptionWatcher', 'load_params']

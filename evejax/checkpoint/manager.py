@@ -1,0 +1,140 @@
+"""Orbax checkpoints of a training run: parameters, optimizer state, step, RNG, data-iterator state.
+
+One checkpoint is a step directory with one Orbax item per part, so each can be read on its own
+(`init_from` reads only `params`):
+
+  {directory}/{step}/params      parameter pytree (pure dict)
+  {directory}/{step}/opt_state   optimizer state pytree
+  {directory}/{step}/progress    {'step': int32, 'rng': uint32 key data}
+  {directory}/{step}/data        the Grain iterator state (JSON)
+  {directory}/{step}/metadata    config and layer layout (JSON)
+
+Orbax writes each step into a temporary directory and renames it when complete (and marks it with
+`commit_success.txt`), so a save killed half-way is never listed as a step. Restores read into the
+shardings of the given target, so a checkpoint moves between meshes and device counts.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+STATE_ITEMS = ('params', 'opt_state', 'progress')
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or one that does not fit the model being trained."""
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs carrying each array's sharding: a restore target that allocates nothing."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def param_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """'a/b/0/kernel' -> shape, for arrays, abstract arrays and Orbax array metadata alike."""
+  def name(path) -> str:
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree.leaves_with_path(tree)}
+
+
+def compare_params(saved: Mapping[str, tuple], current: Mapping[str, tuple]) -> dict[str, list]:
+  """Which parameters a checkpoint can fill: loaded, new (model only), dropped (checkpoint only)."""
+  common = sorted(set(saved) & set(current))
+  return {
+      'loaded': [k for k in common if saved[k] == current[k]],
+      'mismatched': [f'{k}: checkpoint {saved[k]} vs model {current[k]}'
+                     for k in common if saved[k] != current[k]],
+      'new': sorted(set(current) - set(saved)),
+      'dropped': sorted(set(saved) - set(current)),
+  }
+
+
+class Checkpointer:
+  """Orbax `CheckpointManager`: save interval, keep the last N plus every K-th, fallback restore."""
+
+  def __init__(self, directory: str, *, every: int, keep_last: int, keep_every: int = 0,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep_last, keep_period=keep_every or None,
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def describe_latest(self) -> str:
+    step = self.latest_step()
+    return 'none' if step is None else f'{self.directory}/{step}'
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: Mapping[str, PyTree], data_iterator, metadata: Mapping[str, Any],
+           *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` (STATE_ITEMS) when the interval is due or `force`."""
+    args = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    args['metadata'] = ocp.args.JsonSave(dict(metadata))
+    return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, target: Mapping[str, PyTree], data_iterator) -> tuple[int, dict, dict]:
+    """Restores the newest readable checkpoint into `target`'s shapes and shardings.
+
+    The data iterator's state is set in place. An unreadable checkpoint (truncated or missing
+    files) is reported, moved aside to `{step}.unreadable-{time}` and the previous one is tried.
+    Returns (step, state, metadata).
+    """
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        self._check_params(step, target['params'])
+        args = {name: ocp.args.StandardRestore(abstract_like(target[name])) for name in STATE_ITEMS}
+        args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        args['metadata'] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      except CheckpointError:
+        raise
+      except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
+        failures.append(f'step {step}: {type(error).__name__}: {error}')
+        aside = f'{self.directory}/{step}.unreadable-{int(time.time())}'
+        logging.error('Checkpoint %s/%d is unreadable (%s: %s). Moved it to %s; trying the '
+                      'previous checkpoint.', self.directory, step, type(error).__name__,
+                      str(error)[:500], aside)
+        if jax.process_index() == 0:
+          os.rename(f'{self.directory}/{step}', aside)
+        self._manager.reload()
+        continue
+      state = {name: restored[name] for name in STATE_ITEMS}
+      return step, state, dict(restored['metadata'])
+    raise CheckpointError(
+        f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
+        '. Remove the directory (or use another --workdir) to start from scratch.')
+
+  def _check_params(self, step: int, target_params: PyTree) -> None:
+    saved = param_shapes(self._manager.item_metadata(step)['params'])
+    diff = compare_params(saved, param_shapes(target_params))
+    if diff['new'] or diff['dropped'] or diff['mismatched']:
+      raise CheckpointError(
+          f'Checkpoint {self.directory}/{step} holds parameters of another model: '
+          f'missing from it {diff["new"][:10]}, not in the model {diff["dropped"][:10]}, '
+          f'other shapes {diff["mismatched"][:10]}. Use a fresh --workdir, and '
+          f'--config.init_from={self.directory}/{step} to start from these weights.')
+
+  def wait(self) -> None:
+    """Blocks until the pending async save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

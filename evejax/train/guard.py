@@ -1,0 +1,40 @@
+"""Stops (or skips) training steps whose loss or gradients are not finite."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from absl import logging
+
+MODES = ('stop', 'skip')
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+class NonFiniteGuard:
+  """`stop`: raise naming the step and the last good checkpoint. `skip`: the jitted step already
+  left the weights unchanged; count it, and stop once more than `max_skipped` steps were skipped."""
+
+  def __init__(self, mode: str, max_skipped: int):
+    if mode not in MODES:
+      raise ValueError(f'guard.nonfinite={mode!r}; use one of {MODES}')
+    self.mode, self.max_skipped, self.skipped = mode, max_skipped, 0
+
+  def check(self, step: int, loss_sum: float, grad_norm: float,
+            last_checkpoint: Callable[[], str]) -> bool:
+    """True when the step was finite; False when it was skipped; raises when training must stop."""
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+      return True
+    what = f'non-finite {"loss" if not math.isfinite(loss_sum) else "gradients"} at step {step} ' \
+           f'(loss sum {loss_sum}, gradient norm {grad_norm})'
+    if self.mode == 'skip' and self.skipped < self.max_skipped:
+      self.skipped += 1
+      logging.warning('Skipped the update of step %d: %s (%d of at most %d skipped)', step, what,
+                      self.skipped, self.max_skipped)
+      return False
+    reason = '' if self.mode == 'stop' else f' after skipping {self.skipped} steps'
+    raise NonFiniteError(
+        f'Training stopped{reason}: {what}. Last good checkpoint: {last_checkpoint()}. Lower '
+        "optim.lr or check the data; guard.nonfinite='skip' skips such steps instead.")
