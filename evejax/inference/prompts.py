@@ -1,0 +1,58 @@
+"""Prompts for generation: the training template up to the assistant's turn, encoded like training data.
+
+A prompt is the dict of unpadded sequence arrays that `encode.encode_example` returns (the image
+expanded into its visual tokens), so a generated answer sees exactly the layout it was trained on.
+Batches are left-padded: every prompt ends at the same slot, decoding writes all rows at one cache
+slot, and each row's positions continue from its own expanded prompt length.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from evejax import batch as bf
+from evejax.data import encode, templates
+from evejax.data.pipeline import Preprocessor
+from evejax.data.tokenizer import Tokenizer
+
+
+def prompt_ids(question: str, tokenizer: Tokenizer, template: templates.Template, *,
+               with_image: bool) -> list[int]:
+  """Token ids of one user turn and the assistant prefix (`... ASSISTANT:`), IMAGE_TOKEN_INDEX where
+  the image goes. Built by the training template itself: everything before the first answer token."""
+  if with_image and bf.IMAGE_PLACEHOLDER not in question:
+    question = f'{bf.IMAGE_PLACEHOLDER}\n{question}'
+  if not with_image and bf.IMAGE_PLACEHOLDER in question:
+    raise ValueError(f'the prompt has an {bf.IMAGE_PLACEHOLDER} placeholder but no image was given')
+  conversation = [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': ''}]
+  ids, supervised = templates.tokenize_conversation(conversation, tokenizer, template)
+  return ids[:supervised.index(True)]
+
+
+def encode_prompt(preprocess: Preprocessor, question: str, image: bytes | None = None, *,
+                  max_length: int | None = None) -> dict[str, np.ndarray]:
+  """A question (and optional encoded image) -> the prompt's sequence arrays and patch groups.
+
+  Raises ValueError for an unreadable image, or a prompt of `max_length` tokens or more (visual
+  tokens included), which would leave no room to generate.
+  """
+  ids = prompt_ids(question, preprocess.tokenizer, preprocess.template, with_image=image is not None)
+  groups = [] if image is None else [preprocess.image_patches(image)]
+  prompt = encode.encode_example(ids, [False] * len(ids), groups)
+  if max_length is not None and len(prompt['tokens']) >= max_length:
+    raise ValueError(f'the prompt has {len(prompt["tokens"])} tokens (visual tokens included), which '
+                     f'leaves no room to generate in a context of max_length={max_length}; shorten '
+                     'the question, lower data.max_size, or raise --max_length')
+  return prompt
+
+
+def left_padded_batch(prompts: Sequence[dict[str, np.ndarray]], length: int, max_patches: int,
+                      patch_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  """Prompts right-aligned in rows of `length` slots (segment id 0 on the padding on the left)."""
+  rows = []
+  for prompt in prompts:
+    row = encode.pack_row([prompt], length, max_patches, patch_shape)
+    pad = length - len(prompt['tokens'])
+    rows.append({k: v if k == 'patches' else np.roll(v, pad) for k, v in row.items()})
+  return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
