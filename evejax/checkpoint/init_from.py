@@ -9,7 +9,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from evejax.checkpoint.manager import CheckpointError, abstract_like, compare_params, param_shapes
+from evejax.checkpoint.manager import (CheckpointError, abstract_like, compare_params, param_shapes,
+                                      saved_param_shapes)
 
 PyTree = Any
 
@@ -23,7 +24,7 @@ def resolve_params_dir(path: str) -> str:
       else path
   if not os.path.isdir(root):
     raise CheckpointError(f'init_from={path} does not exist')
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f'init_from={path} holds no complete checkpoint: give a workdir, its '
@@ -43,8 +44,7 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
   A parameter present in both with different shapes is an error, never silently re-initialised.
   """
   params_dir = resolve_params_dir(path)
-  checkpointer = ocp.StandardCheckpointer()
-  saved = param_shapes(checkpointer.metadata(params_dir).item_metadata.tree)
+  saved = saved_param_shapes(params_dir)
   current = jax.tree.leaves_with_path(params)
   report = compare_params(saved, param_shapes(params))
   if report['mismatched']:
@@ -53,8 +53,10 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
   names = list(param_shapes(params))
   by_name = {name: leaf for name, (_, leaf) in zip(names, current)}
   target = _nested({k: abstract_like(by_name[k]) for k in report['loaded']})
-  restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, target, strict=False),
-                                        sep='/')
+  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,  # Skips dropped ones.
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  restored = ocp.PyTreeCheckpointer().restore(params_dir, args=restore)
+  restored = traverse_util.flatten_dict(restored, sep='/')
   loaded_leaves = [restored.get(name, leaf) for name, (_, leaf) in zip(names, current)]
   logging.info('init_from %s: loaded %d parameters, newly initialised %d %s, dropped %d %s',
                params_dir, len(report['loaded']), len(report['new']), report['new'],

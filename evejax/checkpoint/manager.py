@@ -15,6 +15,7 @@ shardings of the given target, so a checkpoint moves between meshes and device c
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import time
 from typing import Any, Mapping
@@ -26,6 +27,16 @@ from absl import logging
 
 PyTree = Any
 STATE_ITEMS = ('params', 'opt_state', 'progress')
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+  """Drops Orbax's per-save INFO lines (dozens per checkpoint); its warnings and errors stay."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+_ORBAX_INFO_FILTER = _OrbaxInfoFilter()
 
 
 class CheckpointError(RuntimeError):
@@ -42,6 +53,11 @@ def param_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   def name(path) -> str:
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
   return {name(path): tuple(leaf.shape) for path, leaf in jax.tree.leaves_with_path(tree)}
+
+
+def saved_param_shapes(params_dir: str) -> dict[str, tuple[int, ...]]:
+  """Parameter shapes of a saved `params` item, read from its metadata (no array data)."""
+  return param_shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
 
 
 def compare_params(saved: Mapping[str, tuple], current: Mapping[str, tuple]) -> dict[str, list]:
@@ -65,6 +81,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep_last, keep_period=keep_every or None,
         enable_async_checkpointing=async_save, create=True)
+    logging.get_absl_logger().addFilter(_ORBAX_INFO_FILTER)  # A set: adding twice is harmless.
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -123,7 +140,7 @@ class Checkpointer:
         '. Remove the directory (or use another --workdir) to start from scratch.')
 
   def _check_params(self, step: int, target_params: PyTree) -> None:
-    saved = param_shapes(self._manager.item_metadata(step)['params'])
+    saved = saved_param_shapes(os.path.join(self.directory, str(step), 'params'))
     diff = compare_params(saved, param_shapes(target_params))
     if diff['new'] or diff['dropped'] or diff['mismatched']:
       raise CheckpointError(

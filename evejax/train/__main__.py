@@ -4,7 +4,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from evejax.checkpoint import CheckpointError
 from evejax.config_utils import load_config_file, unknown_override
+from evejax.train.guard import NonFiniteError
 from evejax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.',
@@ -27,7 +29,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  final = train(_CONFIG.value, _WORKDIR.value)
+  try:
+    final = train(_CONFIG.value, _WORKDIR.value)
+  except (CheckpointError, NonFiniteError) as error:  # Expected stops: the message, no traceback.
+    sys.exit(f'{type(error).__name__}: {error}')
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.
   print(f"Held-out caption/answer token accuracy: {final['eval/accuracy']:.4f} "

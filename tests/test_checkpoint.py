@@ -1,0 +1,145 @@
+"""Checkpointer: keep policy, exact round trip with the data iterator, half-written and corrupt
+checkpoints, mismatched models, and `init_from` with its loaded/new/dropped report."""
+import glob
+import json
+import os
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import logging
+
+from evejax.checkpoint import CheckpointError, Checkpointer, load_params
+
+
+def make_state(seed: int, num_layers: int = 2) -> dict:
+  """A train-state-shaped tree; `layers` has int keys like the pure dict of an nnx.List."""
+  rng = np.random.default_rng(seed)
+  layers = {i: {'kernel': jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+                'scale': jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
+            for i in range(num_layers)}
+  params = {'embed': jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), 'layers': layers}
+  opt_state = ({'count': jnp.asarray(seed, jnp.int32), 'mu': jax.tree.map(jnp.ones_like, params)},)
+  progress = {'step': jnp.asarray(seed, jnp.int32),
+              'rng': jax.random.key_data(jax.random.key(seed))}
+  return {'params': params, 'opt_state': opt_state, 'progress': progress}
+
+
+def data_iterator():
+  return iter(grain.MapDataset.range(1000).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def save_steps(directory, steps, **options) -> Checkpointer:
+  ckpt = Checkpointer(directory, **{'every': 1, 'keep_last': 10, **options})
+  iterator = data_iterator()
+  for step in steps:
+    next(iterator)
+    ckpt.save(step, make_state(step), iterator, {'step': step})
+  ckpt.wait()
+  return ckpt
+
+
+def test_interval_and_keep_last_plus_every_kth(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), every=2, keep_last=2, keep_every=4)
+  iterator = data_iterator()
+  saved = [step for step in range(1, 11)
+           if ckpt.save(step, make_state(step), iterator, {})]
+  ckpt.wait()
+  assert saved == [1, 2, 4, 6, 8, 10]  # Orbax always saves a run's first step.
+  assert ckpt.all_steps() == [4, 8, 10]  # The last two, plus every 4th.
+
+
+def test_round_trip_is_exact_and_resumes_the_data_iterator(tmp_path):
+  ckpt = save_steps(str(tmp_path), [1, 2, 3])
+  expected_next = data_iterator()
+  for _ in range(3):  # One batch consumed per saved step.
+    next(expected_next)
+  iterator = data_iterator()
+  step, state, metadata = Checkpointer(str(tmp_path), every=1, keep_last=3).restore(
+      make_state(0), iterator)
+  assert step == 3 and metadata == {'step': 3}
+  assert_trees_equal(state, make_state(3))
+  assert isinstance(next(iter(state['params']['layers'])), int)  # nnx.List keys survive.
+  np.testing.assert_array_equal(next(iterator), next(expected_next))
+  ckpt.close()
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+  save_steps(str(tmp_path), [1, 2])
+  # What a save killed before its final rename leaves behind.
+  shutil.copytree(tmp_path / '2', tmp_path / '3.orbax-checkpoint-tmp')
+  ckpt = Checkpointer(str(tmp_path), every=1, keep_last=3)
+  assert ckpt.latest_step() == 2
+  assert ckpt.restore(make_state(0), data_iterator())[0] == 2
+
+
+def truncate_largest_file(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, 'params', '**'), recursive=True)
+           if os.path.isfile(f)]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_corrupt_checkpoint_is_reported_and_falls_back(tmp_path, caplog):
+  save_steps(str(tmp_path), [1, 2])
+  truncate_largest_file(tmp_path / '2')
+  ckpt = Checkpointer(str(tmp_path), every=1, keep_last=3)
+  logging.get_absl_logger().propagate = True
+  with caplog.at_level('ERROR'):
+    step, state, _ = ckpt.restore(make_state(0), data_iterator())
+  assert step == 1
+  assert_trees_equal(state, make_state(1))
+  assert any('/2 is unreadable' in r.getMessage() for r in caplog.records)
+  assert ckpt.all_steps() == [1]
+  assert glob.glob(str(tmp_path / '2.unreadable-*'))  # Kept for inspection, not deleted.
+
+
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
+  save_steps(str(tmp_path), [1])
+  truncate_largest_file(tmp_path / '1')
+  with pytest.raises(CheckpointError, match='No readable checkpoint in .*step 1'):
+    Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+  save_steps(str(tmp_path), [1])
+  target = make_state(0, num_layers=3)
+  with pytest.raises(CheckpointError, match=r"missing from it \['layers/2/kernel'"):
+    Checkpointer(str(tmp_path), every=1, keep_last=3).restore(target, data_iterator())
+  assert os.path.isdir(tmp_path / '1')  # Not mistaken for a corrupt checkpoint.
+
+
+@pytest.mark.parametrize('num_layers, new, dropped', [
+    (3, ['layers/2/kernel', 'layers/2/scale'], []),
+    (1, [], ['layers/1/kernel', 'layers/1/scale']),
+])
+def test_init_from_loads_matching_weights_and_reports(tmp_path, num_layers, new, dropped):
+  save_steps(str(tmp_path / 'checkpoints'), [5])
+  fresh = make_state(99, num_layers)['params']
+  params, report = load_params(str(tmp_path), fresh)  # A workdir: its newest checkpoint.
+  saved = make_state(5)['params']
+  assert report['new'] == new and report['dropped'] == dropped
+  assert len(report['loaded']) == 1 + 2 * min(num_layers, 2)
+  np.testing.assert_array_equal(params['embed'], saved['embed'])
+  for i in range(num_layers):
+    source = saved if i < 2 else make_state(99, num_layers)['params']
+    np.testing.assert_array_equal(params['layers'][i]['kernel'], source['layers'][i]['kernel'])
+  assert jax.tree.structure(params) == jax.tree.structure(fresh)
+
+
+def test_init_from_rejects_other_shapes(tmp_path):
+  save_steps(str(tmp_path), [1])
+  params = make_state(0)['params']
+  params['embed'] = jnp.zeros((12, 4))
+  with pytest.raises(CheckpointError, match=r'embed: checkpoint \(10, 4\) vs model \(12, 4\)'):
+    load_params(str(tmp_path / '1'), params)
