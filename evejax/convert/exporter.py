@@ -145,11 +145,12 @@ def _finish(folder: str, config: dict, source_dir: str | None, tokenizer_dir: st
     shutil.copyfile(source_generation, os.path.join(folder, 'generation_config.json'))
   else:
     _write_json(os.path.join(folder, 'generation_config.json'), generation_config(config))
-  tokenizer_dir = tokenizer_dir or source_dir
   if tokenizer_dir:
     copy_tokenizer(tokenizer_dir, folder)
+  elif source_dir and any(os.path.exists(os.path.join(source_dir, n)) for n in TOKENIZER_FILES):
+    copy_tokenizer(source_dir, folder)
   else:
-    logging.warning('No tokenizer folder given: %s has no tokenizer files', folder)
+    logging.warning('No tokenizer files given (tokenizer_dir): %s has none', folder)
 
 
 def _source_config(source_dir: str | None) -> dict | None:

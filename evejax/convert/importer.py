@@ -158,14 +158,6 @@ def _slot(params: Mapping, spec: keymap.TensorSpec) -> np.ndarray:
   return keymap.get_param(params, spec)
 
 
-def copy_vision_copies(params: Mapping, specs: list[keymap.TensorSpec]):
-  """Sets every vision copy (`moe_*`) in the numpy `params` to its LLM weight (in place)."""
-  by_key = {s.key: s for s in specs}
-  for spec in specs:
-    if spec.is_vision_copy:
-      np.copyto(_slot(params, spec), keymap.get_param(params, by_key[spec.llm_key]))
-
-
 def import_checkpoint(folder: str, cfg: ModelConfig, *, vision_copies: str = 'copy', seed: int = 0,
                       progress: bool = True) -> dict:
   """Reads a HF LLM or official EVE checkpoint folder into evejax parameters (a numpy pure dict).
@@ -188,7 +180,10 @@ def import_checkpoint(folder: str, cfg: ModelConfig, *, vision_copies: str = 'co
                    unit='tensor', disable=not progress):
     np.copyto(_slot(params, spec), keymap.from_torch_layout(spec, reader.read(spec.key)),
               casting='unsafe')
-  copy_vision_copies(params, [s for s in specs if sources[s.key] != 'init'])
+  by_key = {s.key: s for s in specs}
+  for spec in specs:  # after all reads: a copy's LLM weight may come later in tree order
+    if sources[spec.key] == 'copy':
+      np.copyto(_slot(params, spec), keymap.get_param(params, by_key[spec.llm_key]))
   init_paths = sorted({s.path for s in specs if sources[s.key] == 'init'}, key=str)
   for path, value in fresh_params(cfg, init_paths, seed).items():
     np.copyto(_at(params, path), value)

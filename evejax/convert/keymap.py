@@ -61,8 +61,7 @@ class TensorSpec:
 
 def abstract_params(cfg: ModelConfig) -> dict:
   """The evejax parameter tree of `cfg` as ShapeDtypeStructs (nothing is allocated)."""
-  _, state = nnx.split(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-  return nnx.to_pure_dict(state)
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param))
 
 
 def _is_stacked(path: tuple[Any, ...]) -> bool:
