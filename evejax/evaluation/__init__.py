@@ -1,0 +1,1 @@
+"""Benchmark files (JSONL), converters from the common benchmarks, metrics and the harness."""

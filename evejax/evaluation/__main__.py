@@ -1,0 +1,32 @@
+"""CLI: evaluate a checkpoint on a benchmark file (records.py format); prints the metrics table.
+
+  python -m evejax.evaluation --checkpoint=workdirs/demo --benchmark=bench/shapes.jsonl \
+      --output=workdirs/demo/eval/shapes
+
+Writes `predictions.jsonl` (one line per item, with the error of any item that failed) and
+`metrics.json` to --output.
+"""
+from absl import app, flags, logging
+
+from evejax.evaluation import harness
+from evejax.evaluation.records import read_jsonl
+from evejax.inference import cli_flags
+
+_BENCHMARK = flags.DEFINE_string('benchmark', None, 'Benchmark JSONL file (see records.py).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Folder for predictions.jsonl and metrics.json.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Questions generated together.')
+_LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate only the first N items.')
+flags.mark_flags_as_required(['checkpoint', 'benchmark', 'output'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  records = read_jsonl(_BENCHMARK.value)[:_LIMIT.value]
+  results = harness.run(cli_flags.load_assistant(), records, cli_flags.sampling_config(),
+                        _OUTPUT.value, batch_size=_BATCH_SIZE.value)
+  print(harness.format_table(results), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,56 @@
+"""CLI: convert a benchmark's question file to the JSONL format of records.py.
+
+  python -m evejax.evaluation.convert --format=gqa --questions=testdev_balanced_questions.json \
+      --images=gqa/images --out=bench/gqa.jsonl
+  python -m evejax.evaluation.convert --format=shapes --config=configs/demo.py --out=bench/shapes.jsonl
+
+--images is the image folder (for mmbench and shapes: where the images are written; default: an
+`images/` folder beside --out). The shapes format writes the held-out split of the config's data.
+"""
+import os
+
+from absl import app, flags
+
+from evejax.config_utils import load_config_file
+from evejax.data import pipeline
+from evejax.evaluation import converters
+from evejax.evaluation.records import write_jsonl
+
+_FORMAT = flags.DEFINE_enum('format', None, list(converters.FORMATS), 'Benchmark layout.')
+_QUESTIONS = flags.DEFINE_string('questions', None, 'Question file (mme: the benchmark folder).')
+_ANNOTATIONS = flags.DEFINE_string('annotations', None, 'vqav2: the annotations file.')
+_IMAGES = flags.DEFINE_string('images', None, 'Image folder.')
+_SPLIT = flags.DEFINE_string('split', 'test', 'scienceqa_img: the split to keep.')
+_CONFIG = flags.DEFINE_string('config', 'configs/demo.py', 'shapes: the training config file.')
+_LIMIT = flags.DEFINE_integer('limit', None, 'shapes: at most this many questions.')
+_OUT = flags.DEFINE_string('out', None, 'Output JSONL file.')
+flags.mark_flags_as_required(['format', 'out'])
+
+
+def records():
+  fmt, questions = _FORMAT.value, _QUESTIONS.value
+  images = _IMAGES.value or os.path.join(os.path.dirname(os.path.abspath(_OUT.value)), 'images')
+  if fmt == 'shapes':
+    held_out = pipeline.make_sources(load_config_file(_CONFIG.value).data)[1]
+    return converters.shapes(held_out, images, _LIMIT.value)
+  if not questions:
+    raise app.UsageError(f'--format={fmt} needs --questions')
+  if fmt == 'vqav2':
+    return converters.vqav2(questions, images, _ANNOTATIONS.value)
+  if fmt == 'scienceqa_img':
+    return converters.scienceqa_img(questions, images, _SPLIT.value)
+  if fmt == 'mme':
+    return converters.mme(questions)
+  if fmt == 'mmbench':
+    return converters.mmbench(questions, images)
+  return getattr(converters, fmt)(questions, images)
+
+
+def main(argv):
+  del argv
+  count = write_jsonl(_OUT.value, records())
+  print(f'Wrote {count} records to {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

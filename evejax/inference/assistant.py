@@ -1,0 +1,127 @@
+"""A trained model ready to answer questions about images: preprocessing, generation, decoding.
+
+Built from a checkpoint (`from_checkpoint`: the workdir of `python -m evejax.train`) or from
+parameters in memory (`from_params`: in-training evaluation). The prompt template, tokenizer and
+image preprocessing are the training run's, so questions look exactly like training data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from evejax import sharding
+from evejax.checkpoint.init_from import resolve_params_dir
+from evejax.checkpoint.manager import CheckpointError
+from evejax.data import pipeline
+from evejax.data.tokenizer import Tokenizer
+from evejax.inference import prompts as prompt_lib
+from evejax.inference.generator import Generator
+from evejax.inference.sampling import SamplingConfig
+from evejax.models import EVE, ModelConfig
+
+
+def _read_metadata(step_dir: str) -> dict:
+  path = os.path.join(step_dir, 'metadata', 'metadata')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{step_dir} has no metadata/metadata (the training config); was it '
+                          'written by python -m evejax.train?')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _find_tokenizer(config: ml_collections.ConfigDict, step_dir: str) -> Tokenizer:
+  """The run's `data.tokenizer`, else the tokenizer.json the trainer saved in the workdir."""
+  if config.data.get('tokenizer'):
+    return Tokenizer.load(config.data.tokenizer)
+  workdir = os.path.dirname(os.path.dirname(step_dir))  # {workdir}/checkpoints/{step}
+  if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
+    raise FileNotFoundError(f'No tokenizer.json in {workdir}, the workdir of checkpoint {step_dir}; '
+                            'the trainer writes it there')
+  return Tokenizer.load(workdir)
+
+
+def load_checkpoint(path: str, mesh: Mesh | None = None):
+  """(config, graphdef, params, tokenizer) of a training checkpoint, params placed on `mesh`.
+
+  `path`: a workdir, its checkpoints/ folder (newest step) or one step folder. Parameters are read
+  straight into their sharded layout (nothing is initialised first).
+  """
+  params_dir = resolve_params_dir(path)
+  step_dir = os.path.dirname(params_dir)
+  config = ml_collections.ConfigDict(_read_metadata(step_dir)['config'])
+  model_cfg = ModelConfig.from_dict(config.model)
+  mesh = mesh or sharding.make_mesh({'data': -1})
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EVE(model_cfg, rngs=nnx.Rngs(0))),
+                                 nnx.Param)
+  shardings = sharding.param_shardings(abstract, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  params = ocp.StandardCheckpointer().restore(params_dir, target)
+  return config, graphdef, params, _find_tokenizer(config, step_dir)
+
+
+@dataclasses.dataclass
+class Assistant:
+  generator: Generator
+  preprocess: pipeline.Preprocessor
+  max_length: int
+
+  @classmethod
+  def from_params(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dict,
+                  tokenizer: Tokenizer, *, mesh: Mesh | None = None, max_length: int | None = None,
+                  resize: str | None = None) -> Assistant:
+    """`max_length` defaults to the training `data.seq_len`; `resize` to the training policy."""
+    model_cfg = ModelConfig.from_dict(config.model)
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    if resize:
+      data_cfg.resize = resize
+    preprocess = pipeline.make_preprocessor(data_cfg, tokenizer, model_cfg.vision_patch_size,
+                                            model_cfg.vision_merge, blank_images=False)
+    max_length = max_length or config.data.seq_len
+    generator = Generator(graphdef, params, pad_id=tokenizer.pad_id, max_length=max_length,
+                          mesh=mesh)
+    return cls(generator, preprocess, max_length)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, *, mesh: Mesh | None = None, **kw) -> Assistant:
+    config, graphdef, params, tokenizer = load_checkpoint(path, mesh)
+    return cls.from_params(config, graphdef, params, tokenizer, mesh=mesh, **kw)
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    return self.preprocess.tokenizer
+
+  @property
+  def stop_tokens(self) -> tuple[int, ...]:
+    """The tokenizer's eos and the template's turn end (`<|im_end|>`, `</s>`) when one token."""
+    stops = {self.tokenizer.eos_id}
+    sep2 = self.tokenizer.encode(self.preprocess.template.sep2) if self.preprocess.template.sep2 \
+        else []
+    if len(sep2) == 1:
+      stops.add(sep2[0])
+    return tuple(sorted(stops))
+
+  def encode(self, question: str, image: bytes | None = None) -> dict[str, np.ndarray]:
+    """Raises ValueError for an unreadable image or a prompt that fills the context."""
+    return prompt_lib.encode_prompt(self.preprocess, question, image, max_length=self.max_length)
+
+  def answer(self, prompts: Sequence[dict[str, np.ndarray]], sampling: SamplingConfig, *,
+             seed: int = 0, on_text: Callable[[list[str]], None] | None = None) -> list[str]:
+    """Decoded answers of encoded prompts; `on_text` streams every row's text so far."""
+    if not sampling.stop_tokens:
+      sampling = dataclasses.replace(sampling, stop_tokens=self.stop_tokens)
+    on_step = None if on_text is None else (lambda rows: on_text([self.decode(r) for r in rows]))
+    return [self.decode(ids) for ids in self.generator.generate(prompts, sampling, seed=seed,
+                                                                on_step=on_step)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode(ids).strip()
