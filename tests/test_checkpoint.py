@@ -80,6 +80,10 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
   ckpt = Checkpointer(str(tmp_path), every=1, keep_last=3)
   assert ckpt.latest_step() == 2
   assert ckpt.restore(make_state(0), data_iterator())[0] == 2
+  ckpt.save(3, make_state(3), data_iterator(), {})  # The resumed run saves that step again.
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2, 3]
+  assert_trees_equal(ckpt.restore(make_state(0), data_iterator())[1], make_state(3))
 
 
 def truncate_largest_file(step_dir):

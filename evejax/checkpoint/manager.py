@@ -80,7 +80,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep_last, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)  # Leftovers of a save killed half-way.
     logging.get_absl_logger().addFilter(_ORBAX_INFO_FILTER)  # A set: adding twice is harmless.
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
