@@ -74,6 +74,17 @@ def _throughput_meter(model_cfg: ModelConfig, batch, peak_flops: float) -> Throu
   return Throughput(step_flops, jax.device_count(), peak)
 
 
+def _window_scalars(step: int, accumulated, throughput: Throughput, progress: Progress,
+                    skipped: int) -> dict[str, float]:
+  """Scalars of one logging window; no train/ averages when every step in it was skipped."""
+  scalars = {} if accumulated is None else {
+      f'train/{k}': float(v) for m in accumulated for k, v in m.compute().items()}
+  scalars.update({f'perf/{k}': v for k, v in throughput.scalars().items()})
+  scalars['train/steps_per_s'] = progress.steps_per_second(step)
+  scalars['train/skipped_steps'] = skipped
+  return scalars
+
+
 def _restore_or_start(config, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState,
                       rng: jax.Array, train_iter) -> tuple[TrainState, jax.Array]:
   """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
@@ -181,14 +192,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if finite:
         accumulated = step_metrics if accumulated is None else jax.tree.map(
             lambda a, b: a.merge(b), accumulated, step_metrics, is_leaf=_is_collection)
-      if (step % config.log_every == 0 or step == total_steps) and accumulated is not None:
-        scalars = {f'train/{k}': float(v) for m in accumulated for k, v in m.compute().items()}
-        scalars.update({f'perf/{k}': v for k, v in throughput.scalars().items()})
-        scalars['train/steps_per_s'] = progress.steps_per_second(step)
-        scalars['train/skipped_steps'] = guard.skipped
+      if step % config.log_every == 0 or step == total_steps:
+        scalars = _window_scalars(step, accumulated, throughput, progress, guard.skipped)
         writer.write(step, scalars)
-        logging.info(progress.line(step, {'loss': scalars['train/loss'],
-                                          'acc': scalars['train/accuracy']}))
+        shown = {name: scalars[key] for name, key in (('loss', 'train/loss'),
+                                                      ('acc', 'train/accuracy')) if key in scalars}
+        logging.info(progress.line(step, shown | ({'skipped': guard.skipped} if guard.skipped
+                                                  else {})))
         final.update(scalars)
         accumulated = None
       preempted = preemption.reached(step)
