@@ -141,30 +141,41 @@ class Generator:
     """
     if not prompts:
       return []
+    state = self.prefill(prompts, cfg, seed=seed)
+    for index in range(1, cfg.max_new_tokens):
+      if on_step is not None:
+        on_step(self._tokens_so_far(state, index)[:len(prompts)])
+      if (on_step is not None or index % check_every == 0) and bool(jnp.all(state.done)):
+        break
+      state = self.step(state, index, cfg)
+    tokens = self._tokens_so_far(state, cfg.max_new_tokens)[:len(prompts)]
+    if on_step is not None:
+      on_step(tokens)
+    return tokens
+
+  def prefill(self, prompts: Sequence[dict[str, np.ndarray]], cfg: SamplingConfig, *,
+              seed: int = 0) -> DecodeState:
+    """Left-pads and runs the prompts; the state holds each row's first token (output column 0).
+    On a mesh, the batch is filled up to a multiple of the batch axes with copies of prompt 0."""
     rows = len(prompts)
-    if self.mesh is not None:  # Fill the batch axes with copies of the first prompt.
+    if self.mesh is not None:
       shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
       prompts = list(prompts) + [prompts[0]] * (_round_up(rows, shards) - rows)
     length = _round_up(max(len(p['tokens']) for p in prompts), self.length_multiple)
     max_patches = _round_up(max(0 if p['patches'] is None else len(p['patches']) for p in prompts),
                             self.patch_multiple)
     batch = prompt_lib.left_padded_batch(prompts, length, max_patches, self.patch_shape)
-    key = jax.random.key(seed)
     with self._mesh_context():
       if self.mesh is not None:
         batch = sharding.shard_batch(batch, self.mesh)
-      state = self._prefill(self.params, batch, key, cache_len=length + cfg.max_new_tokens - 1,
-                            cfg=cfg)
-      for index in range(1, cfg.max_new_tokens):
-        if on_step is not None:
-          on_step(self._tokens_so_far(state, index)[:rows])
-        if (on_step is not None or index % check_every == 0) and bool(jnp.all(state.done)):
-          break
-        state = self._step(self.params, state, jnp.asarray(index, jnp.int32), cfg=cfg)
-    tokens = self._tokens_so_far(state, cfg.max_new_tokens)[:rows]
-    if on_step is not None:
-      on_step(tokens)
-    return tokens
+      return self._prefill(self.params, batch, jax.random.key(seed),
+                           cache_len=length + cfg.max_new_tokens - 1, cfg=cfg)
+
+  def step(self, state: DecodeState, index: int, cfg: SamplingConfig) -> DecodeState:
+    """Feeds the last tokens and records the next ones at output column `index` (>= 1). `state` is
+    donated: its cache is updated in place."""
+    with self._mesh_context():
+      return self._step(self.params, state, jnp.asarray(index, jnp.int32), cfg=cfg)
 
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
