@@ -357,3 +357,46 @@ def test_unsupported_configs_fail_clearly():
   with pytest.raises(ValueError, match='sliding-window'):
     convert.model_config_from_hf({**base, 'use_sliding_window': True})
   assert importer.rope_theta({'rope_theta': 5.0}) == 5.0
+
+
+def run_cli(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-m', *args], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_cli_import_export_check(tmp_path):
+  """HF LLM -> `import` (stage 0 + vision copies) -> `export` -> `check` with an image passes."""
+  hf = save_hf(hf_model('qwen2'), tmp_path / 'hf')
+  (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
+  out = run_cli('evejax.convert', 'import', f'--hf_dir={hf}', f'--out={tmp_path}/ckpt',
+                '--moe_part=layernorm-self_attn-mlp')
+  assert f'--config.init_from={tmp_path}/ckpt' in out
+  run_cli('evejax.convert', 'export', f'--params={tmp_path}/ckpt', f'--out={tmp_path}/eve',
+          f'--source_dir={hf}', '--dtype=float32', '--max_shard_size=1MB')
+  assert (tmp_path / 'eve' / 'tokenizer.json').read_text() == '{}'
+  index = json.load(open(tmp_path / 'eve' / files.SAFETENSORS_INDEX))
+  assert any('moe_mlp' in k for k in index['weight_map'])
+  report = run_cli('evejax.convert.check', f'--hf_dir={tmp_path}/eve', '--ids=3,5,-200,7,9',
+                   '--max_size=64', '--atol=1e-4')
+  metrics = dict(line.split() for line in report.splitlines()[3:] if len(line.split()) == 2)
+  assert float(metrics['max_abs_diff']) < 1e-4 and float(metrics['top1_agreement']) == 1.0
+  assert int(metrics['positions']) == 4 + 1 + 2 * 2  # 4 text ids, a 2x1-token image
+
+
+def test_compare_logits_metrics():
+  from evejax.convert.check import compare_logits  # pylint: disable=import-outside-toplevel
+  b = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
+  same = compare_logits(b, b, top_k=2)
+  assert same['max_abs_diff'] == 0 and same['kl_divergence'] == 0
+  assert same['top1_agreement'] == 1 and same['top2_overlap'] == 1
+  a = b.copy()
+  a[1] = [2.0, 3.0, 1.0, 0.0]  # second row: top-1 swapped, top-2 set unchanged
+  m = compare_logits(a, b, top_k=2)
+  assert m['max_abs_diff'] == 1.0 and m['max_rel_diff'] == 1.0 / 3.0
+  assert m['top1_agreement'] == 0.5 and m['top2_overlap'] == 1.0
+  p = np.exp(b[1]) / np.exp(b[1]).sum()
+  q = np.exp(a[1]) / np.exp(a[1]).sum()
+  np.testing.assert_allclose(m['kl_divergence'], (p * np.log(p / q)).sum() / 2, rtol=1e-12)

@@ -25,7 +25,7 @@ DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dt
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 BIN_INDEX = 'pytorch_model.bin.index.json'
-DEFAULT_SHARD_BYTES = 5 * 2**30  # what HF `save_pretrained` uses (5 GB)
+DEFAULT_SHARD_BYTES = 5 * 10**9  # HF `save_pretrained`'s default max_shard_size, 5GB
 
 
 class SafetensorsFile:

@@ -83,6 +83,31 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   return ModelConfig(**{**fields, **overrides})
 
 
+# ModelConfig fields a HF/EVE config.json determines (the rest come from the processor or evejax).
+HF_FIELDS = ('family', 'vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+             'num_kv_heads', 'head_dim', 'rope_theta', 'rms_norm_eps', 'attention_bias',
+             'tie_word_embeddings')
+
+
+def check_config_matches(hf: Mapping[str, Any], cfg: ModelConfig, source: str) -> None:
+  """Raises if `config.json` (a dict, read from `source`) describes another LLM than `cfg`."""
+  from_file = model_config_from_hf(hf)
+  diffs = [f'{k}: {source} has {getattr(from_file, k)!r}, the config {getattr(cfg, k)!r}'
+           for k in HF_FIELDS if getattr(from_file, k) != getattr(cfg, k)]
+  if diffs:
+    raise ValueError('The checkpoint is not the model of the config:\n  ' + '\n  '.join(diffs))
+
+
+def vision_fields(reader: CheckpointReader) -> dict[str, int]:
+  """Vision tokenizer sizes read off the conv weights (config.json does not store them)."""
+  first, second = (f'{keymap.VISION_PREFIX}patch_embedding.{i}.weight' for i in (0, 2))
+  if first not in reader.keys() or second not in reader.keys():
+    return {}
+  hidden, _, patch, _ = reader.shape(first)
+  return dict(vision_hidden_size=hidden, vision_patch_size=patch,
+              vision_merge=reader.shape(second)[-1])
+
+
 def _listing(title: str, items: list[str]) -> str:
   shown = items[:MAX_LISTED]
   more = f' ... and {len(items) - MAX_LISTED} more' if len(items) > MAX_LISTED else ''
