@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import jax
+import pytest
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 TOTAL_STEPS = 12
@@ -80,3 +81,33 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   assert resumed == expected  # Every step, bitwise (float32 values survive JSON exactly).
   for got, want in zip(final_params(workdir), final_params(baseline_dir), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.slow
+def test_init_from_cli_loads_weights_and_reports(tmp_path):
+  """Stage 2 from stage 1 with one more layer: shared weights load, the new layer is reported."""
+  def run(workdir, *flags):
+    result = subprocess.run(
+        [sys.executable, '-m', 'evejax.train', *FLAGS, '--config.total_steps=1', *flags,
+         f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  run(tmp_path / 'stage1', '--config.optim.warmup_steps=0')  # Changes the weights.
+  run(tmp_path / 'stage2', f'--config.init_from={tmp_path}/stage1', '--config.model.num_layers=2')
+  with open(tmp_path / 'stage2' / 'init_from_report.json') as f:
+    report = json.load(f)
+  assert report['dropped'] == [] and report['new'] and report['loaded']
+  assert all(name.startswith('layers/1/') for name in report['new'])
+  assert {'embed_tokens/embedding', 'layers/0/mlp/up_proj/kernel'} <= set(report['loaded'])
+  # Warm-up starts at lr 0, so stage 2's first step leaves the loaded weights as they were.
+  load = lambda d: ocp.StandardCheckpointer().restore(f'{d}/checkpoints/1/params')
+  stage1, stage2 = load(tmp_path / 'stage1'), load(tmp_path / 'stage2')
+  for name in report['loaded']:
+    keys = name.split('/')
+    np.testing.assert_array_equal(_get(stage2, keys), _get(stage1, keys))
+
+
+def _get(tree, keys):
+  for key in keys:
+    tree = tree[key]
+  return np.asarray(tree)

@@ -71,6 +71,7 @@ def test_guard_skip_counts_then_stops():
     NonFiniteGuard('ignore', 1)
 
 
+@pytest.mark.slow  # ~20 s; the jitted skip and the guard are tested above in-process.
 def test_cli_exploding_run_skips_then_stops_with_a_clear_message(tmp_path):
   """lr=1e30: step 1 (warm-up lr 0) is fine, its update makes the weights huge, then losses are
   NaN; skip mode skips two such steps and then stops."""
