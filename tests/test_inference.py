@@ -33,9 +33,13 @@ def make_prompt(rng, text_before, text_after, image_hw):
   return encode.encode_example(ids, [False] * len(ids), groups)
 
 
+@jax.jit
+def _training_forward(graphdef, params, batch):
+  return nnx.merge(graphdef, params)(batch)
+
+
 def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32):
   """Reference: recompute the whole sequence through the training path for every new token."""
-  forward = jax.jit(lambda graphdef, params, batch: nnx.merge(graphdef, params)(batch))
   graphdef, params = nnx.split(model)
   generated = []
   for _ in range(steps):
@@ -45,7 +49,7 @@ def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32):
     for key in ('token_kind', 'patch_index', 'targets', 'loss_weights'):
       example[key] = np.concatenate([prompt[key], np.zeros(n_new, prompt[key].dtype)])
     row = encode.pack_row([example], seq_len, max_patches, PATCH_SHAPE)
-    logits = forward(graphdef, params, {k: v[None] for k, v in row.items()})
+    logits = _training_forward(graphdef, params, {k: v[None] for k, v in row.items()})
     generated.append(int(np.argmax(logits[0, len(example['tokens']) - 1])))
   return generated
 
@@ -61,6 +65,12 @@ def generator_for(model, **kw):
 
 
 @pytest.fixture(scope='module')
+def generator(model):
+  """Shared so that its compiled programs are reused across tests."""
+  return generator_for(model)
+
+
+@pytest.fixture(scope='module')
 def prompts():
   rng = np.random.default_rng(0)
   # Different text lengths and image sizes (16x24 -> 2x3 tokens, 32x16 -> 4x2), one without image.
@@ -68,19 +78,18 @@ def prompts():
           make_prompt(rng, 6, 1, None)]
 
 
-def test_cached_greedy_equals_uncached_recomputation(model, prompts):
+def test_cached_greedy_equals_uncached_recomputation(model, generator, prompts):
   steps = 6
-  cached = generator_for(model).generate(prompts, SamplingConfig(max_new_tokens=steps))
+  cached = generator.generate(prompts, SamplingConfig(max_new_tokens=steps))
   for prompt, tokens in zip(prompts, cached):
     assert tokens == uncached_greedy(model, prompt, steps)
   # Batching must not change a row's result.
-  assert generator_for(model).generate(prompts[1:2], SamplingConfig(max_new_tokens=steps)) == [
-      cached[1]]
+  assert generator.generate(prompts[1:2], SamplingConfig(max_new_tokens=steps)) == [cached[1]]
 
 
 def test_decode_uses_text_weights(model, prompts):
-  """Zeroing every vision copy changes the prefill only: a model whose text weights are all that
-  decode steps see must produce different tokens than one whose decode used the vision copies."""
+  """Scaling every vision copy (moe_*) must leave a text-only prompt's tokens unchanged: decode
+  steps, and text tokens at prefill, use the text weights only."""
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
 
@@ -89,22 +98,19 @@ def test_decode_uses_text_weights(model, prompts):
       return {k: scaled_vision_copies(v, path + (str(k),)) for k, v in tree.items()}
     return tree * 3.0 if any(p.startswith('moe_') for p in path) else tree
 
-  text_only = [make_prompt(np.random.default_rng(1), 5, 0, None)]
+  batch = [make_prompt(np.random.default_rng(1), 5, 0, None), prompts[0]]
   cfg = SamplingConfig(max_new_tokens=5)
-  base = Generator(graphdef, params, pad_id=0).generate(text_only, cfg)
-  changed = Generator(graphdef, scaled_vision_copies(params), pad_id=0).generate(text_only, cfg)
-  assert base == changed  # No visual token anywhere: the vision copies are never used.
-  with_image = prompts[:1]
-  assert (Generator(graphdef, params, pad_id=0).generate(with_image, cfg) !=
-          Generator(graphdef, scaled_vision_copies(params), pad_id=0).generate(with_image, cfg))
+  base = Generator(graphdef, params, pad_id=0).generate(batch, cfg)
+  changed = Generator(graphdef, scaled_vision_copies(params), pad_id=0).generate(batch, cfg)
+  assert base[0] == changed[0]  # No visual token anywhere: the vision copies are never used.
+  assert base[1] != changed[1]  # The image's tokens went through them at prefill.
 
 
-def test_stop_tokens_max_length_and_streaming(model, prompts):
-  free = generator_for(model).generate(prompts[:1], SamplingConfig(max_new_tokens=6))[0]
+def test_stop_tokens_max_length_and_streaming(model, generator, prompts):
+  free = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6))[0]
   stop = free[2]
   first_stop = free.index(stop)
-  stopped = generator_for(model).generate(
-      prompts[:1], SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[0]
+  stopped = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[0]
   assert stopped == free[:first_stop]
 
   prompt_len = len(prompts[0]['tokens'])
@@ -113,20 +119,20 @@ def test_stop_tokens_max_length_and_streaming(model, prompts):
   assert capped == free[:3]
 
   seen = []
-  streamed = generator_for(model).generate(prompts[:1], SamplingConfig(max_new_tokens=6),
-                                           on_step=lambda rows: seen.append(rows[0]))
+  streamed = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6),
+                                on_step=lambda rows: seen.append(rows[0]))
   assert streamed[0] == free
   assert [len(s) for s in seen[:5]] == [1, 2, 3, 4, 5] and seen[-1] == free
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(model, prompts):
-  greedy = generator_for(model).generate(prompts, SamplingConfig(max_new_tokens=5))
-  sample = SamplingConfig(max_new_tokens=5, temperature=1.5, top_k=1)
-  assert generator_for(model).generate(prompts, sample, seed=3) == greedy
-  hot = SamplingConfig(max_new_tokens=8, temperature=5.0)
-  a = generator_for(model).generate(prompts, hot, seed=1)
-  assert a == generator_for(model).generate(prompts, hot, seed=1)
-  assert a != generator_for(model).generate(prompts, hot, seed=2)
+def test_sampling_is_seeded_and_top_k_1_is_greedy(generator, prompts):
+  greedy = generator.generate(prompts, SamplingConfig(max_new_tokens=6))
+  sample = SamplingConfig(max_new_tokens=6, temperature=1.5, top_k=1)
+  assert generator.generate(prompts, sample, seed=3) == greedy
+  hot = SamplingConfig(max_new_tokens=6, temperature=5.0)
+  a = generator.generate(prompts, hot, seed=1)
+  assert a == generator.generate(prompts, hot, seed=1)
+  assert a != generator.generate(prompts, hot, seed=2)
 
 
 def test_logit_processors_match_transformers():
