@@ -87,6 +87,15 @@ def test_cached_greedy_equals_uncached_recomputation(model, generator, prompts):
   assert generator.generate(prompts[1:2], SamplingConfig(max_new_tokens=steps)) == [cached[1]]
 
 
+def test_sorted_routing_generates_the_same_tokens(model, generator, prompts):
+  """The FLOP-exact 'sorted' routing (gather by modality) on the cached path: same parameters,
+  same tokens as the reference 'select' routing."""
+  sorted_model = EVE(ModelConfig(**TINY, routing='sorted'), rngs=nnx.Rngs(0))
+  nnx.update(sorted_model, nnx.state(model, nnx.Param))
+  cfg = SamplingConfig(max_new_tokens=6)
+  assert generator_for(sorted_model).generate(prompts, cfg) == generator.generate(prompts, cfg)
+
+
 def test_decode_uses_text_weights(model, prompts):
   """Scaling every vision copy (moe_*) must leave a text-only prompt's tokens unchanged: decode
   steps, and text tokens at prefill, use the text weights only."""
