@@ -35,7 +35,9 @@ class DecodeState:
   length: Array  # () int32: slots written, the same for every row (prompts are left-padded)
   positions: Array  # (B,) RoPE position of `token`: expanded prompt length + tokens generated before
   token: Array  # (B,) the last chosen token, the input of the next step
-  seen: Array  # (B, V) bool: tokens of the prompt text or generated (repetition penalty)
+  # (B, V) bool: tokens of the prompt text or generated, for the repetition penalty. The reference
+  # also counts id 0 (its image placeholder -200 is replaced by 0); visual tokens are left out here.
+  seen: Array
   done: Array  # (B,) bool: the row emitted a stop token or filled its context
   output: Array  # (B, max_new_tokens) int32: chosen tokens (pad_id after a row is done)
   output_len: Array  # (B,) int32: tokens to return per row (stop token excluded)
