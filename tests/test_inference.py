@@ -87,6 +87,14 @@ def test_cached_greedy_equals_uncached_recomputation(model, generator, prompts):
   assert generator.generate(prompts[1:2], SamplingConfig(max_new_tokens=steps)) == [cached[1]]
 
 
+def test_cached_equals_uncached_for_a_dense_llama_decoder(prompts):
+  """EVEv1's decoder layout (Llama: no biases, no vision copies) on the same cached path."""
+  dense = EVE(ModelConfig(**{**TINY, 'family': 'llama', 'moe_part': '', 'attention_bias': False}),
+              rngs=nnx.Rngs(1))
+  cached = generator_for(dense).generate(prompts[:2], SamplingConfig(max_new_tokens=5))
+  assert cached == [uncached_greedy(dense, p, 5) for p in prompts[:2]]
+
+
 def test_sorted_routing_generates_the_same_tokens(model, generator, prompts):
   """The FLOP-exact 'sorted' routing (gather by modality) on the cached path: same parameters,
   same tokens as the reference 'select' routing."""
