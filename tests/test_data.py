@@ -167,11 +167,14 @@ def test_corrupt_image_is_an_error():
 def test_pipeline_batches_have_static_shapes(tokenizer, shapes):
   pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), patch_size=8, merge=2,
                               max_size=96, seq_len=80)
-  it = iter(pipeline.batches(shapes, pre, 4, seed=0, num_threads=1))
+  spec = pipeline.packing.RowSpec(80, pre.max_patches, pre.patch_shape)
+  make = lambda: iter(pipeline.make_dataset(shapes, pre, spec, 4, seed=0, shuffle=True,
+                                            num_epochs=None, num_threads=1))
+  it = make()
   first, second = next(it), next(it)
   assert set(first) == set(bf.KEYS)
   assert first['patches'].shape == (4, pre.max_patches, 4, 192)
   assert all(first[k].shape == (4, 80) for k in bf.KEYS if k != 'patches')
   assert not np.array_equal(first['tokens'], second['tokens'])
-  again = next(iter(pipeline.batches(shapes, pre, 4, seed=0, num_threads=1)))
+  again = next(make())
   np.testing.assert_array_equal(first['tokens'], again['tokens'])

@@ -143,12 +143,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip')
   eval_step = make_eval_step(graphdef)
 
-  def eval_batches():
-    return pipeline.batches(eval_source, preprocess, config.batch_size, seed=0, shuffle=False,
-                            num_epochs=1, num_threads=config.data.num_threads)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               workdir=workdir)
 
-  train_iter = iter(pipeline.batches(train_source, preprocess, config.batch_size,
-                                     seed=config.data.seed, num_threads=config.data.num_threads))
+  def eval_batches():
+    return pipeline.eval_batches(config.data, eval_source, preprocess, config.batch_size, **hosts)
+
+  train_iter = pipeline.make_train_iterator(config.data, train_source, preprocess,
+                                            config.batch_size, **hosts)
   ckpt_cfg = _option(config, 'checkpoint')
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), **ckpt_cfg)
   state, rng = _restore_or_start(config, workdir, ckpt, state, rng, train_iter)

@@ -1,0 +1,116 @@
+"""The bad-record policy: skip, count, quarantine (shard + index + reason), fail past a threshold.
+
+A record is bad when it cannot be read, its image cannot be decoded, its conversation does not
+tokenise (e.g. a placeholder count that does not match its images) or it is longer than a row.
+The preprocessing map returns a `BadRecord` instead of raising; `FilterBadRecords` drops them,
+counts them per kind in its (checkpointed) state, appends one JSON line per record to the
+quarantine file, and raises `TooManyBadRecords` when the bad fraction passes the threshold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import grain
+from absl import logging
+
+KINDS = ('unreadable_record', 'bad_image', 'bad_conversation', 'too_long')
+
+
+class TooManyBadRecords(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+  """What the preprocessing map returns for a record it cannot use."""
+  shard: str
+  index: int
+  kind: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Fail once more than `max_fraction` of the records read are bad, checked from `min_records`
+  records on (and at the end of a finite pass); `quarantine` is a JSON-lines file, '' for none."""
+  max_fraction: float = 0.01
+  min_records: int = 1000
+  quarantine: str = ''
+
+
+def read_quarantine(path: str) -> list[dict[str, Any]]:
+  """The quarantined records, each once (a restored run re-reads records after its checkpoint)."""
+  if not os.path.exists(path):
+    return []
+  entries = {}
+  with open(path) as f:
+    for line in f:
+      entry = json.loads(line)
+      entries.setdefault((entry['shard'], entry['index'], entry['kind']), entry)
+  return list(entries.values())
+
+
+class _FilterIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, policy: Policy):
+    super().__init__(parent)
+    self._policy = policy
+    self.seen, self.bad = 0, 0
+    self.by_kind = dict.fromkeys(KINDS, 0)
+
+  def _quarantine(self, record: BadRecord) -> None:
+    self.bad += 1
+    self.by_kind[record.kind] += 1
+    logging.warning('Skipping bad record %s[%d] (%s): %s', record.shard, record.index, record.kind,
+                    record.reason)
+    if self._policy.quarantine:
+      # One short line per O_APPEND write: safe with several worker processes on one file.
+      with open(self._policy.quarantine, 'a') as f:
+        f.write(json.dumps(dataclasses.asdict(record)) + '\n')
+
+  def _check(self, final: bool) -> None:
+    if not self.bad or (self.seen < self._policy.min_records and not final):
+      return
+    fraction = self.bad / self.seen
+    if fraction > self._policy.max_fraction:
+      where = f'; see {self._policy.quarantine}' if self._policy.quarantine else ''
+      raise TooManyBadRecords(
+          f'{self.bad} of {self.seen} records ({fraction:.1%}) were bad, over '
+          f'data.bad_records.max_fraction={self._policy.max_fraction} '
+          f'({", ".join(f"{k}: {v}" for k, v in self.by_kind.items() if v)}){where}. Fix or '
+          're-convert the data, or raise the threshold.')
+
+  def __next__(self):
+    while True:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        self._check(final=True)
+        raise
+      self.seen += 1
+      if not isinstance(element, BadRecord):
+        self._check(final=False)
+        return element
+      self._quarantine(element)
+      self._check(final=False)
+
+  def get_state(self) -> dict[str, Any]:
+    return {'parent': self._parent.get_state(), 'seen': self.seen, 'bad': self.bad,
+            'by_kind': dict(self.by_kind)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state['parent'])
+    self.seen, self.bad, self.by_kind = state['seen'], state['bad'], dict(state['by_kind'])
+
+
+class FilterBadRecords(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, policy: Policy):
+    super().__init__(parent)
+    self._policy = policy
+
+  def __iter__(self) -> _FilterIterator:
+    return _FilterIterator(self._parent.__iter__(), self._policy)
