@@ -115,6 +115,16 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
     Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
 
 
+def test_unreadable_data_iterator_state_is_a_clear_error(tmp_path):
+  save_steps(str(tmp_path), [1, 2])
+  (data_file,) = glob.glob(str(tmp_path / '2' / 'data' / '*.json'))
+  with open(data_file, 'r+b') as f:
+    f.truncate(5)
+  with pytest.raises(CheckpointError, match=r'data-iterator state in .*/2/data cannot be restored'):
+    Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
+  assert os.path.isdir(tmp_path / '2')  # Not moved aside: nothing is lost.
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   save_steps(str(tmp_path), [1])
   target = make_state(0, num_layers=3)

@@ -24,6 +24,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 PyTree = Any
 STATE_ITEMS = ('params', 'opt_state', 'progress')
@@ -110,35 +111,50 @@ class Checkpointer:
   def restore(self, target: Mapping[str, PyTree], data_iterator) -> tuple[int, dict, dict]:
     """Restores the newest readable checkpoint into `target`'s shapes and shardings.
 
-    The data iterator's state is set in place. An unreadable checkpoint (truncated or missing
-    files) is reported, moved aside to `{step}.unreadable-{time}` and the previous one is tried.
-    Returns (step, state, metadata).
+    An unreadable checkpoint (truncated or missing files) is reported, moved aside to
+    `{step}.unreadable-{time}` and the previous one is tried. The data iterator's state is then
+    set in place. Returns (step, state, metadata).
     """
     failures = []
     for step in reversed(self.all_steps()):
       try:
         self._check_params(step, target['params'])
         args = {name: ocp.args.StandardRestore(abstract_like(target[name])) for name in STATE_ITEMS}
-        args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-        args['metadata'] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore(), **args))
       except CheckpointError:
         raise
       except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
         failures.append(f'step {step}: {type(error).__name__}: {error}')
-        aside = f'{self.directory}/{step}.unreadable-{int(time.time())}'
-        logging.error('Checkpoint %s/%d is unreadable (%s: %s). Moved it to %s; trying the '
-                      'previous checkpoint.', self.directory, step, type(error).__name__,
-                      str(error)[:500], aside)
-        if jax.process_index() == 0:
-          os.rename(f'{self.directory}/{step}', aside)
-        self._manager.reload()
+        self._move_aside(step, error)
         continue
+      self._restore_data(step, data_iterator)
       state = {name: restored[name] for name in STATE_ITEMS}
       return step, state, dict(restored['metadata'])
     raise CheckpointError(
         f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
         '. Remove the directory (or use another --workdir) to start from scratch.')
+
+  def _move_aside(self, step: int, error: Exception) -> None:
+    aside = f'{self.directory}/{step}.unreadable-{int(time.time())}'
+    logging.error('Checkpoint %s/%d is unreadable (%s: %s). Moved it to %s; trying the previous '
+                  'checkpoint.', self.directory, step, type(error).__name__, str(error)[:500], aside)
+    if jax.process_index() == 0:
+      os.rename(f'{self.directory}/{step}', aside)
+    multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')
+    self._manager.reload()
+
+  def _restore_data(self, step: int, data_iterator) -> None:
+    """A failure here is not a damaged model state: stop rather than fall back and lose steps."""
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as error:
+      raise CheckpointError(
+          f'The data-iterator state in {self.directory}/{step}/data cannot be restored '
+          f'({type(error).__name__}: {error}). It is damaged, or the data config changed since '
+          'the run started: resume with the same data settings, or start a new --workdir with '
+          f'--config.init_from={self.directory}/{step}.') from error
 
   def _check_params(self, step: int, target_params: PyTree) -> None:
     saved = saved_param_shapes(os.path.join(self.directory, str(step), 'params'))
