@@ -32,7 +32,9 @@ def get_config(arg=None):
   config.batch_size = 8  # Packed rows (global), ~29 examples per step.
   config.total_steps = 600
   config.optim = dict(lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
-                      b2=0.999, eps=1e-8, grad_clip=1.0)
+                      b2=0.999, eps=1e-8, grad_clip=1.0,
+                      # Regexes over parameter paths (evejax/train/optim.py): all trainable here.
+                      trainable='.*', frozen='', groups={})
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   config.log_every = 25
   config.eval_every = 200

@@ -132,6 +132,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   total_steps = config.total_steps
   schedule = optim.learning_rate_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
+  logging.info('Parameter groups (config.optim trainable/frozen/groups):\n%s',
+               optim.group_summary(config.optim, params))
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
