@@ -28,6 +28,10 @@ class ModelConfig:
   # DECOMPOSABLE_PARTS; '' keeps one dense decoder for all tokens (`add_moe=False`).
   moe_part: str = 'layernorm-self_attn-mlp'
   routing: str = 'select'  # How decomposed ops pick their branch; see routing.py.
+  # Decoder execution (evejax/models/stack.py): scan over stacked layers (parameters get a leading
+  # `layers` axis instead of `layers.N`), and the rematerialisation policy of each layer.
+  scan_layers: bool = False
+  remat: str = 'none'  # 'none', 'full', 'minimal' or 'save_dots'
   # Vision tokenizer (EVEv2 PEL): conv patch_size/patch_size -> GELU -> conv merge/merge.
   vision_patch_size: int = 16
   vision_merge: int = 2
@@ -42,6 +46,11 @@ class ModelConfig:
     if unknown:
       raise ValueError(f'model.moe_part={self.moe_part!r} names unknown parts {sorted(unknown)}; '
                        f'use a "-"-joined subset of {DECOMPOSABLE_PARTS} or "" for none')
+    if self.remat not in ('none', 'full', 'minimal', 'save_dots'):
+      raise ValueError(f"model.remat={self.remat!r}; use 'none', 'full', 'minimal' or 'save_dots'")
+    if self.routing not in ('select', 'sorted'):
+      raise ValueError(f"model.routing={self.routing!r}; use 'select' (reference: both branches on "
+                       "every token) or 'sorted' (FLOP-exact)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
                        f'model.num_kv_heads={self.num_kv_heads}')

@@ -7,7 +7,7 @@ import jax
 from flax import nnx
 
 from evejax import batch as batch_format
-from evejax.models import layers
+from evejax.models import layers, stack
 from evejax.models.config import ModelConfig
 from evejax.models.decoder import DecoderLayer
 from evejax.models.vision import VisionTokenizerV2, splice
@@ -25,7 +25,10 @@ class EVE(nnx.Module):
         embedding_init=nnx.initializers.normal(layers.INIT_STD),
         embedding_metadata=layers.logical('vocab', 'embed'), rngs=rngs)
     self.vision_tower = VisionTokenizerV2(cfg, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:  # one DecoderLayer with stacked parameters (see stack.py)
+      self.layers = stack.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                param_dtype=cfg.jnp_param_dtype)
     if cfg.tie_word_embeddings:
@@ -49,14 +52,21 @@ class EVE(nnx.Module):
 
   def init_cache(self, batch_size: int, max_len: int) -> None:
     """Gives every attention layer a KV cache of `max_len` slots (generation, evejax/inference)."""
+    if self.cfg.scan_layers:
+      raise ValueError('Generation needs the unrolled layout: build the model with '
+                       'model.scan_layers=False (stack.unstack_params converts the parameters)')
     for layer in self.layers:
       layer.self_attn.init_cache(batch_size, max_len, self.cfg.jnp_dtype)
 
   def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
     """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
     weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots."""
-    for layer in self.layers:
-      x = layer(x, vision_mask, positions, mask)
+    call = stack.layer_call(self.cfg.remat)
+    if self.cfg.scan_layers:
+      x = stack.scan_layers(call, self.layers, x, vision_mask, positions, mask)
+    else:
+      for layer in self.layers:
+        x = call(layer, x, vision_mask, positions, mask)
     return self.logits(x)
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:

@@ -1,6 +1,11 @@
-"""Device meshes, logical-axis rules and sharded placement of parameters and batches."""
-from evejax.sharding.mesh import (DEFAULT_RULES, MESH_AXES, batch_sharding, init_sharded, make_mesh,
-                                  param_shardings, shard_batch)
+"""Device meshes, logical-axis rules and sharded placement of parameters, batches and activations;
+multi-process setup (`evejax.sharding.distributed`)."""
+from evejax.sharding import distributed
+from evejax.sharding.mesh import (BATCH_AXES, DEFAULT_RULES, MESH_AXES, abstract_params,
+                                  batch_sharding, check_sharded, constrain, init_sharded, make_mesh,
+                                  param_shardings, rules_from_config, shard_batch,
+                                  unsharded_parameters)
 
-__all__ = ['DEFAULT_RULES', 'MESH_AXES', 'batch_sharding', 'init_sharded', 'make_mesh',
-           'param_shardings', 'shard_batch']
+__all__ = ['BATCH_AXES', 'DEFAULT_RULES', 'MESH_AXES', 'abstract_params', 'batch_sharding',
+           'check_sharded', 'constrain', 'distributed', 'init_sharded', 'make_mesh',
+           'param_shardings', 'rules_from_config', 'shard_batch', 'unsharded_parameters']

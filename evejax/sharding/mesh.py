@@ -1,6 +1,11 @@
-"""Mesh construction and the logical-axis rules that place parameters (MaxText style).
+"""Mesh construction and the logical-axis rules that place parameters and activations (MaxText style).
 
-The mesh uses Auto axis types (GSPMD propagation); parameters and batches are placed explicitly.
+The mesh uses Auto axis types (GSPMD propagation) everywhere: parameters, batches and a few
+activations are placed explicitly, XLA propagates the rest. Parallelism is a config edit:
+
+  config.mesh = dict(data=-1, fsdp=8, tensor=1)             # one slice; -1 takes the rest
+  config.mesh = dict(data=1, fsdp=-1, tensor=4, dcn=dict(data=2))  # 2 slices, data across slices
+  config.sharding_rules = (('vocab', 'fsdp'),)              # overrides DEFAULT_RULES by name
 """
 from __future__ import annotations
 
@@ -10,11 +15,14 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
-# Logical parameter axis -> mesh axis (None = replicated).
+# Logical axis -> mesh axis or axes (None = replicated). Parameters name `embed`, `mlp`, ...;
+# activations name `activation_*` (see `constrain`).
 DEFAULT_RULES = (
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
@@ -24,26 +32,67 @@ DEFAULT_RULES = (
     ('norm', None),
     ('patch', None),
     ('vision_embed', 'tensor'),
+    ('layers', None),  # the stacked-layer axis of scanned decoders
+    ('activation_batch', BATCH_AXES),
+    ('activation_length', None),
+    ('activation_embed', None),
 )
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+def _fill(sizes: Mapping[str, int], num_devices: int, what: str) -> list[int]:
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f'Unknown mesh axes {sorted(unknown)}; valid: {MESH_AXES}')
-  devices = list(jax.devices() if devices is None else devices)
+    raise ValueError(f'Unknown {what} axes {sorted(unknown)}; valid: {MESH_AXES}')
   shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f'At most one mesh axis may be -1, got {dict(sizes)}')
+    raise ValueError(f'At most one {what} axis may be -1, got {dict(sizes)}')
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f'Mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, '
-                     f'{len(devices)} are available')
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'{what.capitalize()} {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} '
+                     f'devices, {num_devices} are available')
+  return shape
+
+
+def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
+
+  `sizes['dcn']` (optional) gives the per-axis number of slices (multi-slice TPU, or one granule
+  per process elsewhere); the other sizes then describe one slice (ICI), and each mesh axis is
+  dcn x ici long, slices outermost.
+  """
+  sizes = dict(sizes)
+  dcn = dict(sizes.pop('dcn', None) or {})
+  devices = list(jax.devices() if devices is None else devices)
+  if not dcn:
+    shape = _fill(sizes, len(devices), 'mesh')
+    device_grid = np.asarray(devices).reshape(shape)
+  else:
+    dcn_shape = _fill(dcn, math.prod(int(dcn.get(a, 1)) for a in MESH_AXES), 'mesh.dcn')
+    if len(devices) % math.prod(dcn_shape):
+      raise ValueError(f'mesh.dcn {dcn} does not divide the {len(devices)} devices')
+    ici_shape = _fill(sizes, len(devices) // math.prod(dcn_shape), 'mesh (per slice)')
+    device_grid = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], 'slice_index'))
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(overrides: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """DEFAULT_RULES with the (logical name, mesh axes) pairs of `config.sharding_rules` replaced."""
+  rules = dict(DEFAULT_RULES)
+  for entry in overrides or ():
+    if len(entry) != 2 or entry[0] not in rules:
+      raise ValueError(f'config.sharding_rules entry {tuple(entry)!r} must be (logical name, mesh '
+                       f'axes) with a logical name among {sorted(rules)}')
+    name, axes = entry
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f'config.sharding_rules maps {name!r} to unknown mesh axis {axis!r}; '
+                         f'valid: {MESH_AXES}')
+    rules[name] = axes
+  return tuple(rules.items())
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh,
@@ -55,15 +104,25 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_params(create: Callable[[], nnx.Module], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+                    ) -> tuple[nnx.GraphDef, dict, dict]:
+  """Graph definition, parameter shapes (ShapeDtypeStructs carrying their shardings) and the
+  shardings themselves, without allocating anything."""
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(create), nnx.Param)
+  shardings = param_shardings(abstract_state, mesh, rules)
+  shapes = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_state), shardings)
+  return graphdef, shapes, shardings
+
+
 def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[nnx.GraphDef, dict]:
   """Builds a module's parameters directly in their sharded layout (never whole on one device).
 
   Returns the graph definition and the parameters as a pure dict.
   """
-  abstract = nnx.eval_shape(create)
-  graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-  shardings = param_shardings(abstract_state, mesh, rules)
+  graphdef, _, shardings = abstract_params(create, mesh, rules)
 
   @jax.jit
   def init():
@@ -74,12 +133,60 @@ def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh,
     return graphdef, init()
 
 
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+  """Sharding constraint on an activation by logical axis names, under the active rules
+  (`nnx.logical_axis_rules`, else DEFAULT_RULES). A no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+    return x  # no mesh, or inside a shard_map over some axes (routing): nothing to constrain
+  rules = dict(spmd.get_logical_axis_rules() or DEFAULT_RULES)
+  return jax.lax.with_sharding_constraint(x, P(*(rules.get(a) for a in logical_axes)))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Process-local host batch -> global arrays split over the batch axes of the mesh."""
+  """Process-local host batch -> global arrays split over the batch axes of the mesh.
+
+  Every process passes its own rows (global batch / process count); the global array is their
+  concatenation in process order.
+  """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def unsharded_parameters(params: Any, mesh: Mesh) -> tuple[float, list[tuple[str, int]]]:
+  """Parameters replicated over the model-parallel axes (all but `data`, which replicates them by
+  design), as (fraction of the parameter bytes, [(path, bytes), ...] largest first).
+
+  `params` is a tree of arrays or ShapeDtypeStructs with NamedShardings.
+  """
+  model_axes = [a for a in mesh.axis_names if a != 'data' and mesh.shape[a] > 1]
+  if not model_axes:
+    return 0.0, []
+  total, replicated = 0, []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    total += size
+    used = {a for entry in leaf.sharding.spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))}
+    if not used & set(model_axes):
+      replicated.append((jax.tree_util.keystr(path, simple=True, separator='/'), size))
+  replicated.sort(key=lambda item: -item[1])
+  return sum(size for _, size in replicated) / max(total, 1), replicated
+
+
+def check_sharded(params: Any, mesh: Mesh, tolerance: float = 0.02) -> float:
+  """Raises if more than `tolerance` of the parameter bytes are left unsharded (MaxText's check);
+  returns that fraction."""
+  fraction, replicated = unsharded_parameters(params, mesh)
+  if fraction > tolerance:
+    listing = '\n'.join(f'  {path}: {size / 2**20:.1f} MiB' for path, size in replicated[:20])
+    raise ValueError(
+        f'{fraction:.1%} of the parameter bytes are replicated over the model-parallel mesh axes '
+        f'{dict(mesh.shape)} (tolerance {tolerance:.1%}):\n{listing}\nMap their logical axes to '
+        f'mesh axes in config.sharding_rules, or raise config.sharding_tolerance.')
+  return fraction

@@ -46,13 +46,42 @@ def _token_metrics(graphdef: nnx.GraphDef, params, batch) -> tuple[Array, TokenM
       nll=nll, correct=correct, mask=weights > 0)
 
 
+def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int):
+  """Loss, token metrics and gradients of the whole batch. With `microbatches` > 1 a `lax.scan`
+  over batch slices accumulates them (the same result, a fraction of the activation memory)."""
+  grad_fn = jax.value_and_grad(lambda p, b: _token_metrics(graphdef, p, b), has_aux=True)
+  if microbatches == 1:
+    (loss, token_metrics), grads = grad_fn(params, batch)
+    return loss, token_metrics, grads
+  rows = batch['tokens'].shape[0]
+  if rows % microbatches:
+    raise ValueError(f'batch_size {rows} is not a multiple of microbatches={microbatches}')
+  # Microbatch m takes rows m, m + M, ...: each stays spread over the batch-sharded devices.
+  split = jax.tree.map(lambda x: x.reshape(rows // microbatches, microbatches, *x.shape[1:])
+                       .swapaxes(0, 1), batch)
+  total_weight = jnp.maximum(batch['loss_weights'].sum(), 1.0)
+
+  def accumulate(carry, micro):
+    (loss, token_metrics), grads = grad_fn(params, micro)
+    # Each microbatch loss is its own weighted mean: rescale it to its share of the whole batch.
+    share = jnp.maximum(micro['loss_weights'].sum(), 1.0) / total_weight
+    loss_sum, grad_sum = carry
+    grad_sum = jax.tree.map(lambda acc, g: acc + share * g, grad_sum, grads)
+    return (loss_sum + share * loss, grad_sum), token_metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss, grads), stacked_metrics = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), split)
+  return loss, stacked_metrics.reduce(), grads
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, skip_nonfinite: bool = False) -> Callable:
+                    schedule: optax.Schedule, *, skip_nonfinite: bool = False,
+                    microbatches: int = 1) -> Callable:
   """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
-  unchanged (the step counter still advances, past the bad batch)."""
+  unchanged (the step counter still advances, past the bad batch). `microbatches`: gradient
+  accumulation over that many slices of each batch inside the step."""
   def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[TokenMetrics, StepMetrics]]:
-    grad_fn = jax.value_and_grad(lambda p: _token_metrics(graphdef, p, batch), has_aux=True)
-    (loss, token_metrics), grads = grad_fn(state.params)
+    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

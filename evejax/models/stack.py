@@ -1,0 +1,74 @@
+"""How the decoder layers run: unrolled (default; `layers.N` keys, as the reference checkpoints) or
+scanned over one stacked layer (`model.scan_layers`; compile time flat in depth), each optionally
+rematerialised under a named policy (`model.remat`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from evejax.sharding.mesh import constrain
+
+Array = jax.Array
+LayerCall = Callable[..., Array]
+
+# What the backward pass may keep from the forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation: keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight-only matmuls
+    'save_dots': jax.checkpoint_policies.dots_saveable,  # every matmul output (projections, MLP)
+}
+LAYER_AXIS = 'layers'  # logical name of the stacked-layer axis (replicated by DEFAULT_RULES)
+
+
+def check_remat(policy: str) -> None:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'Unknown model.remat {policy!r}; available: {sorted(REMAT_POLICIES)}')
+
+
+def layer_call(policy: str) -> LayerCall:
+  """`call(layer, x, *args)` applying one decoder layer, rematerialised under `policy`, with the
+  residual stream constrained to batch sharding between layers."""
+  check_remat(policy)
+
+  def call(layer: nnx.Module, x: Array, *args) -> Array:
+    return constrain(layer(x, *args), 'activation_batch', 'activation_length', 'activation_embed')
+
+  if policy == 'none':
+    return call
+  return nnx.remat(call, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stacked_layers(create: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                   rngs: nnx.Rngs) -> nnx.Module:
+  """One layer module whose parameters carry a leading `layers` axis of length `num_layers`."""
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+  def create_all(rngs: nnx.Rngs) -> nnx.Module:
+    return create(rngs)
+
+  return create_all(rngs)
+
+
+def scan_layers(call: LayerCall, stacked: nnx.Module, x: Array, *args) -> Array:
+  """Applies the stacked layers in order: a `lax.scan` whose body is one layer."""
+  graphdef, state = nnx.split(stacked)
+
+  def body(x, layer_state):
+    return call(nnx.merge(graphdef, layer_state), x, *args), None
+
+  return jax.lax.scan(body, x, state)[0]
+
+
+def stack_params(layer_params: dict) -> dict:
+  """Per-layer params {0: tree, 1: tree, ...} (the unrolled layout) -> one tree of stacked arrays."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *(layer_params[i] for i in sorted(layer_params)))
+
+
+def unstack_params(stacked: dict) -> dict:
+  """The inverse of `stack_params`: stacked arrays -> {0: tree, 1: tree, ...}."""
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}

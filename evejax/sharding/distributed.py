@@ -1,0 +1,73 @@
+"""Multi-process runs: joining the JAX distributed system, and which process does the host-side work.
+
+A run with N processes (hosts) calls `initialize` once, before any other JAX call. Settings come from
+`config.distributed` or, where empty, the environment:
+
+| config.distributed      | environment             | meaning                                     |
+| ----------------------- | ----------------------- | ------------------------------------------- |
+| `coordinator_address`   | JAX_COORDINATOR_ADDRESS | host:port of process 0's coordinator        |
+| `num_processes`         | JAX_NUM_PROCESSES       | number of processes                         |
+| `process_id`            | JAX_PROCESS_ID          | this process's index, 0 ... N-1             |
+| `auto=True`             |                         | let JAX detect the cluster (TPU pod, SLURM, |
+|                         |                         | Open MPI, Kubernetes) and set all three     |
+
+Each process then feeds only its own rows (`sharding.shard_batch` assembles the global batch);
+process 0 alone writes metrics and logs (`is_main`); every process takes part in checkpoint writes,
+which Orbax coordinates.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+
+def _setting(cfg: Mapping[str, Any], key: str, env: str, empty):
+  value = cfg.get(key, empty)
+  if value == empty:
+    value = os.environ.get(env, empty)
+  return type(empty)(value) if value != empty else empty
+
+
+def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
+  """Joins the distributed system when configured; returns whether this run is multi-process."""
+  cfg = dict(cfg or {})
+  unknown = set(cfg) - {'coordinator_address', 'num_processes', 'process_id', 'auto'}
+  if unknown:
+    raise ValueError(f'Unknown config.distributed keys {sorted(unknown)}; valid: '
+                     "coordinator_address, num_processes, process_id, auto")
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  if cfg.get('auto', False):
+    jax.distributed.initialize()
+    return jax.process_count() > 1
+  address = _setting(cfg, 'coordinator_address', 'JAX_COORDINATOR_ADDRESS', '')
+  num_processes = _setting(cfg, 'num_processes', 'JAX_NUM_PROCESSES', 0)
+  process_id = _setting(cfg, 'process_id', 'JAX_PROCESS_ID', -1)
+  if not address and num_processes <= 1:
+    return False  # a single process: nothing to join
+  if not address or num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(
+        f'Incomplete multi-process settings: coordinator_address={address!r}, num_processes='
+        f'{num_processes}, process_id={process_id}. Set all three in config.distributed or as '
+        'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or config.distributed.auto')
+  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                             process_id=process_id)
+  logging.info('Process %d of %d joined via %s; %d local and %d global devices', process_id,
+               num_processes, address, jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main() -> bool:
+  """Whether this process writes metrics, logs and other host-side outputs."""
+  return jax.process_index() == 0
+
+
+def process_rows(global_batch_size: int) -> int:
+  """Rows each process feeds per step (the global batch split evenly over processes)."""
+  if global_batch_size % jax.process_count():
+    raise ValueError(f'batch_size {global_batch_size} does not split over '
+                     f'{jax.process_count()} processes; use a multiple of it')
+  return global_batch_size // jax.process_count()
