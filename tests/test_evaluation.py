@@ -11,7 +11,9 @@ from PIL import Image
 
 from evejax.data import pipeline
 from evejax.data.shapes import ShapesDataset
+from evejax.data.tokenizer import train_bpe
 from evejax.evaluation import converters, harness, metrics
+from evejax.evaluation.periodic import PeriodicBenchmark
 from evejax.evaluation.records import read_jsonl, write_jsonl
 from evejax.inference import SamplingConfig
 from evejax.inference.assistant import Assistant
@@ -190,17 +192,22 @@ def test_shapes_converter_keeps_questions_and_answers(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def tiny_assistant():
+def tiny_run():
+  """(config, graphdef, params, tokenizer) of an untrained one-layer demo model."""
   from configs.demo import get_config
   config = get_config()
   config.model = dict(model_preset('eve_v2_tiny'), num_layers=1, hidden_size=64,
                       intermediate_size=128)
   config.data.seq_len = 64
-  train_source, _ = pipeline.make_sources(config.data)
-  tokenizer = pipeline.load_tokenizer(config.data, train_source)
+  tokenizer = train_bpe(ShapesDataset(1, 0).corpus(), pipeline.DEMO_TOKENIZER_VOCAB)
   graphdef, params = nnx.split(EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0)),
                                nnx.Param)
-  return Assistant.from_params(config, graphdef, nnx.to_pure_dict(params), tokenizer)
+  return config, graphdef, nnx.to_pure_dict(params), tokenizer
+
+
+@pytest.fixture(scope='module')
+def tiny_assistant(tiny_run):
+  return Assistant.from_params(*tiny_run)
 
 
 def test_harness_records_bad_items_and_continues(tiny_assistant, tmp_path):
@@ -239,3 +246,22 @@ def test_assistant_answers_match_generator_tokens(tiny_assistant):
   # The prompt is the training template up to the answer: 'USER: <image>\n... ASSISTANT:'.
   text_ids = [t for t, k in zip(prompt['tokens'], prompt['token_kind']) if k == 0]
   assert tiny_assistant.tokenizer.decode(text_ids).endswith('what color is the square? ASSISTANT:')
+
+
+def test_periodic_benchmark_scores_the_current_params(tiny_run, tiny_assistant, tmp_path):
+  config, graphdef, params, tokenizer = tiny_run
+  records = list(converters.shapes(ShapesDataset(3, seed=9), str(tmp_path / 'images')))
+  write_jsonl(str(tmp_path / 'bench.jsonl'), records)
+  config = config.copy_and_resolve_references()
+  config.benchmark = dict(file=str(tmp_path / 'bench.jsonl'), every=50, limit=2, batch_size=2,
+                          max_new_tokens=3)
+  periodic = PeriodicBenchmark(config, graphdef, params, tokenizer)
+  assert [periodic.due(s, 120) for s in (49, 50, 100, 119, 120)] == [False, True, True, False, True]
+  sampling = SamplingConfig(max_new_tokens=3)
+  expected = harness.score(records[:2], harness.predict(tiny_assistant, records[:2], sampling))
+  assert periodic(params) == {f'bench/{k}': v for k, v in expected.items()}
+  # Later calls reuse the compiled generator with the parameters they are given.
+  compiled = periodic.assistant.generator
+  changed = dict(params, norm={'scale': params['norm']['scale'] * 2})
+  periodic(changed)
+  assert periodic.assistant.generator is compiled and compiled.params is changed
