@@ -5,8 +5,9 @@ One record is a dict in the LLaVA layout:
   conversations: [{'from': 'human'|'gpt', 'value': str}, ...];
   extras: {name: np.ndarray} (optional, e.g. precomputed teacher features for EVEv1 PAL).
 
-A dataset directory holds `{split}-{k:05d}-of-{n:05d}.array_record` shards and `{split}.manifest.json`
-with each shard's record count and SHA-256, so a reader can check every shard at start-up.
+A dataset directory holds `{split}-{k:05d}-of-{n:05d}.array_record` shards and
+`{split}.manifest.json` with each shard's record count and SHA-256, so a reader can check every shard
+at start-up.
 """
 from __future__ import annotations
 
@@ -38,20 +39,35 @@ def serialize(record: Mapping[str, Any]) -> bytes:
   if image is not None and not isinstance(image, bytes):
     raise ValueError(f'record {record.get("id")!r}: image must be encoded bytes, got '
                      f'{type(image).__name__}')
-  extras = {name: {'dtype': np.asarray(v).dtype.str, 'shape': list(np.shape(v)),
-                   'data': np.ascontiguousarray(v).tobytes()}
-            for name, v in record.get('extras', {}).items()}
   return msgpack.packb({'id': str(record.get('id', '')), 'image': image,
-                        'conversations': list(record['conversations']), 'extras': extras},
-                       use_bin_type=True)
+                        'conversations': list(record['conversations']),
+                        'extras': _array_fields(record.get('extras', {}))}, use_bin_type=True)
+
+
+def _array_fields(arrays: Mapping[str, np.ndarray]) -> dict[str, dict]:
+  return {name: {'dtype': np.asarray(v).dtype.str, 'shape': list(np.shape(v)),
+                 'data': np.ascontiguousarray(v).tobytes()} for name, v in arrays.items()}
+
+
+def _arrays(fields: Mapping[str, dict]) -> dict[str, np.ndarray]:
+  return {name: np.frombuffer(v['data'], np.dtype(v['dtype'])).reshape(v['shape'])
+          for name, v in fields.items()}
+
+
+def pack_extras(extras: Mapping[str, np.ndarray]) -> bytes:
+  """Extras alone as bytes (the TFDS builder stores them in one feature)."""
+  return msgpack.packb(_array_fields(extras), use_bin_type=True)
+
+
+def unpack_extras(data: bytes) -> dict[str, np.ndarray]:
+  return _arrays(msgpack.unpackb(data, raw=False)) if data else {}
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
   """Bytes -> record dict; ValueError if the bytes are not a record."""
   try:
     raw = msgpack.unpackb(data, raw=False)
-    extras = {name: np.frombuffer(v['data'], np.dtype(v['dtype'])).reshape(v['shape'])
-              for name, v in raw['extras'].items()}
+    extras = _arrays(raw['extras'])
     record = {'id': raw['id'], 'image': raw['image'], 'conversations': raw['conversations']}
   except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData) as e:
     raise ValueError(f'undecodable record: {type(e).__name__}: {e}') from e
@@ -162,7 +178,8 @@ def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str
       entries.append(_run_shard(job, make_record))
       bar.update()
   bar.close()
-  manifest = {'format': FORMAT, 'split': split, 'num_records': sum(e['num_records'] for e in entries),
+  manifest = {'format': FORMAT, 'split': split,
+              'num_records': sum(e['num_records'] for e in entries),
               'shards': [{k: e[k] for k in ('file', 'num_records', 'sha256')} for e in entries],
               'info': dict(info or {})}
   _write_json(manifest_path(directory, split), manifest)

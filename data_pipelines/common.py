@@ -1,0 +1,115 @@
+"""What the converters share: output flags, file-backed records, caption conversations."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import tarfile
+from typing import Any, Sequence
+
+import numpy as np
+from absl import flags, logging
+
+from evejax.batch import IMAGE_PLACEHOLDER
+from evejax.data import records
+
+OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory of the ArrayRecord shards.')
+SPLIT = flags.DEFINE_string('split', 'train', 'Split name: shards are {split}-KKKKK-of-NNNNN.')
+NUM_SHARDS = flags.DEFINE_integer('num_shards', 0, 'Number of shards; 0: from --records_per_shard.')
+RECORDS_PER_SHARD = flags.DEFINE_integer('records_per_shard', 10_000, 'Records per shard.')
+WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Conversion processes.')
+EXTRAS_DIR = flags.DEFINE_string(
+    'extras_dir', '', 'Optional folder of {id}.npz files; each array becomes a record extra (e.g. '
+    'precomputed teacher features).')
+
+
+def caption_conversation(caption: str) -> list[dict[str, str]]:
+  """An (image, caption) pair in the LLaVA layout (the plain template supervises the caption)."""
+  return [{'from': 'human', 'value': IMAGE_PLACEHOLDER}, {'from': 'gpt', 'value': caption}]
+
+
+def file_signature(path: str) -> str:
+  """Path, size and modification time: a changed input file re-converts its shard."""
+  stat = os.stat(path)
+  return f'{path}:{stat.st_size}:{stat.st_mtime_ns}'
+
+
+def read_extras(extras_dir: str, record_id: str) -> dict[str, np.ndarray]:
+  if not extras_dir:
+    return {}
+  path = os.path.join(extras_dir, f'{record_id}.npz')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'record {record_id!r} has no extras file {path}; every record needs '
+                            'one when --extras_dir is set')
+  with np.load(path) as data:
+    return {name: data[name] for name in data.files}
+
+
+@dataclasses.dataclass(frozen=True)
+class FileItem:
+  """One record whose image is a file on disk (or none, for text-only)."""
+  id: str
+  image_path: str | None
+  conversations: tuple[dict[str, str], ...]
+
+  def describe(self) -> str:
+    image = file_signature(self.image_path) if self.image_path else '-'
+    return f'{self.id}|{image}|{self.conversations!r}'
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecords:
+  """FileItem -> record (runs in the conversion processes)."""
+  extras_dir: str = ''
+
+  def __call__(self, item: FileItem) -> dict[str, Any]:
+    image = None
+    if item.image_path:
+      with open(item.image_path, 'rb') as f:
+        image = f.read()
+    record = {'id': item.id, 'image': image, 'conversations': list(item.conversations)}
+    extras = read_extras(self.extras_dir, item.id)
+    if extras:
+      record['extras'] = extras
+    return record
+
+
+def resolve_image(image_dir: str, name: str, where: str) -> str:
+  """The image file `name` under `image_dir`; a clear error naming the input entry if absent."""
+  path = name if os.path.isabs(name) else os.path.join(image_dir, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{where}: image {name!r} not found at {path}; check --image_dir')
+  return path
+
+
+def expand_globs(patterns: Sequence[str]) -> list[str]:
+  paths = sorted({p for pattern in patterns for p in glob.glob(pattern)})
+  if not paths:
+    raise FileNotFoundError(f'no input files match {list(patterns)}')
+  return paths
+
+
+def write(items: Sequence[Any], make_record, describe, info: dict[str, Any]) -> dict:
+  """Writes the shards + manifest named by the output flags; logs a summary."""
+  if not OUT_DIR.value:
+    raise flags.IllegalFlagValueError('--out_dir is required')
+  manifest = records.write_dataset(
+      items, make_record, OUT_DIR.value, SPLIT.value, num_shards=NUM_SHARDS.value or None,
+      records_per_shard=RECORDS_PER_SHARD.value, num_workers=WORKERS.value, describe=describe,
+      progress=True, info=info)
+  logging.info('Wrote %d records in %d shards to %s (manifest %s)', manifest['num_records'],
+               len(manifest['shards']), OUT_DIR.value,
+               records.manifest_path(OUT_DIR.value, SPLIT.value))
+  return manifest
+
+
+class TarMembers:
+  """Reads members of uncompressed/compressed tar files, keeping each file open per process."""
+
+  def __init__(self):
+    self._open: dict[str, tarfile.TarFile] = {}
+
+  def read(self, tar_path: str, member: str) -> bytes:
+    if tar_path not in self._open:
+      self._open[tar_path] = tarfile.open(tar_path)
+    return self._open[tar_path].extractfile(member).read()

@@ -1,0 +1,52 @@
+"""LLaVA-style conversation JSON + an image folder -> ArrayRecord shards.
+
+  python -m data_pipelines.llava_json --json=llava_v1_5_mix665k.json --image_dir=images/ \
+      --out_dir=data/llava665k --records_per_shard=5000 --workers=8
+
+Each entry: {"id": ..., "image": "relative/path.jpg" (optional: text-only), "conversations":
+[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from data_pipelines import common
+
+JSON = flags.DEFINE_string('json', None, 'LLaVA-style JSON (a list of entries) or JSON-lines file.')
+IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder the entries\' image paths are relative to.')
+
+
+def load_entries(path: str) -> list[dict]:
+  with open(path) as f:
+    if path.endswith('.jsonl'):
+      return [json.loads(line) for line in f if line.strip()]
+    entries = json.load(f)
+  if not isinstance(entries, list):
+    raise ValueError(f'{path}: expected a JSON list of entries, got {type(entries).__name__}')
+  return entries
+
+
+def items_from_entries(entries: list[dict], image_dir: str, source: str) -> list[common.FileItem]:
+  items = []
+  for i, entry in enumerate(entries):
+    where = f'{source} entry {i} (id {entry.get("id")!r})'
+    if not isinstance(entry.get('conversations'), list):
+      raise ValueError(f'{where} has no "conversations" list')
+    image = entry.get('image')
+    path = common.resolve_image(image_dir, image, where) if image else None
+    items.append(common.FileItem(str(entry.get('id', i)), path, tuple(entry['conversations'])))
+  return items
+
+
+def main(argv):
+  del argv
+  items = items_from_entries(load_entries(JSON.value), IMAGE_DIR.value, JSON.value)
+  common.write(items, common.FileRecords(common.EXTRAS_DIR.value), common.FileItem.describe,
+               info={'converter': 'llava_json', 'input': JSON.value})
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['json', 'out_dir'])
+  app.run(main)
