@@ -11,7 +11,6 @@ from absl import app, flags
 from data_pipelines import common
 
 TABLE = flags.DEFINE_string('table', None, 'A .csv (with a header row) or .parquet file.')
-IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder the image paths are relative to.')
 IMAGE_COLUMN = flags.DEFINE_string('image_column', 'image', 'Column of image paths.')
 CAPTION_COLUMN = flags.DEFINE_string('caption_column', 'caption', 'Column of captions.')
 ID_COLUMN = flags.DEFINE_string('id_column', '', 'Column of record ids; default: the row number.')
@@ -46,7 +45,7 @@ def items_from_rows(rows: list[dict], image_dir: str, source: str, image_column:
 
 def main(argv):
   del argv
-  items = items_from_rows(read_table(TABLE.value), IMAGE_DIR.value, TABLE.value,
+  items = items_from_rows(read_table(TABLE.value), common.IMAGE_DIR.value, TABLE.value,
                           IMAGE_COLUMN.value, CAPTION_COLUMN.value, ID_COLUMN.value)
   common.write(items, common.FileRecords(common.EXTRAS_DIR.value), common.FileItem.describe,
                info={'converter': 'captions', 'input': TABLE.value})

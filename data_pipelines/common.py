@@ -18,6 +18,7 @@ SPLIT = flags.DEFINE_string('split', 'train', 'Split name: shards are {split}-KK
 NUM_SHARDS = flags.DEFINE_integer('num_shards', 0, 'Number of shards; 0: from --records_per_shard.')
 RECORDS_PER_SHARD = flags.DEFINE_integer('records_per_shard', 10_000, 'Records per shard.')
 WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Conversion processes.')
+IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder relative image paths are resolved in.')
 EXTRAS_DIR = flags.DEFINE_string(
     'extras_dir', '', 'Optional folder of {id}.npz files; each array becomes a record extra (e.g. '
     'precomputed teacher features).')

@@ -15,7 +15,6 @@ from absl import app, flags
 from data_pipelines import common
 
 JSON = flags.DEFINE_string('json', None, 'LLaVA-style JSON (a list of entries) or JSON-lines file.')
-IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder the entries\' image paths are relative to.')
 
 
 def load_entries(path: str) -> list[dict]:
@@ -42,7 +41,7 @@ def items_from_entries(entries: list[dict], image_dir: str, source: str) -> list
 
 def main(argv):
   del argv
-  items = items_from_entries(load_entries(JSON.value), IMAGE_DIR.value, JSON.value)
+  items = items_from_entries(load_entries(JSON.value), common.IMAGE_DIR.value, JSON.value)
   common.write(items, common.FileRecords(common.EXTRAS_DIR.value), common.FileItem.describe,
                info={'converter': 'llava_json', 'input': JSON.value})
 
