@@ -1,0 +1,86 @@
+"""End-to-end: a checkpoint written by the training CLI answers through the generate and evaluation
+CLIs, with the training run's tokenizer, template and preprocessing."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from evejax.data import pipeline
+from evejax.data.tokenizer import Tokenizer
+from evejax.inference import SamplingConfig
+from evejax.inference.assistant import Assistant, load_checkpoint
+from evejax.models import EVE, ModelConfig
+
+# A training run (data cache, compile, checkpoint) plus three CLI processes: ~1 minute.
+pytestmark = pytest.mark.slow
+REPO = __file__.rsplit('/tests/', 1)[0]
+TRAIN_OVERRIDES = ['--config.total_steps=1', '--config.data.num_eval=8', '--config.eval_every=1',
+                   '--config.model.num_layers=1']
+
+
+def run_cli(*args):
+  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  run_cli('evejax.train', '--config=configs/demo.py', f'--workdir={workdir}', *TRAIN_OVERRIDES)
+  return workdir
+
+
+def test_checkpoint_loads_with_the_training_setup(workdir):
+  config, graphdef, params, tokenizer = load_checkpoint(str(workdir))
+  assert config.model.num_layers == 1 and config.data.template == 'chat'
+  expected = nnx.state(nnx.eval_shape(
+      lambda: EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0))), nnx.Param)
+  assert ([x.shape for x in jax.tree.leaves(params)] ==
+          [x.shape for x in jax.tree.leaves(nnx.to_pure_dict(expected))])
+  assert tokenizer.backend.to_str() == Tokenizer.load(str(workdir)).backend.to_str()
+  # The same answer through the Assistant built from the checkpoint and from these params.
+  assistant = Assistant.from_checkpoint(str(workdir))
+  again = Assistant.from_params(config, graphdef, params, tokenizer)
+  _, held_out = pipeline.make_sources(config.data)
+  record = held_out[0]
+  question = record['conversations'][0]['value']
+  sampling = SamplingConfig(max_new_tokens=4)
+  answer = assistant.answer([assistant.encode(question, record['image'])], sampling)
+  assert answer == again.answer([again.encode(question, record['image'])], sampling)
+  assert assistant.max_length == config.data.seq_len
+
+
+def test_generate_and_evaluation_clis(workdir, tmp_path):
+  bench = tmp_path / 'shapes.jsonl'
+  run_cli('evejax.evaluation.convert', '--format=shapes', '--config=configs/demo.py', '--limit=6',
+          f'--out={bench}')
+  with open(bench) as f:
+    first = json.loads(f.readline())
+  result = run_cli('evejax.generate', f'--checkpoint={workdir}', f'--image={first["image"]}',
+                   f'--prompt={first["question"]}', '--max_new_tokens=5')
+  assert result.stdout.endswith('\n') and len(result.stdout.strip()) > 0
+
+  bad = subprocess.run([sys.executable, '-m', 'evejax.generate', f'--checkpoint={workdir}',
+                        f'--image={tmp_path / "nope.png"}', '--prompt=what?'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and 'nope.png' in bad.stderr
+
+  out = tmp_path / 'eval'
+  result = run_cli('evejax.evaluation', f'--checkpoint={workdir}', f'--benchmark={bench}',
+                   f'--output={out}', '--max_new_tokens=6', '--batch_size=4')
+  assert '| exact/accuracy |' in result.stdout
+  with open(out / 'metrics.json') as f:
+    metrics = json.load(f)
+  with open(out / 'predictions.jsonl') as f:
+    predictions = [json.loads(line) for line in f]
+  assert metrics['items'] == 6 and len(predictions) == 6
+  assert 0 <= metrics['exact/accuracy'] <= 1
+  assert metrics['exact/accuracy'] == pytest.approx(np.mean(
+      [p['prediction'].strip().lower().rstrip('.') == p['answers'][0].lower().rstrip('.')
+       for p in predictions]))
