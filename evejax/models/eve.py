@@ -61,7 +61,7 @@ class EVE(nnx.Module):
   def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
     """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
     weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots."""
-    call = stack.layer_call(self.cfg.remat)
+    call = stack.layer_call(self.cfg.remat, scanned=self.cfg.scan_layers)
     if self.cfg.scan_layers:
       x = stack.scan_layers(call, self.layers, x, vision_mask, positions, mask)
     else:

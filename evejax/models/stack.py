@@ -29,7 +29,7 @@ def check_remat(policy: str) -> None:
     raise ValueError(f'Unknown model.remat {policy!r}; available: {sorted(REMAT_POLICIES)}')
 
 
-def layer_call(policy: str) -> LayerCall:
+def layer_call(policy: str, *, scanned: bool) -> LayerCall:
   """`call(layer, x, *args)` applying one decoder layer, rematerialised under `policy`, with the
   residual stream constrained to batch sharding between layers."""
   check_remat(policy)
@@ -39,7 +39,8 @@ def layer_call(policy: str) -> LayerCall:
 
   if policy == 'none':
     return call
-  return nnx.remat(call, policy=REMAT_POLICIES[policy], prevent_cse=False)
+  # Inside a scan XLA cannot merge the recomputation back into the forward pass; unrolled it could.
+  return nnx.remat(call, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
 
 
 def stacked_layers(create: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
