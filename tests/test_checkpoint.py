@@ -1,7 +1,6 @@
 """Checkpointer: keep policy, exact round trip with the data iterator, half-written and corrupt
 checkpoints, mismatched models, and `init_from` with its loaded/new/dropped report."""
 import glob
-import json
 import os
 import shutil
 

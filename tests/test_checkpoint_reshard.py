@@ -60,7 +60,8 @@ WORKER = SETUP + textwrap.dedent('''
       for got, want, tgt in zip(jax.tree.leaves(restored), leaves, jax.tree.leaves(target)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(tgt.sharding, got.ndim), (got.sharding, tgt.sharding)
-      sharded = [x for x in jax.tree.leaves(restored['params']) if not x.sharding.is_fully_replicated]
+      sharded = [x for x in jax.tree.leaves(restored['params'])
+                 if not x.sharding.is_fully_replicated]
       print(sizes, 'restored;', len(sharded), 'sharded parameter arrays')
 ''')
 

@@ -1,4 +1,4 @@
-"""Analytic FLOPs vs XLA's cost analysis, MFU and the peak table, throughput, the profiler window."""
+"""Analytic FLOPs vs XLA's cost analysis, MFU and the peak table, throughput, profiler window."""
 import glob
 
 import jax

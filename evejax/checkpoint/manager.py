@@ -138,7 +138,8 @@ class Checkpointer:
   def _move_aside(self, step: int, error: Exception) -> None:
     aside = f'{self.directory}/{step}.unreadable-{int(time.time())}'
     logging.error('Checkpoint %s/%d is unreadable (%s: %s). Moved it to %s; trying the previous '
-                  'checkpoint.', self.directory, step, type(error).__name__, str(error)[:500], aside)
+                  'checkpoint.', self.directory, step, type(error).__name__, str(error)[:500],
+                  aside)
     if jax.process_index() == 0:
       os.rename(f'{self.directory}/{step}', aside)
     multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')

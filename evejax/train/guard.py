@@ -38,3 +38,37 @@ class NonFiniteGuard:
     raise NonFiniteError(
         f'Training stopped{reason}: {what}. Last good checkpoint: {last_checkpoint()}. Lower '
         "optim.lr or check the data; guard.nonfinite='skip' skips such steps instead.")
+
+
+class GuardedWindow:
+  """Train metrics of the steps since the last report, each step checked by a `NonFiniteGuard`.
+
+  A step is checked once the next one has been dispatched (or at `settle()`), so the host does not
+  wait for the step it just launched: the device stays busy while the host fetches the next batch.
+  """
+
+  def __init__(self, guard: NonFiniteGuard, last_checkpoint: Callable[[], str]):
+    self.guard, self._last_checkpoint = guard, last_checkpoint
+    self._pending = self._accumulated = None
+
+  def add(self, step: int, step_metrics) -> None:
+    """`step_metrics`: the train step's (TokenMetrics, StepMetrics); checks the previous step."""
+    self.settle()
+    self._pending = (step, step_metrics)
+
+  def settle(self) -> None:
+    """Waits for the pending step; stops or skips it per the guard, else adds it to the window."""
+    if self._pending is None:
+      return
+    (step, step_metrics), self._pending = self._pending, None
+    token_metrics, update_metrics = step_metrics
+    if self.guard.check(step, float(token_metrics.loss.total),
+                        float(update_metrics.grad_norm.compute()), self._last_checkpoint):
+      self._accumulated = step_metrics if self._accumulated is None else tuple(
+          a.merge(b) for a, b in zip(self._accumulated, step_metrics))
+
+  def compute(self) -> dict[str, float]:
+    """The window's averages (none when all its steps were skipped); then starts a new window."""
+    self.settle()
+    collections, self._accumulated = self._accumulated or (), None
+    return {k: float(v) for m in collections for k, v in m.compute().items()}

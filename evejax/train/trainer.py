@@ -9,9 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
-from clu import metrics, parameter_overview
+from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evejax import checkpoint, sharding
@@ -19,7 +18,7 @@ from evejax.data import pipeline
 from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
 from evejax.train import optim
-from evejax.train.guard import NonFiniteGuard
+from evejax.train.guard import GuardedWindow, NonFiniteGuard
 from evejax.train.step import TrainState, make_eval_step, make_train_step
 from flax import nnx
 
@@ -37,10 +36,6 @@ def _option(config: ml_collections.ConfigDict, name: str):
   if isinstance(default, dict):
     return ml_collections.ConfigDict({**default, **config.get(name, {})})
   return config.get(name, default)
-
-
-def _is_collection(x) -> bool:
-  return isinstance(x, metrics.Collection)
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
@@ -74,11 +69,10 @@ def _throughput_meter(model_cfg: ModelConfig, batch, peak_flops: float) -> Throu
   return Throughput(step_flops, jax.device_count(), peak)
 
 
-def _window_scalars(step: int, accumulated, throughput: Throughput, progress: Progress,
-                    skipped: int) -> dict[str, float]:
+def _window_scalars(step: int, train_averages: dict[str, float], throughput: Throughput,
+                    progress: Progress, skipped: int) -> dict[str, float]:
   """Scalars of one logging window; no train/ averages when every step in it was skipped."""
-  scalars = {} if accumulated is None else {
-      f'train/{k}': float(v) for m in accumulated for k, v in m.compute().items()}
+  scalars = {f'train/{k}': v for k, v in train_averages.items()}
   scalars.update({f'perf/{k}': v for k, v in throughput.scalars().items()})
   scalars['train/steps_per_s'] = progress.steps_per_second(step)
   scalars['train/skipped_steps'] = skipped
@@ -169,44 +163,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                           _option(config, 'profile_steps'), enabled=is_main)
   preemption = checkpoint.PreemptionWatcher()
   first_step = int(state.step) + 1
-  throughput = None
-  accumulated, final = None, {}
+  throughput, final = None, {}
+  window = GuardedWindow(guard, ckpt.describe_latest)
   if first_step > total_steps:
     logging.info('Checkpoint step %d: training is already complete', first_step - 1)
     with jax.set_mesh(mesh):
       final.update(evaluate(eval_step, state.params, eval_batches(), mesh))
   try:
+    clock = time.perf_counter()
     for step in range(first_step, total_steps + 1):
       profile.step_begins(step, state.step)
-      start_time = time.perf_counter()
       host_batch = next(train_iter)
       batch = sharding.shard_batch(host_batch, mesh)
       with jax.set_mesh(mesh):
         state, step_metrics = train_step(state, batch)
-      token_metrics, update_metrics = step_metrics
-      finite = guard.check(step, float(token_metrics.loss.total),
-                           float(update_metrics.grad_norm.compute()), ckpt.describe_latest)
-      seconds = time.perf_counter() - start_time
-      if throughput is None:  # The first step of this process compiles.
-        writer.write(step, {'compile_time_s': seconds})
+      window.add(step, step_metrics)  # Guards the previous step while this one runs.
+      if throughput is None:  # The first step of this process compiles: timed on its own.
+        window.settle()
+        writer.write(step, {'compile_time_s': time.perf_counter() - clock})
         progress.start(step)
         throughput = _throughput_meter(model_cfg, batch, _option(config, 'metrics').peak_flops)
-      else:
-        throughput.add(seconds, *(n * jax.process_count() for n in batch_counts(host_batch)))
-      if finite:
-        accumulated = step_metrics if accumulated is None else jax.tree.map(
-            lambda a, b: a.merge(b), accumulated, step_metrics, is_leaf=_is_collection)
+      else:  # Dispatch is asynchronous: the time between iterations is the device's step time.
+        throughput.add(time.perf_counter() - clock,
+                       *(n * jax.process_count() for n in batch_counts(host_batch)))
+      clock = time.perf_counter()
       if step % config.log_every == 0 or step == total_steps:
-        scalars = _window_scalars(step, accumulated, throughput, progress, guard.skipped)
+        scalars = _window_scalars(step, window.compute(), throughput, progress, guard.skipped)
         writer.write(step, scalars)
         shown = {name: scalars[key] for name, key in (('loss', 'train/loss'),
                                                       ('acc', 'train/accuracy')) if key in scalars}
         logging.info(progress.line(step, shown | ({'skipped': guard.skipped} if guard.skipped
                                                   else {})))
         final.update(scalars)
-        accumulated = None
       preempted = preemption.reached(step)
       if ckpt.should_save(step) or step == total_steps or preempted:
+        window.settle()  # Never checkpoint a non-finite step.
         save(step, force=True)
       if preempted:
         ckpt.wait()
@@ -221,6 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logging.info('step %d held-out: loss %.4f, caption/answer token accuracy %.4f', step,
                      eval_scalars['eval/loss'], eval_scalars['eval/accuracy'])
         final.update(eval_scalars)
+        clock = time.perf_counter()  # Evaluation is not training time.
   finally:  # Also when the guard stops the run: finish the pending save, flush the metrics.
     profile.stop(state.step)
     preemption.close()
