@@ -101,7 +101,8 @@ def tiny_config(**overrides):
 
 
 def train_two_steps(cfg, mesh, init_params, batches, microbatches=1):
-  """Losses and final parameters (NumPy) of two SGD steps from `init_params`."""
+  """Losses, final parameters (NumPy; single process only), the first device's share of them and
+  the parameter arrays after two SGD steps from `init_params`."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -121,7 +122,8 @@ def train_two_steps(cfg, mesh, init_params, batches, microbatches=1):
   per_device = sum(s.data.size for p in jax.tree.leaves(state.params)
                    for s in p.addressable_shards if s.device == mesh.devices.flat[0])
   total = sum(p.size for p in jax.tree.leaves(state.params))
-  return losses, jax.device_get(state.params), per_device / total, state.params
+  host = jax.device_get(state.params) if jax.process_count() == 1 else None  # else not addressable
+  return losses, host, per_device / total, state.params
 
 
 def reference_setup(cfg, num_batches=2, rows=8, seq_len=32):

@@ -73,8 +73,14 @@ def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = N
     if len(devices) % math.prod(dcn_shape):
       raise ValueError(f'mesh.dcn {dcn} does not divide the {len(devices)} devices')
     ici_shape = _fill(sizes, len(devices) // math.prod(dcn_shape), 'mesh (per slice)')
-    device_grid = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, process_is_granule=not hasattr(devices[0], 'slice_index'))
+    # Multi-slice TPUs number their slices; elsewhere each process (host) is one granule.
+    multi_slice = len({getattr(d, 'slice_index', None) for d in devices}) > 1
+    try:
+      device_grid = mesh_utils.create_hybrid_device_mesh(
+          ici_shape, dcn_shape, devices, process_is_granule=not multi_slice)
+    except ValueError as error:
+      raise ValueError(f'mesh.dcn {dcn} does not match the {"slices" if multi_slice else "processes"}'
+                       f' of this run: {error}') from error
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
