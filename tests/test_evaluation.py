@@ -265,3 +265,24 @@ def test_periodic_benchmark_scores_the_current_params(tiny_run, tiny_assistant, 
   changed = dict(params, norm={'scale': params['norm']['scale'] * 2})
   periodic(changed)
   assert periodic.assistant.generator is compiled and compiled.params is changed
+
+
+def test_scanned_model_generates_with_unrolled_layers(tiny_run):
+  """A `model.scan_layers` run: its stacked parameters answer through the unrolled cached path,
+  and the first answer token is the scanned training forward's argmax at the prompt's end."""
+  import jax
+  from evejax.data import encode
+  config, _, _, tokenizer = tiny_run
+  config = config.copy_and_resolve_references()
+  config.model.scan_layers = True
+  config.model.num_layers = 2
+  scanned = EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(3))
+  graphdef, params = nnx.split(scanned, nnx.Param)
+  assistant = Assistant.from_params(config, graphdef, nnx.to_pure_dict(params), tokenizer)
+  prompt = assistant.encode('what color is the square?', _png())
+  first = assistant.generator.generate([prompt], SamplingConfig(max_new_tokens=1))[0][0]
+  preprocess = assistant.preprocess
+  row = encode.pack_row([prompt], preprocess.seq_len, preprocess.max_patches,
+                       preprocess.patch_shape)
+  logits = scanned({k: jax.numpy.asarray(v[None]) for k, v in row.items()})
+  assert first == int(np.argmax(logits[0, len(prompt['tokens']) - 1]))

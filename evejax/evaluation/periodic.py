@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from evejax.data.tokenizer import Tokenizer
 from evejax.evaluation import harness
 from evejax.evaluation.records import read_jsonl
-from evejax.inference.assistant import Assistant
+from evejax.inference.assistant import Assistant, unrolled_params
 from evejax.inference.sampling import SamplingConfig
 
 
@@ -22,7 +22,7 @@ class PeriodicBenchmark:
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dict,
                tokenizer: Tokenizer, mesh: Mesh | None = None):
     cfg = config.benchmark
-    self.every, self.batch_size = cfg.every, cfg.batch_size
+    self.config, self.every, self.batch_size = config, cfg.every, cfg.batch_size
     self.records = read_jsonl(cfg.file)[:cfg.limit or None]
     self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens)
     self.assistant = Assistant.from_params(config, graphdef, params, tokenizer, mesh=mesh)
@@ -32,7 +32,7 @@ class PeriodicBenchmark:
 
   def __call__(self, params: dict) -> dict[str, float]:
     """'bench/...' metrics of the benchmark answered with `params`."""
-    self.assistant.generator.params = params
+    self.assistant.generator.params = unrolled_params(self.config, params)
     predictions = harness.predict(self.assistant, self.records, self.sampling,
                                   batch_size=self.batch_size)
     return {f'bench/{k}': v for k, v in harness.score(self.records, predictions).items()}

@@ -26,7 +26,7 @@ from evejax.data.tokenizer import Tokenizer
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.generator import Generator
 from evejax.inference.sampling import SamplingConfig
-from evejax.models import EVE, ModelConfig
+from evejax.models import EVE, ModelConfig, stack
 
 
 def _read_metadata(step_dir: str) -> dict:
@@ -69,6 +69,26 @@ def load_checkpoint(path: str, mesh: Mesh | None = None):
   return config, graphdef, params, _find_tokenizer(config, step_dir)
 
 
+def unrolled(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dict):
+  """Generation writes one KV cache per layer, so it runs the layers unrolled: a model trained
+  with `model.scan_layers` gets the unrolled graph and its stacked parameters split per layer."""
+  if not config.model.get('scan_layers'):
+    return config, graphdef, params
+  params = unrolled_params(config, params)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.scan_layers = False
+  model_cfg = ModelConfig.from_dict(config.model)
+  graphdef = nnx.split(nnx.eval_shape(lambda: EVE(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+  return config, graphdef, params
+
+
+def unrolled_params(config: ml_collections.ConfigDict, params: dict) -> dict:
+  """`params` with stacked layers (a `model.scan_layers` run) split into `layers.N` entries."""
+  if not config.model.get('scan_layers'):
+    return params
+  return {**params, 'layers': stack.unstack_params(params['layers'])}
+
+
 @dataclasses.dataclass
 class Assistant:
   generator: Generator
@@ -80,6 +100,7 @@ class Assistant:
                   tokenizer: Tokenizer, *, mesh: Mesh | None = None, max_length: int | None = None,
                   resize: str | None = None) -> Assistant:
     """`max_length` defaults to the training `data.seq_len`; `resize` to the training policy."""
+    config, graphdef, params = unrolled(config, graphdef, params)
     model_cfg = ModelConfig.from_dict(config.model)
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     if resize:
