@@ -13,7 +13,9 @@ def get_config(arg=None):
   arg = parse_arg(arg, model='eve_v2_tiny', blank=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = model_preset(arg.model)
+  # routing: 'select' (reference) or 'sorted' (FLOP-exact); scan_layers / remat ('none', 'full',
+  # 'minimal', 'save_dots'): see evejax/models/stack.py.
+  config.model = dict(model_preset(arg.model), routing='select', scan_layers=False, remat='none')
 
   config.data = dict(
       source='shapes', num_train=50_000, num_eval=512, seed=0,
@@ -35,7 +37,12 @@ def get_config(arg=None):
                       b2=0.999, eps=1e-8, grad_clip=1.0,
                       # Regexes over parameter paths (evejax/train/optim.py): all trainable here.
                       trainable='.*', frozen='', groups={})
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest; dcn=dict(data=2): multi-slice
+  config.sharding_rules = ()  # (logical axis, mesh axes) overrides of sharding.DEFAULT_RULES
+  config.sharding_tolerance = 0.02  # max. fraction of parameter bytes replicated over fsdp/tensor
+  config.microbatches = 1  # gradient accumulation inside the step
+  # Multi-process: these or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; or auto.
+  config.distributed = dict(coordinator_address='', num_processes=0, process_id=-1, auto=False)
   config.log_every = 25
   config.eval_every = 200
   # Checkpoints in {workdir}/checkpoints (async); the same command resumes from the newest.

@@ -139,6 +139,11 @@ def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh,
     return graphdef, init()
 
 
+def activate_rules(rules: Sequence[tuple[str, Any]]) -> None:
+  """Makes `rules` the ones `constrain` applies while the train and eval steps are traced."""
+  spmd.set_logical_axis_rules(tuple(rules))
+
+
 def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
   """Sharding constraint on an activation by logical axis names, under the active rules
   (`nnx.logical_axis_rules`, else DEFAULT_RULES). A no-op outside a mesh."""

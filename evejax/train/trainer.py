@@ -28,6 +28,11 @@ DEFAULTS = dict(
     guard=dict(nonfinite='stop', max_skipped=10),
     metrics=dict(peak_flops=0.0),  # 0: look the device kind up in flops.PEAK_FLOPS.
     init_from='', profile_steps=0, profile_first_step=10,
+    # Scale (evejax/sharding): multi-process setup, logical-axis rule overrides, the largest
+    # fraction of parameter bytes left replicated over the fsdp/tensor axes, and gradient
+    # accumulation over this many microbatches per step.
+    distributed=dict(coordinator_address='', num_processes=0, process_id=-1, auto=False),
+    sharding_rules=(), sharding_tolerance=0.02, microbatches=1,
 )
 
 
@@ -104,6 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   Returns the final metrics; `preempted` is set when a SIGTERM ended the run early.
   """
+  sharding.distributed.initialize(_option(config, 'distributed'))  # before any other JAX call
   model_cfg = ModelConfig.from_dict(config.model)
   train_source, eval_source = pipeline.make_sources(config.data)
   tokenizer = pipeline.load_tokenizer(config.data, train_source)
@@ -117,8 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                           model_cfg.vision_merge)
 
   mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(_option(config, 'sharding_rules'))
+  sharding.activate_rules(rules)  # for the activation constraints traced inside the steps
   graphdef, params = sharding.init_sharded(
-      lambda: EVE(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+      lambda: EVE(model_cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  sharding.check_sharded(params, mesh, _option(config, 'sharding_tolerance'))
   num_params = sum(p.size for p in jax.tree.leaves(params))
   logging.info('Model: %s parameters; mesh %s\n%s', f'{num_params:,}', dict(mesh.shape),
                parameter_overview.get_parameter_overview(params, include_stats=False))
@@ -136,7 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
   guard_cfg = _option(config, 'guard')
   guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
-  train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip')
+  train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip',
+                               microbatches=_option(config, 'microbatches'))
   eval_step = make_eval_step(graphdef)
 
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
