@@ -108,7 +108,7 @@ class Generator:
     valid = jnp.zeros((b, cache_len), jnp.bool_).at[:, :t].set(is_real)
     causal = jnp.arange(cache_len)[None, :] <= jnp.arange(t)[:, None]
     logits = model.forward(model.embed(batch), batch['token_kind'] != bf.TEXT, batch['positions'],
-                           valid[:, None, None, :] & causal)[:, -1]
+                           valid[:, None, None, :] & causal, last_only=True)[:, 0]
     is_text = (is_real & (batch['token_kind'] == bf.TEXT)).astype(jnp.int32)
     seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[
         jnp.arange(b)[:, None], batch['tokens']].max(is_text) > 0

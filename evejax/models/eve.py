@@ -58,16 +58,18 @@ class EVE(nnx.Module):
     for layer in self.layers:
       layer.self_attn.init_cache(batch_size, max_len, self.cfg.jnp_dtype)
 
-  def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
+  def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array, *,
+              last_only: bool = False) -> Array:
     """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
-    weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots."""
+    weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots.
+    `last_only`: logits of the last position only, (B, 1, vocab) (a prefill needs no more)."""
     call = stack.layer_call(self.cfg.remat, scanned=self.cfg.scan_layers)
     if self.cfg.scan_layers:
       x = stack.scan_layers(call, self.layers, x, vision_mask, positions, mask)
     else:
       for layer in self.layers:
         x = call(layer, x, vision_mask, positions, mask)
-    return self.logits(x)
+    return self.logits(x[:, -1:] if last_only else x)
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""
