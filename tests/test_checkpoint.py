@@ -132,6 +132,15 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   assert os.path.isdir(tmp_path / '1')  # Not mistaken for a corrupt checkpoint.
 
 
+def test_resume_with_the_other_layer_layout_is_a_clear_error(tmp_path):
+  save_steps(str(tmp_path), [1])
+  target = make_state(0)
+  layers = target['params']['layers']
+  target['params']['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), layers[0], layers[1])
+  with pytest.raises(CheckpointError, match='stores the layers per_layer, the model stacked'):
+    Checkpointer(str(tmp_path), every=1, keep_last=3).restore(target, data_iterator())
+
+
 @pytest.mark.parametrize('num_layers, new, dropped', [
     (3, ['layers/2/kernel', 'layers/2/scale'], []),
     (1, [], ['layers/1/kernel', 'layers/1/scale']),
@@ -156,3 +165,21 @@ def test_init_from_rejects_other_shapes(tmp_path):
   params['embed'] = jnp.zeros((12, 4))
   with pytest.raises(CheckpointError, match=r'embed: checkpoint \(10, 4\) vs model \(12, 4\)'):
     load_params(str(tmp_path / '1'), params)
+
+
+@pytest.mark.parametrize('saved_layout', ['per_layer', 'stacked'])
+def test_init_from_converts_between_per_layer_and_stacked_layers(tmp_path, saved_layout):
+  per_layer = make_state(5)['params']
+  stacked = dict(per_layer, layers=jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                per_layer['layers'][0], per_layer['layers'][1]))
+  saved, model = (per_layer, stacked) if saved_layout == 'per_layer' else (stacked, per_layer)
+  ckpt = Checkpointer(str(tmp_path), every=1, keep_last=1)
+  ckpt.save(1, {'params': saved, 'opt_state': {}, 'progress': {}}, data_iterator(), {})
+  ckpt.wait()
+  fresh = jax.tree.map(jnp.zeros_like, model)
+  params, report = load_params(str(tmp_path), fresh)
+  assert report['new'] == [] and report['dropped'] == []
+  assert_trees_equal(params, model)
+  # Empty items (plain SGD has no optimizer state) are skipped on save and passed through.
+  target = {'params': saved, 'opt_state': (), 'progress': {}}
+  assert_trees_equal(ckpt.restore(target, data_iterator())[1], target)

@@ -5,12 +5,13 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from evejax.checkpoint.manager import (CheckpointError, abstract_like, compare_params, param_shapes,
-                                      saved_param_shapes)
+from evejax.checkpoint.manager import (PER_LAYER, CheckpointError, abstract_like, compare_params,
+                                      layer_layout, param_shapes, saved_param_shapes)
 
 PyTree = Any
 
@@ -36,30 +37,71 @@ def _nested(flat: dict[str, Any]) -> dict:
   return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
+def _relayout(flat: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+  """Host arrays named per layer <-> stacked over a leading layer axis."""
+  if layout == 'stacked':
+    groups = {}
+    for name, value in flat.items():
+      match = PER_LAYER.match(name)
+      key = f'layers/{match[2]}' if match else name
+      groups.setdefault(key, {})[int(match[1]) if match else 0] = value
+    return {k: np.stack([v[i] for i in sorted(v)]) if k.startswith('layers/') else v[0]
+            for k, v in groups.items()}
+  out = {}
+  for name, value in flat.items():
+    if name.startswith('layers/'):
+      rest = name[len('layers/'):]
+      out.update({f'layers/{i}/{rest}': layer for i, layer in enumerate(value)})
+    else:
+      out[name] = value
+  return out
+
+
+def _read_on_host(params_dir: str) -> dict[str, np.ndarray]:
+  metadata = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+  restored = ocp.PyTreeCheckpointer().restore(
+      params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return traverse_util.flatten_dict(restored, sep='/')
+
+
 def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
   """`params` with every entry the checkpoint has (same name and shape) replaced by its value.
 
   Values land in the shardings of `params`. Returns the new params and a report with the names
   that were loaded, newly created (kept from `params`) and dropped (only in the checkpoint).
   A parameter present in both with different shapes is an error, never silently re-initialised.
+  A checkpoint with the other layer layout (per-layer vs stacked, `model.scan_layers`) is
+  converted on the host, then placed.
   """
   params_dir = resolve_params_dir(path)
   saved = saved_param_shapes(params_dir)
-  current = jax.tree.leaves_with_path(params)
+  names, leaves = list(param_shapes(params)), jax.tree.leaves(params)
+  by_name = dict(zip(names, leaves))
+  layout, saved_layout = layer_layout(names), layer_layout(saved)
+  host = None
+  if 'none' not in (layout, saved_layout) and layout != saved_layout:
+    logging.info('init_from: converting %s layers to %s', saved_layout, layout)
+    host = _relayout(_read_on_host(params_dir), layout)
+    saved = {k: v.shape for k, v in host.items()}
   report = compare_params(saved, param_shapes(params))
   if report['mismatched']:
     raise CheckpointError(f'init_from={params_dir}: parameters with other shapes than the model: '
                           f'{report["mismatched"]}')
-  names = list(param_shapes(params))
-  by_name = {name: leaf for name, (_, leaf) in zip(names, current)}
-  target = _nested({k: abstract_like(by_name[k]) for k in report['loaded']})
-  restore = ocp.args.PyTreeRestore(item=target, partial_restore=True,  # Skips dropped ones.
-                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  restored = ocp.PyTreeCheckpointer().restore(params_dir, args=restore)
-  restored = traverse_util.flatten_dict(restored, sep='/')
-  loaded_leaves = [restored.get(name, leaf) for name, (_, leaf) in zip(names, current)]
+  if host is None:  # Read straight into the target shardings: no full copy on any host.
+    target = _nested({k: abstract_like(by_name[k]) for k in report['loaded']})
+    restore = ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,  # Skips the dropped ones.
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    loaded = traverse_util.flatten_dict(ocp.PyTreeCheckpointer().restore(params_dir, args=restore),
+                                        sep='/')
+  else:
+    loaded = {k: jax.make_array_from_callback(host[k].shape, by_name[k].sharding,
+                                              lambda index, k=k: host[k][index])
+              for k in report['loaded']}
   logging.info('init_from %s: loaded %d parameters, newly initialised %d %s, dropped %d %s',
                params_dir, len(report['loaded']), len(report['new']), report['new'],
                len(report['dropped']), report['dropped'])
   del report['mismatched']
-  return jax.tree.unflatten(jax.tree.structure(params), loaded_leaves), report
+  new_leaves = [loaded.get(name, leaf) for name, leaf in zip(names, leaves)]
+  return jax.tree.unflatten(jax.tree.structure(params), new_leaves), report

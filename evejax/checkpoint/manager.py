@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -44,6 +45,11 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or one that does not fit the model being trained."""
 
 
+def _non_empty(state: Mapping[str, PyTree]) -> list[str]:
+  """STATE_ITEMS that hold arrays: Orbax refuses empty trees (e.g. plain SGD's optimizer state)."""
+  return [name for name in STATE_ITEMS if jax.tree.leaves(state[name])]
+
+
 def abstract_like(tree: PyTree) -> PyTree:
   """ShapeDtypeStructs carrying each array's sharding: a restore target that allocates nothing."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -59,6 +65,17 @@ def param_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
 def saved_param_shapes(params_dir: str) -> dict[str, tuple[int, ...]]:
   """Parameter shapes of a saved `params` item, read from its metadata (no array data)."""
   return param_shapes(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+
+
+PER_LAYER = re.compile(r'^layers/(\d+)/(.+)$')
+
+
+def layer_layout(names) -> str:
+  """'per_layer' (`layers/N/...`, unrolled), 'stacked' (`layers/...` with a leading layer axis,
+  `model.scan_layers`) or 'none', from parameter names."""
+  if any(PER_LAYER.match(n) for n in names):
+    return 'per_layer'
+  return 'stacked' if any(n.startswith('layers/') for n in names) else 'none'
 
 
 def compare_params(saved: Mapping[str, tuple], current: Mapping[str, tuple]) -> dict[str, list]:
@@ -103,7 +120,7 @@ class Checkpointer:
   def save(self, step: int, state: Mapping[str, PyTree], data_iterator, metadata: Mapping[str, Any],
            *, force: bool = False) -> bool:
     """Starts an (async) save of `state` (STATE_ITEMS) when the interval is due or `force`."""
-    args = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+    args = {name: ocp.args.StandardSave(state[name]) for name in _non_empty(state)}
     args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     args['metadata'] = ocp.args.JsonSave(dict(metadata))
     return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -119,7 +136,8 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         self._check_params(step, target['params'])
-        args = {name: ocp.args.StandardRestore(abstract_like(target[name])) for name in STATE_ITEMS}
+        args = {name: ocp.args.StandardRestore(abstract_like(target[name]))
+                for name in _non_empty(target)}
         restored = self._manager.restore(
             step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore(), **args))
       except CheckpointError:
@@ -129,7 +147,7 @@ class Checkpointer:
         self._move_aside(step, error)
         continue
       self._restore_data(step, data_iterator)
-      state = {name: restored[name] for name in STATE_ITEMS}
+      state = {name: restored[name] if name in args else target[name] for name in STATE_ITEMS}
       return step, state, dict(restored['metadata'])
     raise CheckpointError(
         f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
@@ -160,6 +178,12 @@ class Checkpointer:
   def _check_params(self, step: int, target_params: PyTree) -> None:
     saved = saved_param_shapes(os.path.join(self.directory, str(step), 'params'))
     diff = compare_params(saved, param_shapes(target_params))
+    saved_layout, layout = layer_layout(saved), layer_layout(param_shapes(target_params))
+    if saved_layout != layout:
+      raise CheckpointError(
+          f'Checkpoint {self.directory}/{step} stores the layers {saved_layout}, the model '
+          f'{layout} (model.scan_layers): resume with the setting the run started with, or start '
+          f'a new --workdir with --config.init_from={self.directory}/{step} (converts them).')
     if diff['new'] or diff['dropped'] or diff['mismatched']:
       raise CheckpointError(
           f'Checkpoint {self.directory}/{step} holds parameters of another model: '

@@ -53,13 +53,10 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
 
 
 def _checkpoint_metadata(config, params, mesh) -> dict:
-  layers = params.get('layers', {})
-  per_layer = all(isinstance(k, int) for k in layers)
   return {
       'config': json.loads(config.to_json_best_effort()),
-      'layer_layout': {'layers': 'per_layer' if per_layer else 'stacked',
-                       'num_layers': len(layers) if per_layer else
-                       int(jax.tree.leaves(layers)[0].shape[0])},
+      'layer_layout': {'layers': checkpoint.layer_layout(checkpoint.param_shapes(params)),
+                       'num_layers': config.model.num_layers},
       'mesh': dict(mesh.shape), 'jax_version': jax.__version__,
   }
 
