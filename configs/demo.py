@@ -18,7 +18,8 @@ def get_config(arg=None):
   config.model = dict(model_preset(arg.model), routing='select', scan_layers=False, remat='none')
 
   config.data = dict(
-      source='shapes', num_train=50_000, num_eval=512, seed=0,
+      # 20k examples: more than the demo's 600 steps read (~17k), written to ArrayRecord once.
+      source='shapes', num_train=20_000, num_eval=512, seed=0,
       tokenizer='',  # '' = train the demo BPE on the dataset's corpus; else a tokenizer.json path.
       template='chat', seq_len=128, max_size=96, resize='eve_v2_train',
       blank_images=arg.blank,  # Ablation: same layout, no pixels.
