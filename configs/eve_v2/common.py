@@ -1,0 +1,122 @@
+"""The EVEv2 recipe (EVE_REFERENCE.md §5.2): the stage table and the one config builder that the
+thin per-stage files share.
+
+  stage0    PEL pre-alignment: only the vision tokenizer trains; the LLM has no vision copies yet.
+  copy      no training: every vision copy (moe_*) <- its LLM weight (`python -m evejax.recipe`).
+  stage1_0  vision tokenizer + vision copies at res800;  stage1_1  the same at res1600.
+  stage2    everything, qwen2 template;  stage3  everything, instruction tuning.
+
+Arguments (`--config=configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2,data_root=gs://b/data`):
+  size       '7b' (the paper's recipe) or 'tiny' (the same stages on the embedded shapes data, CPU).
+  root       the recipe's output root: stage S writes to {root}/S (pass it as --workdir) and starts
+             from {root}/<previous stage> (init_from). Stage 0 starts from {root}/llm, the imported
+             base LLM (`python -m evejax.convert import --hf=Qwen2.5-7B-Instruct --out={root}/llm`).
+  data_root  7b: the directory holding each stage's converted dataset (data.source='records').
+  tokenizer  7b: the Qwen2.5 tokenizer.json or HF folder.
+  steps      tiny: training steps per stage.
+"""
+import os
+import runpy
+
+import ml_collections
+
+from evejax.config_utils import parse_arg
+from evejax.models.presets import model_preset
+
+STAGES = ('stage0', 'copy', 'stage1_0', 'stage1_1', 'stage2', 'stage3')
+VISION_TOKENIZER = '^vision_tower/'
+VISION_COPIES = '/moe_'  # Decoder layers' `moe_*` modules (the reference's substring rule).
+
+# Per training stage: what trains, reference LR / global batch / text length / image side,
+# template, dataset and its size (one epoch). LR 'base = VE' in the reference: one group.
+_STAGE = {
+    'stage0': dict(decomposed=False, trainable=VISION_TOKENIZER, lr=2e-4, batch=1024, seq_len=2048,
+                   max_size=800, template='plain', dataset='datacomp1b-10m-index',
+                   examples=10_000_000),
+    'stage1_0': dict(decomposed=True, trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=1e-4,
+                     batch=1024, seq_len=2048, max_size=800, template='plain',
+                     dataset='datacomp1b-30m-index', examples=29_000_000),
+    'stage1_1': dict(decomposed=True, trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=5e-5,
+                     batch=1024, seq_len=4096, max_size=1600, template='plain',
+                     dataset='laion-openimages-sam-datacomp1b-48m-index', examples=48_000_000),
+    'stage2': dict(decomposed=True, trainable='.*', lr=2e-5, batch=512, seq_len=4096,
+                   max_size=1600, template='qwen2', dataset='infinity-mm-generalqa-index',
+                   examples=15_000_000),
+    'stage3': dict(decomposed=True, trainable='.*', lr=1e-5, batch=512, seq_len=5000,
+                   max_size=1600, template='qwen2', dataset='infinity-mm-llava-ov-index',
+                   examples=7_300_000),
+}
+WARMUP_RATIO = 0.03
+SAVE_EVERY = 4000
+TINY_LR_SCALE = 10.0  # The tiny model trains at 10x the 7B learning rates.
+
+
+def previous_stage(stage: str) -> str:
+  index = STAGES.index(stage)
+  return STAGES[index - 1] if index else 'llm'
+
+
+def stage_dir(root: str, stage: str) -> str:
+  return os.path.join(root, stage) if root else ''
+
+
+def _tiny_base() -> ml_collections.ConfigDict:
+  """The CPU demo config (configs/demo.py): data, mesh and logging the tiny recipe shares."""
+  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
+  return runpy.run_path(demo)['get_config']()
+
+
+def _data_7b(arg, stage: dict) -> dict:
+  path = os.path.join(arg.data_root, stage['dataset']) if arg.data_root else ''
+  return dict(source='records', path=path, train_split='train', eval_split='eval',
+              tokenizer=arg.tokenizer, template=stage['template'], seq_len=stage['seq_len'],
+              max_size=stage['max_size'], resize='eve_v2_train', blank_images=False,
+              pack_window=1, row_patches=0,  # The reference packs nothing: one example per row.
+              num_threads=16, num_workers=4, prefetch=4, cache_dir='')
+
+
+def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The config of one training stage of the EVEv2 recipe."""
+  arg = parse_arg(arg, size='tiny', root='', data_root='', tokenizer='', steps=60)
+  if stage not in _STAGE:
+    raise ValueError(f'Unknown EVEv2 training stage {stage!r}; available: {sorted(_STAGE)}')
+  if arg.size not in ('7b', 'tiny'):
+    raise ValueError(f"size={arg.size!r}: use '7b' or 'tiny'")
+  spec = _STAGE[stage]
+  tiny = arg.size == 'tiny'
+  if tiny:
+    config = _tiny_base()
+    config.total_steps = arg.steps
+    config.optim.lr = spec['lr'] * TINY_LR_SCALE
+    config.data.template = 'plain' if spec['template'] == 'plain' else 'chat'
+    if spec['template'] == 'plain':  # Pretraining: (image, caption) pairs only.
+      config.data.shapes.question_kinds = 'caption'
+    config.checkpoint.every = arg.steps  # Only the stage's final weights.
+  else:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_preset('eve_v2_7b')
+    config.model.update(scan_layers=True, remat='full')  # Reference: gradient checkpointing.
+    config.data = _data_7b(arg, spec)
+    config.batch_size = spec['batch']
+    config.total_steps = spec['examples'] // spec['batch']  # One epoch.
+    config.optim = dict(lr=spec['lr'], warmup_steps=0, end_lr_ratio=0.0, weight_decay=0.0,
+                        b1=0.9, b2=0.999, eps=1e-8,
+                        grad_clip=1.0)  # HF default; under DeepSpeed probably none (§5).
+    config.mesh = dict(data=1, fsdp=-1, tensor=1)  # Fully sharded, like ZeRO-3.
+    config.log_every = 50
+    config.eval_every = SAVE_EVERY
+    config.checkpoint = dict(every=SAVE_EVERY, keep_last=2, keep_every=0, async_save=True)
+    config.guard = dict(nonfinite='stop', max_skipped=10)
+    config.metrics = dict(peak_flops=0.0)
+    config.profile_steps = 0
+    config.profile_first_step = 10
+  if not spec['decomposed']:
+    config.model.moe_part = ''  # No vision copies before the copy step.
+  config.optim.warmup_steps = max(1, round(WARMUP_RATIO * config.total_steps))
+  config.optim.update(trainable=spec['trainable'], frozen='', groups={})
+  # Tiny stage 0 starts from a random LLM: there is no pretrained one at that size.
+  config.init_from = '' if tiny and stage == STAGES[0] else stage_dir(arg.root,
+                                                                      previous_stage(stage))
+  config.stage = stage
+  return config

@@ -1,0 +1,13 @@
+"""EVEv2 stage 2, full alignment: every parameter trains (qwen2 template).
+
+  python -m evejax.train --config=configs/eve_v2/stage2.py:size=tiny,root=DIR --workdir=DIR/stage2
+Arguments and the stage table: configs/eve_v2/common.py.
+"""
+import os
+import runpy
+
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py'))
+
+
+def get_config(arg=None):
+  return _COMMON['stage_config']('stage2', arg)
