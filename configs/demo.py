@@ -49,6 +49,8 @@ def get_config(arg=None):
   # Checkpoints in {workdir}/checkpoints (async); the same command resumes from the newest.
   config.checkpoint = dict(every=200, keep_last=2, keep_every=0, async_save=True)
   config.init_from = ''  # A workdir or checkpoint to take the weights (only) from.
+  # Generation on a benchmark file (python -m evejax.evaluation.convert writes one); '' = off.
+  config.benchmark = dict(file='', every=0, limit=0, batch_size=16, max_new_tokens=32)
   config.guard = dict(nonfinite='stop', max_skipped=10)  # Or 'skip': skip and count bad steps.
   config.metrics = dict(peak_flops=0.0)  # Per device; 0 looks up the device kind (flops.py).
   config.profile_steps = 0  # >0: trace this many steps from profile_first_step to {workdir}/profile.

@@ -54,6 +54,9 @@ def test_decomposition_doubles_only_the_decomposed_parts():
   full = flops.forward_flops(ModelConfig(**CFG), ROWS, SEQ_LEN, PATCH_GROUPS)
   dense = flops.forward_flops(ModelConfig(**CFG, moe_part=''), ROWS, SEQ_LEN, PATCH_GROUPS)
   assert full['decoder_linear'] == 2 * dense['decoder_linear']
+  one_branch = flops.forward_flops(ModelConfig(**CFG, routing='sorted'), ROWS, SEQ_LEN,
+                                   PATCH_GROUPS)
+  assert one_branch == dense  # `sorted` routing runs one branch per token.
   assert {k: v for k, v in full.items() if k != 'decoder_linear'} == \
          {k: v for k, v in dense.items() if k != 'decoder_linear'}
   # Attention by hand: per layer, row and head, q @ k.T and p @ v, each 2 * L * L * H FLOPs.

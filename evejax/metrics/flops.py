@@ -3,9 +3,10 @@
 Counts the matmuls, which are all but a few percent of the work: the vision tokenizer (two linear
 maps per patch group), the decoder projections and MLPs, attention scores and values, and the LM
 head. Decomposed (EVEv2) ops count twice under `routing='select'`, which evaluates both the text
-and the vision branch on every token. Attention counts the full L x L matrix, as the dense kernel
-computes it (causal masking saves nothing there). Backward = 2x forward, except that no gradient
-flows into the pixels, so the first vision matmul's input gradient is not computed.
+and the vision branch on every token, and once under `routing='sorted'` (one branch per token).
+Attention counts the full L x L matrix, as the dense kernel computes it (causal masking saves
+nothing there). Backward = 2x forward, except that no gradient flows into the pixels, so the first
+vision matmul's input gradient is not computed.
 """
 from __future__ import annotations
 
