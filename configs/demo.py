@@ -20,6 +20,9 @@ def get_config(arg=None):
   config.data = dict(
       # 20k examples: more than the demo's 600 steps read (~17k), written to ArrayRecord once.
       source='shapes', num_train=20_000, num_eval=512, seed=0,
+      # source='records': a dataset converted by data_pipelines/; 'tfds': a prepared TFDS one.
+      path='', train_split='train', eval_split='eval',
+      tfds=dict(name='', data_dir='', train_split='train', eval_split='validation'),
       tokenizer='',  # '' = train the demo BPE on the dataset's corpus; else a tokenizer.json path.
       template='chat', seq_len=128, max_size=96, resize='eve_v2_train',
       blank_images=arg.blank,  # Ablation: same layout, no pixels.

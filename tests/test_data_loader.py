@@ -247,3 +247,26 @@ def test_row_patches_below_one_image_is_a_config_error(pre):
   data_cfg = ml_collections.ConfigDict(dict(row_patches=3))
   with pytest.raises(ValueError, match='data.row_patches=3 is below'):
     pipeline.row_spec(data_cfg, pre)
+
+
+@pytest.mark.slow  # ~40 s: a trainer start-up.
+def test_training_cli_stops_on_bad_data_with_the_quarantine_list(tmp_path, tokenizer):
+  import subprocess
+  import sys
+  data_dir = tmp_path / 'data'
+  data_dir.mkdir()
+  write_bad_dataset(str(data_dir))
+  tokenizer.save(str(tmp_path / 'tok'))
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'evejax.train', '--config=configs/demo.py', f'--workdir={workdir}',
+       '--config.data.source=records', f'--config.data.path={data_dir}',
+       '--config.data.eval_split=train', f'--config.data.tokenizer={tmp_path / "tok"}',
+       '--config.data.bad_records.min_records=10', '--config.data.bad_records.max_fraction=0.1',
+       '--config.model.num_layers=1'],
+      cwd=__file__.rsplit('/tests/', 1)[0], capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'TooManyBadRecords: ' in result.stderr and 'Traceback' not in result.stderr
+  assert 'over data.bad_records.max_fraction=0.1' in result.stderr
+  entries = bad_records.read_quarantine(str(workdir / 'quarantine.jsonl'))
+  assert entries and all(e['shard'] == records.shard_name('train', 1, 2) for e in entries)

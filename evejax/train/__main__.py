@@ -6,6 +6,7 @@ from ml_collections import config_flags
 
 from evejax.checkpoint import CheckpointError
 from evejax.config_utils import load_config_file, unknown_override
+from evejax.data.bad_records import TooManyBadRecords
 from evejax.train.guard import NonFiniteError
 from evejax.train.trainer import train
 
@@ -31,7 +32,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     final = train(_CONFIG.value, _WORKDIR.value)
-  except (CheckpointError, NonFiniteError) as error:  # Expected stops: the message, no traceback.
+  except (CheckpointError, NonFiniteError, TooManyBadRecords) as error:  # Expected: no traceback.
     sys.exit(f'{type(error).__name__}: {error}')
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.

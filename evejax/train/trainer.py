@@ -81,6 +81,16 @@ def _window_scalars(step: int, train_averages: dict[str, float], throughput: Thr
   return scalars
 
 
+def _progress_values(scalars: dict[str, float]) -> dict[str, float]:
+  """What the progress line shows of a window's scalars (those present)."""
+  shown = (('loss', 'train/loss'), ('acc', 'train/accuracy'), ('tok/s', 'perf/tokens_per_s'),
+           ('mfu', 'perf/mfu'))
+  values = {name: scalars[key] for name, key in shown if key in scalars}
+  if scalars['train/skipped_steps']:
+    values['skipped'] = scalars['train/skipped_steps']
+  return values
+
+
 def _restore_or_start(config, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState,
                       rng: jax.Array, train_iter) -> tuple[TrainState, jax.Array]:
   """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
@@ -185,22 +195,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       with jax.set_mesh(mesh):
         state, step_metrics = train_step(state, batch)
       window.add(step, step_metrics)  # Guards the previous step while this one runs.
+      log_step = step % config.log_every == 0 or step == total_steps
       if throughput is None:  # The first step of this process compiles: timed on its own.
         window.settle()
         writer.write(step, {'compile_time_s': time.perf_counter() - clock})
         progress.start(step)
         throughput = _throughput_meter(model_cfg, batch, _option(config, 'metrics').peak_flops)
       else:  # Dispatch is asynchronous: the time between iterations is the device's step time.
+        if log_step:
+          window.settle()  # The window's time ends where its last step does.
         throughput.add(time.perf_counter() - clock,
                        *(n * jax.process_count() for n in batch_counts(host_batch)))
       clock = time.perf_counter()
-      if step % config.log_every == 0 or step == total_steps:
+      if log_step:
         scalars = _window_scalars(step, window.compute(), throughput, progress, guard.skipped)
         writer.write(step, scalars)
-        shown = {name: scalars[key] for name, key in (('loss', 'train/loss'),
-                                                      ('acc', 'train/accuracy')) if key in scalars}
-        logging.info(progress.line(step, shown | ({'skipped': guard.skipped} if guard.skipped
-                                                  else {})))
+        logging.info(progress.line(step, _progress_values(scalars)))
         final.update(scalars)
       preempted = preemption.reached(step)
       if ckpt.should_save(step) or step == total_steps or preempted:
