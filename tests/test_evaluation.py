@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -252,10 +253,9 @@ def test_periodic_benchmark_scores_the_current_params(tiny_run, tiny_assistant, 
   config, graphdef, params, tokenizer = tiny_run
   records = list(converters.shapes(ShapesDataset(3, seed=9), str(tmp_path / 'images')))
   write_jsonl(str(tmp_path / 'bench.jsonl'), records)
-  config = config.copy_and_resolve_references()
-  config.benchmark = dict(file=str(tmp_path / 'bench.jsonl'), every=50, limit=2, batch_size=2,
-                          max_new_tokens=3)
-  periodic = PeriodicBenchmark(config, graphdef, params, tokenizer)
+  bench_cfg = ml_collections.ConfigDict(dict(file=str(tmp_path / 'bench.jsonl'), every=50, limit=2,
+                                             batch_size=2, max_new_tokens=3))
+  periodic = PeriodicBenchmark(bench_cfg, config, graphdef, params, tokenizer)
   assert [periodic.due(s, 120) for s in (49, 50, 100, 119, 120)] == [False, True, True, False, True]
   sampling = SamplingConfig(max_new_tokens=3)
   expected = harness.score(records[:2], harness.predict(tiny_assistant, records[:2], sampling))

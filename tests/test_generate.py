@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 from evejax.data import pipeline
+from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import Tokenizer
+from evejax.evaluation import converters
+from evejax.evaluation.records import write_jsonl
 from evejax.inference import SamplingConfig
 from evejax.inference.assistant import Assistant, load_checkpoint
 from evejax.models import EVE, ModelConfig
@@ -31,9 +34,20 @@ def run_cli(*args):
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
+  """A one-step run that also answers a small benchmark file while training."""
   workdir = tmp_path_factory.mktemp('run')
-  run_cli('evejax.train', '--config=configs/demo.py', f'--workdir={workdir}', *TRAIN_OVERRIDES)
+  bench = workdir / 'bench' / 'shapes.jsonl'
+  write_jsonl(str(bench), converters.shapes(ShapesDataset(4, seed=7), str(bench.parent / 'images')))
+  run_cli('evejax.train', '--config=configs/demo.py', f'--workdir={workdir}', *TRAIN_OVERRIDES,
+          f'--config.benchmark.file={bench}', '--config.benchmark.max_new_tokens=4')
   return workdir
+
+
+def test_training_runs_the_benchmark(workdir):
+  with open(workdir / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  bench = [r for r in rows if 'bench/exact/accuracy' in r]
+  assert len(bench) == 1 and bench[0]['step'] == 1 and bench[0]['bench/items'] == 4
 
 
 def test_checkpoint_loads_with_the_training_setup(workdir):

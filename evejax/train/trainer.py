@@ -17,6 +17,7 @@ from evejax import checkpoint, sharding
 from evejax.data import pipeline
 from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
+from evejax.evaluation.periodic import PeriodicBenchmark
 from evejax.train import optim
 from evejax.train.guard import GuardedWindow, NonFiniteGuard
 from evejax.train.step import TrainState, make_eval_step, make_train_step
@@ -33,6 +34,9 @@ DEFAULTS = dict(
     # accumulation over this many microbatches per step.
     distributed=dict(coordinator_address='', num_processes=0, process_id=-1, auto=False),
     sharding_rules=(), sharding_tolerance=0.02, microbatches=1,
+    # Generation on a benchmark file (evejax/evaluation/periodic.py); file '' = off, every 0 = at
+    # the end only, limit 0 = every item.
+    benchmark=dict(file='', every=0, limit=0, batch_size=16, max_new_tokens=32),
 )
 
 
@@ -155,6 +159,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip',
                                microbatches=_option(config, 'microbatches'))
   eval_step = make_eval_step(graphdef)
+  bench_cfg = _option(config, 'benchmark')
+  benchmark = (PeriodicBenchmark(bench_cfg, config, graphdef, params, tokenizer, mesh)
+               if bench_cfg.file else None)
 
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                workdir=workdir)
@@ -230,6 +237,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                      eval_scalars['eval/loss'], eval_scalars['eval/accuracy'])
         final.update(eval_scalars)
         clock = time.perf_counter()  # Evaluation is not training time.
+      if benchmark is not None and benchmark.due(step, total_steps):
+        bench_scalars = benchmark(state.params)
+        writer.write(step, bench_scalars)
+        logging.info('step %d benchmark %s: %s', step, bench_cfg.file, bench_scalars)
+        final.update(bench_scalars)
+        clock = time.perf_counter()
   finally:  # Also when the guard stops the run: finish the pending save, flush the metrics.
     profile.stop(state.step)
     preemption.close()
