@@ -9,8 +9,8 @@ and `jax.jit(...).lower(...).compile()` runs XLA's SPMD partitioner and buffer a
 per-device program. Memory comes from the CPU compiler's buffer assignment (attention is the plain
 XLA kernel, not a fused flash kernel, so the temporaries are an upper bound for GPU/TPU runs).
 FLOPs come from XLA's cost analysis of that per-device program, times the device count; a scanned
-layer stack (`model.scan_layers`) is counted once per layer body by XLA, so the plan also compiles
-with the per-layer count scaled (see `xla_flops`).
+layer stack (`model.scan_layers`) is counted once per layer body by XLA, so for those the plan also
+compiles unrolled 1- and 2-layer programs and scales the per-layer difference.
 """
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def compile_step(config, cfg, mesh, batch_shape):
   graphdef, params, _ = sharding.abstract_params(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh, rules)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   with jax.set_mesh(mesh):
-    init = jax.jit(tx.init).lower(params).compile()
-    opt_state = with_shardings(jax.eval_shape(tx.init, params), init.output_shardings)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_state = with_shardings(opt_shapes, sharding.like_params(opt_shapes, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
     state = TrainState(step, params, opt_state)
     batch = with_shardings(batch_shapes(cfg, *batch_shape),
@@ -130,11 +130,11 @@ def plan(config, cfg, mesh, batch_shape, hbm_gib: float) -> dict[str, Any]:
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   xla = xla_flops(compiled) * mesh.size
   if cfg.scan_layers and cfg.num_layers > 1:
-    # XLA counts a while loop's body once: add the other num_layers - 1 layer bodies, measured as
-    # the difference between the 2-layer and 1-layer programs.
-    one, two = (xla_flops(compile_step(config, dataclasses.replace(cfg, num_layers=n), mesh,
-                                       batch_shape)[0]) for n in (1, 2))
-    xla += (cfg.num_layers - 1) * (two - one) * mesh.size
+    # XLA counts a while loop's body once: count the unrolled 1-layer program plus num_layers - 1
+    # layers, one layer being the difference between the unrolled 2- and 1-layer programs.
+    one, two = (xla_flops(compile_step(config, dataclasses.replace(
+        cfg, num_layers=n, scan_layers=False), mesh, batch_shape)[0]) for n in (1, 2))
+    xla = (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
   analytic = flops_lib.train_step_flops(cfg, *batch_shape)
   return dict(compile_s=compile_s, params=params, opt_state=opt_state, batch=batch_bytes,
               temporaries=memory.temp_size_in_bytes, total=total, hbm=hbm_gib * GiB,

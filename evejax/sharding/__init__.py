@@ -3,10 +3,10 @@ multi-process setup (`evejax.sharding.distributed`)."""
 from evejax.sharding import distributed
 from evejax.sharding.mesh import (BATCH_AXES, DEFAULT_RULES, MESH_AXES, abstract_params,
                                   activate_rules, batch_sharding, check_sharded, constrain,
-                                  init_sharded, make_mesh, param_shardings, rules_from_config,
-                                  shard_batch, unsharded_parameters)
+                                  init_sharded, like_params, make_mesh, param_shardings,
+                                  rules_from_config, shard_batch, unsharded_parameters)
 
 __all__ = ['BATCH_AXES', 'DEFAULT_RULES', 'MESH_AXES', 'abstract_params', 'activate_rules',
            'batch_sharding', 'check_sharded', 'constrain', 'distributed', 'init_sharded',
-           'make_mesh', 'param_shardings', 'rules_from_config', 'shard_batch',
+           'like_params', 'make_mesh', 'param_shardings', 'rules_from_config', 'shard_batch',
            'unsharded_parameters']

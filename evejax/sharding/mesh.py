@@ -139,6 +139,27 @@ def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh,
     return graphdef, init()
 
 
+def like_params(tree: Any, params: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree holding parameter-shaped copies (optimizer state: Adam moments, ...).
+
+  A leaf whose key path ends with a parameter's path, and whose shape is that parameter's, takes
+  the parameter's sharding; the rest (step counts, scalars) is replicated. (`jax.jit(tx.init)` alone
+  would replicate the whole optimizer state on every device.)
+  """
+  by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  longest = max((len(p) for p in by_path), default=0)
+  replicated = NamedSharding(mesh, P())
+
+  def sharding_of(path, leaf):
+    for start in range(max(0, len(path) - longest), len(path)):
+      param = by_path.get(tuple(path[start:]))
+      if param is not None and tuple(param.shape) == tuple(leaf.shape):
+        return param.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, tree)
+
+
 def activate_rules(rules: Sequence[tuple[str, Any]]) -> None:
   """Makes `rules` the ones `constrain` applies while the train and eval steps are traced."""
   spmd.set_logical_axis_rules(tuple(rules))

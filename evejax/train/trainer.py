@@ -151,7 +151,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                       opt_state=jax.jit(tx.init)(params))
+                       opt_state=jax.jit(tx.init, out_shardings=sharding.like_params(
+                           jax.eval_shape(tx.init, params), params, mesh))(params))
   # The run's base key, checkpointed with the state for stochastic ops (none in the recipes yet).
   rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
   guard_cfg = _option(config, 'guard')
