@@ -89,6 +89,21 @@ def test_check_sharded_names_replicated_parameters():
   assert sharding.check_sharded(params, mesh, tolerance=0.6) == 0.5
 
 
+def test_optimizer_state_is_sharded_like_its_parameters():
+  import jax
+  import optax
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  params = {'w': jax.ShapeDtypeStruct((8, 4), np.float32, sharding=NamedSharding(mesh, P('fsdp'))),
+            'b': jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(mesh, P('tensor')))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  shardings = sharding.like_params(jax.eval_shape(tx.init, params), params, mesh)
+  adam = shardings[1][0]
+  for moment in (adam.mu, adam.nu):
+    assert moment['w'].spec == P('fsdp') and moment['b'].spec == P('tensor')
+  assert adam.count.spec == P()  # the step count is replicated
+
+
 # ---------------------------------------------------------------------------------------------
 # The subprocess side (8 fake devices).
 
