@@ -127,9 +127,9 @@ def shapes_source(data_cfg, split: str) -> records.RecordSource:
   directory = os.path.join(cache_dir(data_cfg),
                            f'shapes-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}')
   if not os.path.exists(records.manifest_path(directory, split)):
+    # In this process: callers (scripts, notebooks) need no __main__ guard.
     records.write_dataset(list(range(num)), dataset.__getitem__, directory, split,
-                          records_per_shard=5000, num_workers=min(4, os.cpu_count() or 1),
-                          describe=str, info={'corpus': dataset.corpus()})
+                          records_per_shard=5000, describe=str, info={'corpus': dataset.corpus()})
   return records.RecordSource(directory, split)
 
 
@@ -250,14 +250,21 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _options(data_cfg, workdir: str) -> dict[str, Any]:
+def quarantine_path(workdir: str, process_index: int = 0, process_count: int = 1) -> str:
+  """`{workdir}/quarantine.jsonl`; one file per process when there are several (hosts do not share
+  appends on network file systems)."""
+  if not workdir:
+    return ''
+  name = 'quarantine.jsonl' if process_count == 1 else f'quarantine-{process_index:05d}.jsonl'
+  return os.path.join(workdir, name)
+
+
+def _options(data_cfg, quarantine: str) -> dict[str, Any]:
   policy = option(data_cfg, 'bad_records')
   return dict(pack_window=option(data_cfg, 'pack_window'),
               num_threads=option(data_cfg, 'num_threads'),
               num_workers=option(data_cfg, 'num_workers'), prefetch=option(data_cfg, 'prefetch'),
-              policy=bad_records.Policy(
-                  policy['max_fraction'], policy['min_records'],
-                  os.path.join(workdir, 'quarantine.jsonl') if workdir else ''))
+              policy=bad_records.Policy(policy['max_fraction'], policy['min_records'], quarantine))
 
 
 def make_train_iterator(data_cfg, source: Source, preprocess: Preprocessor, batch_size: int, *,
@@ -266,11 +273,11 @@ def make_train_iterator(data_cfg, source: Source, preprocess: Preprocessor, batc
   """The training iterator: an endless shuffled stream of this process's share of `batch_size`
   (global) rows. Checkpoint it with `grain.checkpoint.CheckpointSave(iterator)` (or
   `get_state()`); restoring the state continues with exactly the next batch. Bad records go to
-  `{workdir}/quarantine.jsonl`."""
+  `quarantine_path(workdir, ...)`."""
   ds = make_dataset(source, preprocess, row_spec(data_cfg, preprocess),
                     local_batch_size(batch_size, process_count), seed=data_cfg.seed, shuffle=True,
                     num_epochs=None, process_index=process_index, process_count=process_count,
-                    **_options(data_cfg, workdir))
+                    **_options(data_cfg, quarantine_path(workdir, process_index, process_count)))
   return iter(ds)
 
 
@@ -281,4 +288,4 @@ def eval_batches(data_cfg, source: Source, preprocess: Preprocessor, batch_size:
   return make_dataset(source, preprocess, row_spec(data_cfg, preprocess),
                       local_batch_size(batch_size, process_count), seed=0, shuffle=False,
                       num_epochs=1, process_index=process_index, process_count=process_count,
-                      **_options(data_cfg, workdir))
+                      **_options(data_cfg, quarantine_path(workdir, process_index, process_count)))

@@ -164,8 +164,9 @@ def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str
                          fingerprint))
   bar = _progress_bar(len(jobs), f'{split} shards', progress)
   if num_workers > 1:
-    # Forked, so callers need no __main__ guard; the workers only encode and write bytes (no JAX).
-    context = multiprocessing.get_context('fork')
+    # Spawned (forking a process that runs JAX threads can deadlock): the caller's entry point
+    # needs a __main__ guard, and `make_record` must be importable.
+    context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
       futures = [pool.submit(_run_shard, job, make_record) for job in jobs]
       for future in concurrent.futures.as_completed(futures):
