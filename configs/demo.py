@@ -24,7 +24,7 @@ def get_config(arg=None):
       path='', train_split='train', eval_split='eval',
       tfds=dict(name='', data_dir='', train_split='train', eval_split='validation'),
       tokenizer='',  # '' = train the demo BPE on the dataset's corpus; else a tokenizer.json path.
-      template='chat', seq_len=128, max_size=96, resize='eve_v2_train',
+      template='chat', seq_len=128, max_size=160, resize='eve_v2_train',
       blank_images=arg.blank,  # Ablation: same layout, no pixels.
       # Packing: first-fit over windows of 128 examples, ~3.6 per row, >= 90% of positions used;
       # pack_window=1 is one example per row. row_patches: patch-group slots per row.
@@ -32,7 +32,7 @@ def get_config(arg=None):
       num_threads=2, num_workers=0, prefetch=4,  # Workers need parsed absl flags (the CLI does).
       cache_dir='',  # The demo data is written to ArrayRecord here once; '' = ~/.cache/evejax.
       bad_records=dict(max_fraction=0.01, min_records=1000),  # See {workdir}/quarantine.jsonl
-      shapes=dict(min_side=48, max_side=112, max_shapes=3,
+      shapes=dict(cell=32, min_cells=2, max_cells=5, max_shapes=3,
                   question_kinds='caption,color,shape,count,top'),
   )
   config.batch_size = 8  # Packed rows (global), ~29 examples per step.

@@ -2,9 +2,11 @@
 
 Every example is a pure function of (seed, index), so any index can be regenerated on any host. The
 text is a function of the image (colours, shapes, count, top-to-bottom order), so a model that ignores
-the image cannot answer well. Shapes are listed top to bottom: the order in which a raster scan, and so
-the visual token sequence, meets them. Records use the LLaVA layout with encoded PNG bytes, like
-converted data.
+the image cannot answer well. Images are grids of `cell`-pixel cells of varied size and aspect ratio;
+each shape sits inside one cell, at most one per cell row, so shapes are listed top to bottom, the order
+in which the visual token sequence meets them. With cells equal to the visual token size (32 px for the
+reference 16 px patches merged 2x2) a token sees a whole shape, which a tiny model learns in minutes on a
+CPU. Records use the LLaVA layout with encoded PNG bytes, like converted data.
 """
 from __future__ import annotations
 
@@ -45,23 +47,21 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _place_shapes(rng: np.random.Generator, width: int, height: int, count: int) -> list[Shape]:
-  """Non-overlapping shapes with distinct kinds and colours, sorted top to bottom."""
+def _place_shapes(rng: np.random.Generator, rows: int, cols: int, cell: int,
+                  count: int) -> list[Shape]:
+  """Shapes with distinct kinds and colours, one per grid cell and at most one per cell row, sorted
+  top to bottom. Each sits inside its cell at a random size and offset."""
   kinds = rng.choice(len(SHAPES), count, replace=False)
   colors = rng.choice(len(COLORS), count, replace=False)
+  shape_rows = np.sort(rng.choice(rows, count, replace=False))
   names = list(COLORS)
-  shapes: list[Shape] = []
-  for kind, color in zip(kinds, colors):
-    for _ in range(100):
-      size = int(rng.uniform(0.32, 0.5) * min(width, height))
-      x0 = int(rng.integers(0, width - size))
-      y0 = int(rng.integers(0, height - size))
-      box = (x0, y0, x0 + size - 1, y0 + size - 1)
-      if all(box[2] < s.box[0] or s.box[2] < box[0] or box[3] < s.box[1] or s.box[3] < box[1]
-             for s in shapes):
-        shapes.append(Shape(SHAPES[kind], names[color], box))
-        break
-  return sorted(shapes, key=lambda s: (s.box[1], s.box[0]))
+  shapes = []
+  for kind, color, row in zip(kinds, colors, shape_rows):
+    size = int(rng.uniform(0.55, 0.9) * cell)
+    x0 = int(rng.integers(cols)) * cell + int(rng.integers(0, cell - size + 1))
+    y0 = int(row) * cell + int(rng.integers(0, cell - size + 1))
+    shapes.append(Shape(SHAPES[kind], names[color], (x0, y0, x0 + size - 1, y0 + size - 1)))
+  return shapes
 
 
 def _describe(shapes: list[Shape]) -> str:
@@ -88,15 +88,19 @@ def _question(rng: np.random.Generator, shapes: list[Shape], kinds: tuple[str, .
 class ShapesDataset:
   """A random-access source of `num_examples` demo records (LLaVA layout, PNG bytes)."""
 
-  def __init__(self, num_examples: int, seed: int, *, min_side: int = 48, max_side: int = 112,
-               max_shapes: int = 3, question_kinds: tuple[str, ...] = QUESTION_KINDS):
+  def __init__(self, num_examples: int, seed: int, *, cell: int = 32, min_cells: int = 2,
+               max_cells: int = 5, max_shapes: int = 3,
+               question_kinds: tuple[str, ...] = QUESTION_KINDS):
     unknown = set(question_kinds) - set(QUESTION_KINDS)
     if unknown:
       raise ValueError(f'Unknown question kinds {sorted(unknown)}; available: {QUESTION_KINDS}')
     if not 1 <= max_shapes <= len(SHAPES):
       raise ValueError(f'max_shapes must be in [1, {len(SHAPES)}], got {max_shapes}')
+    if min_cells < 1 or max_cells < min_cells:
+      raise ValueError(f'Need 1 <= min_cells <= max_cells, got {min_cells}, {max_cells}')
     self.num_examples, self.seed = num_examples, seed
-    self.min_side, self.max_side, self.max_shapes = min_side, max_side, max_shapes
+    self.cell, self.min_cells, self.max_cells = cell, min_cells, max_cells
+    self.max_shapes = max_shapes
     self.question_kinds = tuple(question_kinds)
 
   def __len__(self) -> int:
@@ -104,10 +108,11 @@ class ShapesDataset:
 
   def scene(self, index: int) -> tuple[Image.Image, list[Shape], np.random.Generator]:
     rng = np.random.default_rng([self.seed, index])
-    width, height = (int(v) for v in rng.integers(self.min_side, self.max_side + 1, 2))
+    cols, rows = (int(v) for v in rng.integers(self.min_cells, self.max_cells + 1, 2))
     background = tuple(int(v) for v in rng.integers(0, 70, 3))
-    image = Image.new('RGB', (width, height), background)
-    shapes = _place_shapes(rng, width, height, int(rng.integers(1, self.max_shapes + 1)))
+    image = Image.new('RGB', (cols * self.cell, rows * self.cell), background)
+    count = min(int(rng.integers(1, self.max_shapes + 1)), rows)
+    shapes = _place_shapes(rng, rows, cols, self.cell, count)
     draw = ImageDraw.Draw(image)
     for shape in shapes:
       _draw(draw, shape)
@@ -128,11 +133,12 @@ class ShapesDataset:
     }
 
   def corpus(self) -> list[str]:
-    """Every sentence the dataset can produce, to train the demo tokenizer on."""
-    texts = ['describe the image.', 'how many shapes are there?', 'what is at the top?',
-             *(f'{n}.' for n in NUMBERS), 'USER: ASSISTANT:', '\n', ', and .']
+    """Every question and answer the dataset can produce, as they appear in a prompt (answers follow
+    a space), to train the demo tokenizer on."""
+    questions = ['describe the image.', 'how many shapes are there?', 'what is at the top?']
+    answers = [f'{n}.' for n in NUMBERS]
     for color in COLORS:
       for kind in SHAPES:
-        texts += [f'what color is the {kind}?', f'what shape is {color}?', f'{color}.', f'{kind}.',
-                  f'a {color} {kind}.', f'a {color} {kind}, a {color} {kind} and a {color} {kind}.']
-    return texts
+        questions += [f'what color is the {kind}?', f'what shape is {color}?']
+        answers += [f'{color}.', f'{kind}.', f'a {color} {kind}, a {color} {kind} and a {color} {kind}.']
+    return [f'USER: <image>\n{q} ASSISTANT: {a}\n' for q in questions for a in answers]

@@ -18,11 +18,11 @@ PRESETS = {
     'eve_v2_7b': dict(**QWEN2_5_7B, **EVE_V2_VISION, dtype='bfloat16', param_dtype='float32'),
     'eve_v2_1.5b': dict(**QWEN2_5_1_5B, **EVE_V2_VISION, dtype='bfloat16', param_dtype='float32'),
     'eve_v2_0.5b': dict(**QWEN2_5_0_5B, **EVE_V2_VISION, dtype='bfloat16', param_dtype='float32'),
-    # CPU demo: 16 px visual tokens (8 px patches, 2x2 merge), a few layers.
+    # CPU demo: the reference tokenizer geometry (16 px patches, 2x2 merge), a small decoder.
     'eve_v2_tiny': dict(family='qwen2', vocab_size=512, hidden_size=128, intermediate_size=384,
                         num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0,
                         rms_norm_eps=1e-6, attention_bias=True, moe_part='layernorm-self_attn-mlp',
-                        vision_patch_size=8, vision_merge=2, vision_hidden_size=128),
+                        vision_patch_size=16, vision_merge=2, vision_hidden_size=256),
 }
 
 
