@@ -114,6 +114,8 @@ class Assistant:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: Mesh | None = None, **kw) -> Assistant:
+    """`mesh` defaults to all devices on the data axis (batch rows split, weights replicated)."""
+    mesh = mesh or sharding.make_mesh({'data': -1})
     config, graphdef, params, tokenizer = load_checkpoint(path, mesh)
     return cls.from_params(config, graphdef, params, tokenizer, mesh=mesh, **kw)
 

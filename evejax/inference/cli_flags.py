@@ -1,8 +1,12 @@
 """Command-line flags shared by `python -m evejax.generate` and `python -m evejax.evaluation`."""
 from __future__ import annotations
 
-from absl import flags
+import sys
 
+from absl import app, flags
+
+from evejax import sharding
+from evejax.checkpoint import CheckpointError
 from evejax.inference.assistant import Assistant
 from evejax.inference.sampling import SamplingConfig
 
@@ -17,6 +21,9 @@ SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 MAX_LENGTH = flags.DEFINE_integer(
     'max_length', None, 'Context: prompt (visual tokens included) + answer tokens; default: the '
     'training data.seq_len.')
+MESH = flags.DEFINE_string(
+    'mesh', 'data=-1', 'Device mesh as axis=size pairs over data, fsdp, tensor (one may be -1), '
+    'e.g. "data=1,tensor=8" to split the weights of a model too large for one device.')
 RESIZE = flags.DEFINE_enum('resize', None, ['eve_v2_train', 'eve_v2_infer', 'none'],
                            'Image resize policy; default: the training data.resize.')
 
@@ -27,8 +34,24 @@ def sampling_config() -> SamplingConfig:
                         repetition_penalty=REPETITION_PENALTY.value)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  sizes = {}
+  for item in filter(None, text.split(',')):
+    axis, sep, size = item.partition('=')
+    if not sep or not size.lstrip('-').isdigit():
+      raise app.UsageError(f'--mesh={text!r}: expected axis=size pairs, e.g. "data=-1"')
+    sizes[axis.strip()] = int(size)
+  return sizes
+
+
 def load_assistant() -> Assistant:
-  if not CHECKPOINT.value:
-    raise flags.ValidationError('--checkpoint is required (a training workdir)')
-  return Assistant.from_checkpoint(CHECKPOINT.value, max_length=MAX_LENGTH.value,
-                                   resize=RESIZE.value)
+  """The --checkpoint run, or exit with a message naming the flag that is wrong."""
+  try:
+    mesh = sharding.make_mesh(parse_mesh(MESH.value))
+  except ValueError as e:
+    raise app.UsageError(f'--mesh={MESH.value}: {e}') from e
+  try:
+    return Assistant.from_checkpoint(CHECKPOINT.value, mesh=mesh, max_length=MAX_LENGTH.value,
+                                     resize=RESIZE.value)
+  except (CheckpointError, OSError, ValueError) as e:
+    sys.exit(f'--checkpoint={CHECKPOINT.value}: {e}')
