@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import runpy
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -43,3 +44,16 @@ def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | No
       return f'--config.{dotted}: {where} has no key {key!r}; valid keys: {valid}'
     node, walked = node[key], walked + [key]
   return None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    where: str = '') -> ml_collections.ConfigDict:
+  """Sets dotted keys ({'optim.lr': 1e-3}, as `--config.optim.lr`) on `config`, in place; an
+  unknown key is an error naming it (`where` says whose override it was)."""
+  for key, value in overrides.items():
+    message = unknown_override(config, key)
+    if message:
+      raise ValueError(f'{where}: {message}' if where else message)
+    parent, _, leaf = key.rpartition('.')
+    (config[parent] if parent else config)[leaf] = value  # ConfigDict resolves dotted parents.
+  return config

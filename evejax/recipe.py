@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import ml_collections
 from absl import app, flags, logging
 
-from evejax.config_utils import load_config_file, unknown_override
+from evejax.config_utils import apply_overrides, load_config_file
 from evejax.models import ModelConfig
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -39,13 +39,7 @@ def stage_config(recipe: str, stage: str, size: str, workdir: str, *, args: str 
   """The config of one training stage, with `overrides` ({'data.num_train': 300}) applied."""
   arg = ','.join(filter(None, [f'size={size}', f'root={workdir}', args]))
   config = load_config_file(f'{os.path.join(configs_dir, recipe, stage)}.py:{arg}')
-  for key, value in (overrides or {}).items():
-    message = unknown_override(config, key)
-    if message:
-      raise ValueError(f'{recipe}/{stage}: {message}')
-    parent, _, leaf = key.rpartition('.')
-    (config[parent] if parent else config)[leaf] = value  # ConfigDict resolves dotted parents.
-  return config
+  return apply_overrides(config, overrides or {}, where=f'{recipe}/{stage}')
 
 
 def copy_stage(source_dir: str, out_dir: str, cfg: ModelConfig) -> None:

@@ -1,0 +1,147 @@
+"""Sweeps (big_vision style): a config file may define `sweep(add)`, calling `add` once per run with
+dotted overrides of its config:
+
+  def sweep(add):
+    for lr in (1e-3, 2e-3):
+      for blank in (False, True):
+        add(**{'optim.lr': lr, 'data.blank_images': blank})
+
+  python -m evejax.sweep --config=configs/demo.py --workdir=/tmp/sweep              # list the runs
+  python -m evejax.sweep --config=... --workdir=... --mode=commands --launcher=slurm  # launch lines
+  python -m evejax.sweep --config=... --workdir=... --mode=run       # train them here, in turn
+  python -m evejax.sweep --config=... --workdir=... --mode=results   # final metrics per run
+
+Run i writes to WORKDIR/<i>_<overrides>; running again resumes each run from its checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import runpy
+import shlex
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+
+from evejax.config_utils import apply_overrides, load_config_file
+from evejax.metrics.writers import read_jsonl
+
+LAUNCHERS = {
+    # How each launcher takes `CONFIG WORKDIR [--config.key=value ...]` (see launch/).
+    'local': 'python -m evejax.train --config={config} --workdir={workdir}',
+    'slurm': 'sbatch launch/slurm.sbatch {config} {workdir}',
+    'tpu': 'launch/tpu_vm.sh run {config} {workdir}',
+    'gke': 'launch/gke.sh {config} {workdir}',
+}
+RESULT_KEYS = ('train/loss', 'eval/loss', 'eval/accuracy')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  overrides: dict[str, Any]
+  workdir: str
+
+  def flags(self) -> list[str]:
+    return [f'--config.{k}={v}' for k, v in self.overrides.items()]
+
+
+def _slug(overrides: dict[str, Any]) -> str:
+  parts = [f'{key.rsplit(".", 1)[-1]}={value}' for key, value in overrides.items()]
+  return re.sub(r'[^A-Za-z0-9_.=+-]+', '-', '-'.join(parts))[:80]
+
+
+def expand(config_spec: str, workdir: str) -> list[Run]:
+  """The runs `sweep(add)` of the config file defines; each override is checked against the config."""
+  path = config_spec.partition(':')[0]
+  sweep_fn: Callable | None = runpy.run_path(path).get('sweep')
+  if sweep_fn is None:
+    raise ValueError(f'{path} defines no sweep(add) function')
+  added: list[dict[str, Any]] = []
+  sweep_fn(lambda **overrides: added.append(
+      {k.removeprefix('config.'): v for k, v in overrides.items()}))
+  if not added:
+    raise ValueError(f'sweep(add) in {path} added no run')
+  config = load_config_file(config_spec)
+  runs = []
+  for index, overrides in enumerate(added):
+    apply_overrides(config.copy_and_resolve_references(), overrides, where=f'{path} run {index}')
+    name = f'{index:02d}_{_slug(overrides)}' if overrides else f'{index:02d}'
+    runs.append(Run(name, overrides, os.path.join(workdir, name)))
+  return runs
+
+
+def launch_command(run: Run, config_spec: str, launcher: str) -> str:
+  if launcher not in LAUNCHERS:
+    raise ValueError(f'Unknown launcher {launcher!r}; available: {sorted(LAUNCHERS)}')
+  base = LAUNCHERS[launcher].format(config=shlex.quote(config_spec),
+                                    workdir=shlex.quote(run.workdir))
+  return ' '.join([base, *map(shlex.quote, run.flags())])
+
+
+def run_locally(runs: Sequence[Run], config_spec: str) -> dict[str, dict[str, float]]:
+  """Trains the runs one after another in this process."""
+  from evejax.train.trainer import train  # Heavy; listing and results do not need it.
+  finals = {}
+  for run in runs:
+    logging.info('sweep run %s: %s', run.name, run.overrides)
+    config = apply_overrides(load_config_file(config_spec), run.overrides, where=run.name)
+    os.makedirs(run.workdir, exist_ok=True)
+    finals[run.name] = train(config, run.workdir)
+  return finals
+
+
+def final_metrics(workdir: str) -> dict[str, float]:
+  """The last value of every metric a run wrote to {workdir}/metrics.jsonl ({} if none yet)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  latest: dict[str, float] = {}
+  for record in read_jsonl(path) if os.path.exists(path) else []:
+    latest.update(record)
+  return latest
+
+
+def results_table(runs: Sequence[Run], keys: Sequence[str] = RESULT_KEYS) -> str:
+  """One row per run: its overrides, the last step it logged and its final `keys`."""
+  rows = [['run', 'step', *keys]]
+  for run in runs:
+    final = final_metrics(run.workdir)
+    rows.append([run.name, str(final.get('step', 'not started')),
+                 *(f'{final[k]:.4f}' if k in final else '-' for k in keys)])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return '\n'.join('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+_CONFIG = flags.DEFINE_string('config', None, 'A config file with sweep(add), as path[:arg].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the runs\' work directories.')
+_MODE = flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
+_LAUNCHER = flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')
+_RUNS = flags.DEFINE_list('runs', [], 'Only these run indices (default: all).')
+_KEYS = flags.DEFINE_list('keys', list(RESULT_KEYS), 'Metrics in the results table.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments {argv[1:]}')
+  runs = expand(_CONFIG.value, _WORKDIR.value)
+  if _RUNS.value:
+    wanted = {int(i) for i in _RUNS.value}
+    runs = [run for index, run in enumerate(runs) if index in wanted]
+  if _MODE.value == 'list':
+    for run in runs:
+      print(f'{run.name}\t{run.workdir}\t{" ".join(run.flags())}')
+  elif _MODE.value == 'commands':
+    for run in runs:
+      print(launch_command(run, _CONFIG.value, _LAUNCHER.value))
+  elif _MODE.value == 'run':
+    logging.set_verbosity(logging.INFO)
+    run_locally(runs, _CONFIG.value)
+    print(results_table(runs, _KEYS.value))
+  else:
+    print(results_table(runs, _KEYS.value))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
