@@ -270,3 +270,20 @@ def test_training_cli_stops_on_bad_data_with_the_quarantine_list(tmp_path, token
   assert 'over data.bad_records.max_fraction=0.1' in result.stderr
   entries = bad_records.read_quarantine(str(workdir / 'quarantine.jsonl'))
   assert entries and all(e['shard'] == records.shard_name('train', 1, 2) for e in entries)
+
+
+def test_demo_data_is_written_to_array_record_once_and_reads_back_identical(tmp_path):
+  from evejax.data.shapes import ShapesDataset
+  shapes = dict(max_shapes=2, question_kinds='caption,count')
+  data_cfg = ml_collections.ConfigDict(dict(num_train=12, num_eval=5, seed=4, shapes=shapes,
+                                            cache_dir=str(tmp_path), source='shapes'))
+  train, held_out = pipeline.make_sources(data_cfg)
+  kw = dict(shapes, question_kinds=('caption', 'count'))
+  assert [train[i] for i in range(12)] == [ShapesDataset(12, 4, **kw)[i] for i in range(12)]
+  assert held_out[3] == ShapesDataset(5, 4 + 1_000_003, **kw)[3]  # Another seed: unseen images.
+  manifest = records.manifest_path(train.directory, 'train')
+  written = os.stat(manifest).st_mtime_ns
+  assert pipeline.make_sources(data_cfg)[0].directory == train.directory
+  assert os.stat(manifest).st_mtime_ns == written  # Read back, not rewritten.
+  data_cfg.num_train = 13
+  assert pipeline.make_sources(data_cfg)[0].directory != train.directory
