@@ -165,6 +165,12 @@ def test_rerun_is_idempotent_and_rewrites_only_changed_shards(tmp_path, image_di
   assert third['shards'][2]['sha256'] != first['shards'][2]['sha256']
   with open(os.path.join(folder, changed), 'rb') as f:
     assert read_all(out)[-1]['image'] == f.read()
+  items = captions.items_from_rows(rows, folder, 'rows')
+  records.write_dataset(items, common.FileRecords(), out, 'train', num_shards=2,
+                        describe=common.FileItem.describe)  # Re-sharded: old shards removed.
+  assert sorted(f for f in os.listdir(out) if f.endswith('.array_record')) == [
+      records.shard_name('train', k, 2) for k in range(2)]
+  assert len(read_all(out)) == len(rows)
 
 
 def test_record_serialisation_rejects_bad_fields():

@@ -99,14 +99,14 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
     seg = batch['segment_ids']
     counts[:] += [sum(len(np.unique(r[r > 0])) for r in seg), (seg > 0).sum(), seg.size]
   add(first)
-  first_images = counts[0]
+  after_first = counts.copy()
   start = time.perf_counter()
   for batch in it:
     add(batch)
   seconds = time.perf_counter() - start
-  return {'images_per_s': (counts[0] - first_images) / seconds,
-          'tokens_per_s': counts[1] * (counts[0] - first_images) / counts[0] / seconds,
-          'efficiency': counts[1] / counts[2], 'images': counts[0]}
+  images, tokens, _ = counts - after_first
+  return {'images_per_s': images / seconds, 'tokens_per_s': tokens / seconds,
+          'efficiency': counts[1] / counts[2]}
 
 
 def main(argv):

@@ -6,14 +6,15 @@ One record is a dict in the LLaVA layout:
   extras: {name: np.ndarray} (optional, e.g. precomputed teacher features for EVEv1 PAL).
 
 A dataset directory holds `{split}-{k:05d}-of-{n:05d}.array_record` shards and
-`{split}.manifest.json` with each shard's record count and SHA-256, so a reader can check every shard
-at start-up.
+`{split}.manifest.json` with each shard's record count and SHA-256, so a reader can check every
+shard at start-up.
 """
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -184,7 +185,17 @@ def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str
               'shards': [{k: e[k] for k in ('file', 'num_records', 'sha256')} for e in entries],
               'info': dict(info or {})}
   _write_json(manifest_path(directory, split), manifest)
+  _remove_stale_shards(directory, split, {e['file'] for e in entries})
   return manifest
+
+
+def _remove_stale_shards(directory: str, split: str, keep: set[str]) -> None:
+  """Deletes shards of an earlier conversion with another shard count (not in the manifest)."""
+  for path in glob.glob(os.path.join(directory, f'{split}-?????-of-?????{SHARD_SUFFIX}')):
+    if os.path.basename(path) not in keep:
+      os.remove(path)
+      if os.path.exists(path + '.json'):
+        os.remove(path + '.json')
 
 
 def _write_json(path: str, content: Any) -> None:
