@@ -5,6 +5,8 @@ cache holds prefill + max_new_tokens slots, so a handful of programs serve every
 only needs `embed(batch)`, `embed_tokens(ids)`, `init_cache(batch, slots)` and `forward(x, vision_mask,
 positions, mask)` (evejax/models/eve.py). EVEv2 routing: prefill routes visual tokens to the vision
 weights by `token_kind`; decode steps pass no vision mask, so generated tokens use the text weights.
+(The reference decides by chunk length instead: a chunk of one token is text-routed, so a prompt of
+a single visual token would differ; prompts always hold text, so this never arises here.)
 """
 from __future__ import annotations
 
