@@ -111,6 +111,8 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
     config.metrics = dict(peak_flops=0.0)
     config.profile_steps = 0
     config.profile_first_step = 10
+    # Multi-host: launch/ sets JAX_* (SLURM) or passes --config.distributed.auto=True (TPU).
+    config.distributed = dict(coordinator_address='', num_processes=0, process_id=-1, auto=False)
   if not spec['decomposed']:
     config.model.moe_part = ''  # No vision copies before the copy step.
   config.optim.warmup_steps = max(1, round(WARMUP_RATIO * config.total_steps))

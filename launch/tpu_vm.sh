@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Cloud TPU VM pods with gcloud: create the VM, install this checkout on every worker, run one
+# training process per worker (JAX detects the pod), follow the logs, delete the VM.
+#
+#   launch/tpu_vm.sh create
+#   launch/tpu_vm.sh setup                                   # copy + pip install on all workers
+#   launch/tpu_vm.sh run CONFIG WORKDIR [--config.key=value ...]   # WORKDIR: gs://bucket/run
+#   launch/tpu_vm.sh logs | teardown
+#
+# Environment: TPU_NAME, ZONE (required); PROJECT; ACCELERATOR_TYPE (v5p-64);
+# RUNTIME_VERSION (v2-alpha-tpuv5); SPOT=1 for spot capacity. DRY_RUN=1 prints the gcloud commands.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+[[ $# -ge 1 ]] || die "usage: $0 create|setup|run|logs|teardown [CONFIG WORKDIR [flags...]]"
+[[ -n "${TPU_NAME:-}" && -n "${ZONE:-}" ]] || die "set TPU_NAME and ZONE"
+action=$1
+shift
+where=(--zone="$ZONE")
+[[ -n "${PROJECT:-}" ]] && where+=(--project="$PROJECT")
+# shellcheck disable=SC2088  # '~' expands on the workers, not here.
+remote_dir='~/evejax' log='~/evejax_train.log'
+
+case "$action" in
+  create)
+    extra=()
+    [[ "${SPOT:-0}" == 1 ]] && extra+=(--spot)
+    run gcloud compute tpus tpu-vm create "$TPU_NAME" "${where[@]}" \
+      --accelerator-type="${ACCELERATOR_TYPE:-v5p-64}" \
+      --version="${RUNTIME_VERSION:-v2-alpha-tpuv5}" "${extra[@]}"
+    ;;
+  setup)
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    archive=/tmp/evejax-$USER.tar.gz
+    run tar -czf "$archive" -C "$repo" --exclude=.git --exclude=.venv .
+    run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:/tmp/evejax.tar.gz" "${where[@]}" \
+      --worker=all
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
+      "mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir && pip install -q -U 'jax[tpu]' && pip install -q -e $remote_dir"
+    ;;
+  run)
+    [[ $# -ge 2 ]] || die "usage: $0 run CONFIG WORKDIR [--config.key=value ...]"
+    # Detached, so a dropped ssh connection does not stop training; `logs` follows worker 0.
+    cmd="cd $remote_dir && nohup $(train_command "$@" --config.distributed.auto=True) > $log 2>&1 &"
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command "$cmd"
+    ;;
+  logs)
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=0 --command "tail -f $log"
+    ;;
+  teardown)
+    run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${where[@]}" --quiet
+    ;;
+  *)
+    die "unknown action $action: use create, setup, run, logs or teardown"
+    ;;
+esac
