@@ -4,8 +4,9 @@
 
 Prompts are held-out shapes questions with their images (the demo's data). Times are taken after a
 warm-up call that compiles: prefill = `Generator.prefill` (host-side padding and transfer included),
-decode = `new_tokens` calls of `Generator.step` (dispatched back to back, as `generate` does) divided
-by their number. Prefill tokens count the real prompt tokens (visual tokens included), not padding.
+decode = `new_tokens` calls of `Generator.step` (dispatched back to back, as `generate` does)
+divided by their number. Prefill tokens count the real prompt tokens (visual tokens included), not
+padding.
 """
 import time
 

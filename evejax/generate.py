@@ -1,6 +1,7 @@
 """CLI: answer a question about an image, streaming the answer to the terminal.
 
-  python -m evejax.generate --checkpoint=workdirs/demo --image=photo.png --prompt="describe the image."
+  python -m evejax.generate --checkpoint=workdirs/demo --image=photo.png \
+      --prompt="describe the image."
 
 The prompt goes through the training run's template (e.g. `USER: <image>\\n... ASSISTANT:`); without
 --image the question is asked as text only.

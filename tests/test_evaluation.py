@@ -1,8 +1,7 @@
-"""Metrics on hand-computed cases, the JSONL format, converters, and the harness's bad-input policy."""
+"""Metrics on hand-computed cases, the JSONL format, converters, the harness's bad-input policy."""
 import base64
 import io
 import json
-import os
 
 import ml_collections
 import numpy as np
@@ -138,7 +137,8 @@ def test_converters(tmp_path):
   assert (gqa[0]['id'], gqa[0]['answers'], gqa[0]['metric']) == ('201', ['no'], 'exact')
 
   tvqa = list(converters.textvqa(dump('t.json', {'data': [
-      {'question_id': 7, 'image_id': 'abc', 'question': 'Brand?', 'answers': ['nike'] * 10}]}), 'tv'))
+      {'question_id': 7, 'image_id': 'abc', 'question': 'Brand?', 'answers': ['nike'] * 10}]}),
+      'tv'))
   assert tvqa[0]['image'].endswith('tv/abc.jpg') and tvqa[0]['metric'] == 'vqa'
 
   sqa = list(converters.scienceqa_img(dump('p.json', {
@@ -148,12 +148,14 @@ def test_converters(tmp_path):
             'image': None, 'split': 'test'},
       '3': {'question': 'Train?', 'choices': ['a', 'b'], 'answer': 0, 'image': 'image.png',
             'split': 'train'}}), 'sqa'))
-  assert len(sqa) == 1 and sqa[0]['answers'] == ['B'] and sqa[0]['image'].endswith('sqa/test/1/image.png')
+  assert len(sqa) == 1 and sqa[0]['answers'] == ['B']
+  assert sqa[0]['image'].endswith('sqa/test/1/image.png')
   assert sqa[0]['prompt'] == ("Context: A map.\nWhich is north?\nA. WV\nB. LA\n"
                               "Answer with the option's letter from the given choices directly.")
 
   (tmp_path / 'coco_pope_adversarial.json').write_text(
-      json.dumps({'question_id': 1, 'image': 'x.jpg', 'text': 'Is there a dog?', 'label': 'no'}) + '\n')
+      json.dumps({'question_id': 1, 'image': 'x.jpg', 'text': 'Is there a dog?', 'label': 'no'})
+      + '\n')
   pope = list(converters.pope(str(tmp_path / 'coco_pope_adversarial.json'), 'coco'))
   assert pope[0]['category'] == 'adversarial' and pope[0]['answers'] == ['no']
 
@@ -216,14 +218,15 @@ def test_harness_records_bad_items_and_continues(tiny_assistant, tmp_path):
   (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n not really')
   base = {'metric': 'exact', 'answers': ['red.']}
   records = [
-      {**base, 'id': 'ok', 'question': 'what color is the square?', 'image': str(tmp_path / 'ok.png')},
+      {**base, 'id': 'ok', 'question': 'what color is the square?',
+       'image': str(tmp_path / 'ok.png')},
       {**base, 'id': 'missing', 'question': 'what?', 'image': str(tmp_path / 'nope.png')},
       {**base, 'id': 'broken', 'question': 'what?', 'image': str(tmp_path / 'broken.png')},
       {**base, 'id': 'long', 'question': 'what is ' * 60, 'image': None},
       {**base, 'id': 'text', 'question': 'describe the image.', 'image': None},
   ]
-  results = harness.run(tiny_assistant, records, SamplingConfig(max_new_tokens=3), str(tmp_path / 'out'),
-                        batch_size=4)
+  results = harness.run(tiny_assistant, records, SamplingConfig(max_new_tokens=3),
+                        str(tmp_path / 'out'), batch_size=4)
   with open(tmp_path / 'out' / 'predictions.jsonl') as f:
     predictions = {p['id']: p for p in map(json.loads, f)}
   assert 'error' not in predictions['ok'] and 'error' not in predictions['text']
@@ -242,7 +245,8 @@ def test_assistant_answers_match_generator_tokens(tiny_assistant):
   prompt = tiny_assistant.encode('what color is the square?', _png())
   sampling = SamplingConfig(max_new_tokens=4, stop_tokens=(tiny_assistant.tokenizer.eos_id,))
   tokens = tiny_assistant.generator.generate([prompt], sampling)[0]
-  assert tiny_assistant.answer([prompt], sampling) == [tiny_assistant.tokenizer.decode(tokens).strip()]
+  decoded = tiny_assistant.tokenizer.decode(tokens).strip()
+  assert tiny_assistant.answer([prompt], sampling) == [decoded]
   assert tiny_assistant.stop_tokens == (tiny_assistant.tokenizer.eos_id,)
   # The prompt is the training template up to the answer: 'USER: <image>\n... ASSISTANT:'.
   text_ids = [t for t, k in zip(prompt['tokens'], prompt['token_kind']) if k == 0]

@@ -127,7 +127,8 @@ def test_stop_tokens_max_length_and_streaming(model, generator, prompts):
   free = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6))[0]
   stop = free[2]
   first_stop = free.index(stop)
-  stopped = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[0]
+  stopped = generator.generate(prompts[:1],
+                               SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[0]
   assert stopped == free[:first_stop]
 
   prompt_len = len(prompts[0]['tokens'])
@@ -190,7 +191,8 @@ def test_left_padded_batch_right_aligns_prompts(prompts):
     n = len(prompt['tokens'])
     np.testing.assert_array_equal(batch['tokens'][row, -n:], prompt['tokens'])
     np.testing.assert_array_equal(batch['positions'][row, -n:], np.arange(n))
-    assert (batch['segment_ids'][row, :24 - n] == 0).all() and (batch['segment_ids'][row, -n:] == 1).all()
+    assert (batch['segment_ids'][row, :24 - n] == 0).all()
+    assert (batch['segment_ids'][row, -n:] == 1).all()
 
 
 SHARDED_SCRIPT = textwrap.dedent('''

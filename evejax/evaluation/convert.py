@@ -2,7 +2,8 @@
 
   python -m evejax.evaluation.convert --format=gqa --questions=testdev_balanced_questions.json \
       --images=gqa/images --out=bench/gqa.jsonl
-  python -m evejax.evaluation.convert --format=shapes --config=configs/demo.py --out=bench/shapes.jsonl
+  python -m evejax.evaluation.convert --format=shapes --config=configs/demo.py \
+      --out=bench/shapes.jsonl
 
 --images is the image folder (for mmbench and shapes: where the images are written; default: an
 `images/` folder beside --out). The shapes format writes the held-out split of the config's data.

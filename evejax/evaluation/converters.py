@@ -98,7 +98,8 @@ def pope(questions: str, image_dir: str) -> Iterator[dict]:
 
 def mme(root: str) -> Iterator[dict]:
   """`MME_Benchmark_release_version/`: one folder per subtask with `name.txt` files of
-  "question<TAB>Yes|No" lines next to `name.jpg|png`, or in `questions_answers_YN/` beside `images/`."""
+  "question<TAB>Yes|No" lines next to `name.jpg|png`, or in `questions_answers_YN/` beside
+  `images/`."""
   for task in sorted(os.listdir(root)):
     folder = os.path.join(root, task)
     if not os.path.isdir(folder):

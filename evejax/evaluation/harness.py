@@ -1,4 +1,5 @@
-"""Runs a benchmark file through an Assistant: predictions per item, metrics per metric and category.
+"""Runs a benchmark file through an Assistant: predictions per item, metrics per metric and per
+category.
 
 A bad item (missing or unreadable image, a prompt longer than the context) is recorded with its
 error and scored as a wrong answer; the run continues. Prompts are generated in batches of similar

@@ -1,15 +1,15 @@
 """Benchmark metrics, each following the protocol its benchmark's official (or LLaVA's) scorer uses.
 
-| metric   | benchmark(s)            | protocol                                                        |
-| -------- | ----------------------- | --------------------------------------------------------------- |
-| `vqa`    | VQAv2, TextVQA          | EvalAI answer normalisation; min(1, matches/3) averaged over the |
-|          |                         | 10 leave-one-out subsets of the human answers                   |
-| `exact`  | GQA, shapes demo        | normalised prediction equals a normalised answer                |
-| `choice` | ScienceQA-IMG, MMBench  | option letter parsed from the prediction equals the answer      |
-| `pope`   | POPE                    | yes/no from the first sentence; precision/recall/F1 on "yes"    |
-| `mme`    | MME                     | per subtask: 100 * (question accuracy + image accuracy+), summed |
-|          |                         | over the perception and the cognition subtasks                  |
-| `cider`  | captions                | CIDEr-D of pycocoevalcap                                        |
+| metric   | benchmarks             | protocol                                                   |
+| -------- | ---------------------- | ---------------------------------------------------------- |
+| `vqa`    | VQAv2, TextVQA         | EvalAI answer normalisation; min(1, matches / 3) averaged  |
+|          |                        | over the leave-one-out subsets of the human answers        |
+| `exact`  | GQA, shapes demo       | normalised prediction equals a normalised answer           |
+| `choice` | ScienceQA-IMG, MMBench | option letter parsed from the prediction is the answer     |
+| `pope`   | POPE                   | yes/no from the first sentence; precision/recall/F1 of yes |
+| `mme`    | MME                    | per subtask 100 * (question accuracy + image accuracy+),   |
+|          |                        | summed over the perception and the cognition subtasks      |
+| `cider`  | captions               | CIDEr-D of pycocoevalcap                                   |
 
 Every function takes parallel lists and returns a dict of aggregate numbers (fractions, not percent,
 except MME's scores, which are on the benchmark's own scale).
@@ -49,8 +49,8 @@ youll:you'll youre:you're youve:you've""".split())
 _NUMBERS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4',
             'five': '5', 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
 _ARTICLES = {'a', 'an', 'the'}
-_PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@',
-                '`', ',', '?', '!')
+_PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<',
+                '@', '`', ',', '?', '!')
 _PERIOD_STRIP = re.compile(r'(?!<=\d)(\.)(?!\d)')  # The official pattern, quirk included.
 _COMMA_STRIP = re.compile(r'(?<=\d)(\,)+(?=\d)')
 

@@ -1,7 +1,8 @@
 """In-training evaluation: the harness on a benchmark file, with the parameters being trained.
 
-Configured by the trainer's `benchmark` config section (file: a records.py JSONL file, '' = off; every: steps
-between runs, 0 = only at the end; limit: first N items, 0 = all; batch_size; max_new_tokens).
+Configured by the trainer's `benchmark` config section (file: a records.py JSONL file, '' = off;
+every: steps between runs, 0 = only at the end; limit: first N items, 0 = all; batch_size;
+max_new_tokens).
 Generation is compiled once; later runs reuse it with the current parameters.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from evejax.inference.sampling import SamplingConfig
 class PeriodicBenchmark:
 
   def __init__(self, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-               graphdef: nnx.GraphDef, params: dict, tokenizer: Tokenizer, mesh: Mesh | None = None):
+               graphdef: nnx.GraphDef, params: dict, tokenizer: Tokenizer,
+               mesh: Mesh | None = None):
     """`cfg`: the `benchmark` section; `config`: the whole training config."""
     self.config, self.every, self.batch_size = config, cfg.every, cfg.batch_size
     self.records = read_jsonl(cfg.file)[:cfg.limit or None]

@@ -44,8 +44,8 @@ def _find_tokenizer(config: ml_collections.ConfigDict, step_dir: str) -> Tokeniz
     return Tokenizer.load(config.data.tokenizer)
   workdir = os.path.dirname(os.path.dirname(step_dir))  # {workdir}/checkpoints/{step}
   if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
-    raise FileNotFoundError(f'No tokenizer.json in {workdir}, the workdir of checkpoint {step_dir}; '
-                            'the trainer writes it there')
+    raise FileNotFoundError(f'No tokenizer.json in {workdir}, the workdir of checkpoint '
+                            f'{step_dir}; the trainer writes it there')
   return Tokenizer.load(workdir)
 
 

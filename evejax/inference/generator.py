@@ -2,9 +2,11 @@
 
 Shapes are static: the prompt batch is left-padded to a multiple of `length_multiple` slots and the
 cache holds prefill + max_new_tokens slots, so a handful of programs serve every request. The model
-only needs `embed(batch)`, `embed_tokens(ids)`, `init_cache(batch, slots)` and `forward(x, vision_mask,
-positions, mask)` (evejax/models/eve.py). EVEv2 routing: prefill routes visual tokens to the vision
-weights by `token_kind`; decode steps pass no vision mask, so generated tokens use the text weights.
+only needs `embed(batch)`, `embed_tokens(ids)`, `init_cache(batch, slots)` and
+`forward(x, vision_mask, positions, mask, last_only=...)` (evejax/models/eve.py).
+
+EVEv2 routing: prefill routes visual tokens to the vision weights by `token_kind`; decode steps pass
+no vision mask, so generated tokens use the text weights.
 (The reference decides by chunk length instead: a chunk of one token is text-routed, so a prompt of
 a single visual token would differ; prompts always hold text, so this never arises here.)
 """
@@ -35,7 +37,7 @@ class DecodeState:
   cache: Any  # pure dict of every layer's nnx.Cache: keys, values and write index
   valid: Array  # (B, S) bool: the cache slot holds a real token (not padding, not yet empty)
   length: Array  # () int32: slots written, the same for every row (prompts are left-padded)
-  positions: Array  # (B,) RoPE position of `token`: expanded prompt length + tokens generated before
+  positions: Array  # (B,) RoPE position of `token`: expanded prompt length + earlier new tokens
   token: Array  # (B,) the last chosen token, the input of the next step
   # (B, V) bool: tokens of the prompt text or generated, for the repetition penalty. The reference
   # also counts id 0 (its image placeholder -200 is replaced by 0); visual tokens are left out here.
@@ -56,7 +58,7 @@ class Generator:
   def __init__(self, graphdef: nnx.GraphDef, params: dict, *, pad_id: int,
                max_length: int | None = None, mesh: Mesh | None = None, length_multiple: int = 32,
                patch_multiple: int = 16):
-    """`max_length` caps prompt + generated tokens per row (the context the model was trained on)."""
+    """`max_length` caps prompt + generated tokens per row (the context the model trained on)."""
     self.graphdef, self.params, self.pad_id, self.mesh = graphdef, params, pad_id, mesh
     self.max_length, self.length_multiple, self.patch_multiple = (max_length, length_multiple,
                                                                   patch_multiple)

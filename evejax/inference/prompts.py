@@ -1,4 +1,5 @@
-"""Prompts for generation: the training template up to the assistant's turn, encoded like training data.
+"""Prompts for generation: the training template up to the assistant's turn, encoded like training
+data.
 
 A prompt is the dict of unpadded sequence arrays that `encode.encode_example` returns (the image
 expanded into its visual tokens), so a generated answer sees exactly the layout it was trained on.
@@ -20,7 +21,7 @@ from evejax.data.tokenizer import Tokenizer
 def prompt_ids(question: str, tokenizer: Tokenizer, template: templates.Template, *,
                with_image: bool) -> list[int]:
   """Token ids of one user turn and the assistant prefix (`... ASSISTANT:`), IMAGE_TOKEN_INDEX where
-  the image goes. Built by the training template itself: everything before the first answer token."""
+  the image goes. Built by the training template itself: all before the first answer token."""
   if with_image and bf.IMAGE_PLACEHOLDER not in question:
     question = f'{bf.IMAGE_PLACEHOLDER}\n{question}'
   if not with_image and bf.IMAGE_PLACEHOLDER in question:
@@ -37,13 +38,14 @@ def encode_prompt(preprocess: Preprocessor, question: str, image: bytes | None =
   Raises ValueError for an unreadable image, or a prompt of `max_length` tokens or more (visual
   tokens included), which would leave no room to generate.
   """
-  ids = prompt_ids(question, preprocess.tokenizer, preprocess.template, with_image=image is not None)
+  ids = prompt_ids(question, preprocess.tokenizer, preprocess.template,
+                   with_image=image is not None)
   groups = [] if image is None else [preprocess.image_patches(image)]
   prompt = encode.encode_example(ids, [False] * len(ids), groups)
   if max_length is not None and len(prompt['tokens']) >= max_length:
-    raise ValueError(f'the prompt has {len(prompt["tokens"])} tokens (visual tokens included), which '
-                     f'leaves no room to generate in a context of max_length={max_length}; shorten '
-                     'the question, lower data.max_size, or raise --max_length')
+    raise ValueError(f'the prompt has {len(prompt["tokens"])} tokens (visual tokens included), '
+                     f'which leaves no room to generate in a context of max_length={max_length}; '
+                     'shorten the question, lower data.max_size, or raise --max_length')
   return prompt
 
 
