@@ -73,7 +73,7 @@ def run_import(hf_dir: str, out: str) -> None:
 
 
 def run_export(params_path: str, out: str) -> None:
-  params, cfg = checkpoints.load_params(params_path, config_from_flag())
+  params, cfg = checkpoints.lazy_params(params_path, config_from_flag())
   kw = dict(source_dir=_SOURCE_DIR.value, tokenizer_dir=_TOKENIZER_DIR.value, dtype=_DTYPE.value,
             max_shard_bytes=parse_size(_MAX_SHARD.value))
   if _LLM_ONLY.value:

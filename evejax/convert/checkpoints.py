@@ -8,6 +8,7 @@ reads either.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Mapping
@@ -15,41 +16,126 @@ from typing import Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+# Not re-exported publicly: the transfer-priority enum and the array metadata store that a
+# custom ArrayHandler needs (orbax's own default handler is built with one).
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import types as orbax_serialization
 
 from evejax.checkpoint.init_from import resolve_params_dir
 from evejax.convert import keymap
 from evejax.models import ModelConfig
 
+# Orbax copies and writes at most this much at once (GB): saving adds little to the params' memory.
+CONCURRENT_GB = 0.25
+
+
+class _BatchedHostCopies:
+  """Orbax callback: copy arrays to the host in `CONCURRENT_GB` batches during the write instead of
+  all of them before it (the default), which would hold a second copy of the model."""
+
+  def key_priority(self, keypath):
+    del keypath
+    return orbax_serialization.TransferPriority.ASYNCHRONOUS_DEPRIORITIZED
+
+  def on_transfer_start(self, keypath):
+    del keypath
+
+  on_transfer_end = on_write_end = on_transfer_start
+
+
+@contextlib.contextmanager
+def _batched_host_copies():
+  """Orbax reads the jax.Array handler from its global registry; swap ours in for one save."""
+  previous = ocp.type_handlers.get_type_handler(jax.Array)
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          array_metadata_store=array_metadata_store.Store(), callback=_BatchedHostCopies()),
+      override=True)
+  try:
+    yield
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, previous, override=True)
+
 
 def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) -> None:
   """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
+  directory = os.path.abspath(directory)
   metadata = {'config': {'model': dataclasses.asdict(cfg)}, 'converted_from': source}
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  checkpointer.save(os.path.abspath(directory), ocp.args.Composite(
-      params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)))
+  # Orbax needs the largest array to fit the limit.
+  limit_gb = max([CONCURRENT_GB] + [x.nbytes / 1e9 for x in jax.tree.leaves(params)])
+  params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb,
+                                               save_device_host_concurrent_gb=limit_gb)
+  # import_checkpoint gives jax arrays on the CPU; numpy leaves are copied into jax arrays, because
+  # Orbax buffers numpy leaves whole.
+  with _batched_host_copies():
+    ocp.Checkpointer(params_handler).save(
+        os.path.join(directory, 'params'),
+        args=ocp.args.PyTreeSave(jax.tree.map(jax.device_put, params)))
+  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(os.path.join(directory, 'metadata'),
+                                                     args=ocp.args.JsonSave(metadata))
 
 
 def saved_model_config(params_dir: str) -> ModelConfig:
   """The model config stored beside a `params` item (import output or training step)."""
-  step_dir = os.path.dirname(params_dir)
-  if not os.path.isdir(os.path.join(step_dir, 'metadata')):
+  metadata_dir = os.path.join(os.path.dirname(params_dir), 'metadata')
+  if not os.path.isdir(metadata_dir):
     raise FileNotFoundError(f'No metadata beside {params_dir} to read the model config from; '
                             'pass --config')
-  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-      step_dir, ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-  model = restored['metadata'].get('config', {}).get('model')
+  metadata = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      metadata_dir, args=ocp.args.JsonRestore())
+  model = metadata.get('config', {}).get('model')
   if model is None:
-    raise ValueError(f'{step_dir}/metadata has no config.model; pass --config')
+    raise ValueError(f'{metadata_dir} has no config.model; pass --config')
   return ModelConfig.from_dict(model)
 
 
+def _restore(params_dir: str, target: Mapping) -> dict:
+  """The (partial) tree `target` of ShapeDtypeStructs, restored as numpy arrays."""
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  return ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+
+
 def load_params(path: str, cfg: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
-  """Parameters (numpy, on this host) of an import output, a workdir, a checkpoints directory
+  """All parameters (numpy, on this host) of an import output, a workdir, a checkpoints directory
   (newest step) or a step directory; `cfg` defaults to the one saved with them."""
   params_dir = resolve_params_dir(path)
   cfg = cfg or saved_model_config(params_dir)
-  target = keymap.abstract_params(cfg)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  params = ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args))
-  return params, cfg
+  return _restore(params_dir, keymap.abstract_params(cfg)), cfg
+
+
+class LazyParams(Mapping):
+  """A saved parameter tree that restores a leaf only when it is indexed, keeping just the last one:
+  streaming an export through it holds one tensor, not the model (see `lazy_params`)."""
+
+  def __init__(self, params_dir: str, abstract: Mapping, path: tuple = (), last: dict | None = None):
+    self._dir, self._abstract, self._path = params_dir, abstract, path
+    self._last = {} if last is None else last
+
+  def __getitem__(self, key):
+    node, path = self._abstract[key], self._path + (key,)
+    if isinstance(node, Mapping):
+      return LazyParams(self._dir, node, path, self._last)
+    if self._last.get('path') != path:
+      self._last.clear()  # drop the previous tensor before reading the next
+      target = node
+      for k in reversed(path):
+        target = {k: target}
+      value = _restore(self._dir, target)
+      for k in path:
+        value = value[k]
+      self._last.update(path=path, value=value)
+    return self._last['value']
+
+  def __iter__(self):
+    return iter(self._abstract)
+
+  def __len__(self):
+    return len(self._abstract)
+
+
+def lazy_params(path: str, cfg: ModelConfig | None = None) -> tuple[LazyParams, ModelConfig]:
+  """Like `load_params`, but tensors are read on access, one at a time."""
+  params_dir = resolve_params_dir(path)
+  cfg = cfg or saved_model_config(params_dir)
+  return LazyParams(params_dir, keymap.abstract_params(cfg)), cfg

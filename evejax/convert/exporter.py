@@ -168,7 +168,8 @@ def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: st
   """Writes the whole EVEv2 model in the official format.
 
   Args:
-    params: evejax parameters (pure dict; numpy or jax arrays, possibly sharded over hosts).
+    params: evejax parameters (a pure dict, or any mapping with the same keys, e.g. a LazyParams;
+      numpy or jax arrays, possibly sharded over hosts).
     cfg: their model config.
     folder: output folder (created).
     source_dir: the HF folder the model was imported from; its config.json supplies fields evejax
@@ -181,7 +182,7 @@ def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: st
     the weight files written (on process 0; [] on the others).
   """
   config = eve_config(cfg, _source_config(source_dir), dtype, vision_tower)
-  files = write_tensors(params, keymap.tensor_specs(cfg, params), folder, dtype=dtype,
+  files = write_tensors(params, keymap.tensor_specs(cfg), folder, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, progress=progress)
   if jax.process_index() == 0:
     _finish(folder, config, source_dir, tokenizer_dir)
@@ -194,7 +195,7 @@ def export_hf_llm(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir:
   """Writes the text LLM alone (no vision tower, no vision copies) as a plain HF Llama/Qwen2
   checkpoint that `transformers.AutoModelForCausalLM` loads. Arguments as `export_eve`."""
   config = hf_llm_config(cfg, _source_config(source_dir), dtype)
-  specs = [s for s in keymap.tensor_specs(cfg, params) if s.is_llm]
+  specs = [s for s in keymap.tensor_specs(cfg) if s.is_llm]
   files = write_tensors(params, specs, folder, dtype=dtype, max_shard_bytes=max_shard_bytes,
                         progress=progress)
   if jax.process_index() == 0:

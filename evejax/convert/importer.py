@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from tqdm import tqdm
 
 from evejax.convert import keymap
@@ -169,7 +169,7 @@ def fresh_params(cfg: ModelConfig, paths: list[tuple[Any, ...]], seed: int) -> d
     params = nnx.to_pure_dict(nnx.state(EVE(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
     return [_at(params, p) for p in paths]
 
-  return {p: np.asarray(v) for p, v in zip(paths, init())}
+  return dict(zip(paths, init()))
 
 
 def _at(tree: Mapping, path: tuple[Any, ...]):
@@ -178,20 +178,17 @@ def _at(tree: Mapping, path: tuple[Any, ...]):
   return tree
 
 
-def _slot(params: Mapping, spec: keymap.TensorSpec) -> np.ndarray:
-  """The writable destination of `spec` inside the numpy parameter tree."""
-  return keymap.get_param(params, spec)
-
-
 def import_checkpoint(folder: str, cfg: ModelConfig, *, vision_copies: str = 'copy', seed: int = 0,
                       progress: bool = True) -> dict:
-  """Reads a HF LLM or official EVE checkpoint folder into evejax parameters (a numpy pure dict).
+  """Reads a HF LLM or official EVE checkpoint folder into evejax parameters: a pure dict of jax
+  arrays on the host CPU (never an accelerator), in `cfg.param_dtype`.
 
   Args:
     folder: a folder with `model.safetensors[.index.json]` or `pytorch_model[.bin.index.json]`.
     cfg: the evejax model the parameters are for (see `model_config_from_hf`).
     vision_copies: how vision copies the source lacks are made: 'copy' from the LLM weights (the
-      reference's stage-0 -> stage-1 step) or 'init' (fresh random weights).
+      reference's stage-0 -> stage-1 step; the copy shares the LLM array until trained) or 'init'
+      (fresh random weights).
     seed: seed of the fresh initialisation (vision tower of an LLM checkpoint, 'init' copies).
     progress: show a progress bar.
   """
@@ -199,20 +196,29 @@ def import_checkpoint(folder: str, cfg: ModelConfig, *, vision_copies: str = 'co
   abstract = keymap.abstract_params(cfg)
   specs = keymap.tensor_specs(cfg, abstract)
   sources = plan_sources(cfg, specs, reader, vision_copies)
-  params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)
-  reads = [s for s in specs if sources[s.key] == 'read']
-  for spec in tqdm(reads, desc=f'import {os.path.basename(os.path.normpath(folder))}',
-                   unit='tensor', disable=not progress):
-    np.copyto(_slot(params, spec), keymap.from_torch_layout(spec, reader.read(spec.key)),
-              casting='unsafe')
-  by_key = {s.key: s for s in specs}
-  for spec in specs:  # after all reads: a copy's LLM weight may come later in tree order
-    if sources[spec.key] == 'copy':
-      np.copyto(_slot(params, spec), keymap.get_param(params, by_key[spec.llm_key]))
-  init_paths = sorted({s.path for s in specs if sources[s.key] == 'init'}, key=str)
+  by_path = {}  # parameter path -> its tensors (one, or one per layer when stacked)
+  for spec in specs:
+    by_path.setdefault(spec.path, []).append(spec)
+  source = {path: sources[group[0].key] for path, group in by_path.items()}
+  cpu = jax.devices('cpu')[0]
+  flat = {}
+  reads = [path for path in by_path if source[path] == 'read']
+  for path in tqdm(reads, desc=f'import {os.path.basename(os.path.normpath(folder))}',
+                   unit='param', disable=not progress):
+    # Fill one host buffer per parameter, hand it to jax, drop it: one parameter in flight.
+    buffer = np.empty(_at(abstract, path).shape, _at(abstract, path).dtype)
+    for spec in by_path[path]:
+      np.copyto(buffer if spec.layer is None else buffer[spec.layer],
+                keymap.from_torch_layout(spec, reader.read(spec.key)), casting='unsafe')
+    flat[path] = jax.device_put(buffer, cpu)
+    del buffer
+  for path in by_path:
+    if source[path] == 'copy':
+      flat[path] = flat[keymap.llm_path(path)]
+  init_paths = sorted((p for p in by_path if source[p] == 'init'), key=str)
   for path, value in fresh_params(cfg, init_paths, seed).items():
-    np.copyto(_at(params, path), value)
-  return params
+    flat[path] = jax.device_put(value, cpu)
+  return traverse_util.unflatten_dict(flat)
 
 
 def with_vision_copies(params: Mapping, cfg: ModelConfig) -> dict:
@@ -222,8 +228,7 @@ def with_vision_copies(params: Mapping, cfg: ModelConfig) -> dict:
 
   def fill(key_path, target):
     path = tuple(k.key for k in key_path)
-    llm_path = tuple(k[len('moe_'):] if isinstance(k, str) and k.startswith('moe_') else k
-                     for k in path)
+    llm_path = keymap.llm_path(path)
     try:
       value = _at(params, path) if llm_path == path else _at(params, llm_path).copy()
     except KeyError as e:

@@ -53,15 +53,16 @@ class TensorSpec:
     """Part of the plain text LLM (what a HF Llama/Qwen2 checkpoint holds)."""
     return not (self.is_vision_tower or self.is_vision_copy)
 
-  @property
-  def llm_key(self) -> str:
-    """The LLM tensor a vision copy is initialised from (the reference's repeat_moe step)."""
-    return self.key.replace('.moe_', '.')
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
   """The evejax parameter tree of `cfg` as ShapeDtypeStructs (nothing is allocated)."""
   return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+
+
+def llm_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+  """The LLM parameter a vision copy (`moe_*`) duplicates; other paths map to themselves."""
+  return tuple(k[len('moe_'):] if isinstance(k, str) and k.startswith('moe_') else k for k in path)
 
 
 def _is_stacked(path: tuple[Any, ...]) -> bool:
