@@ -36,7 +36,7 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Positions per row (default: data.
 _PATCH_GROUPS = flags.DEFINE_integer('patch_groups', 0, 'Visual-token slots per row (default: '
                                      'from data.max_size / data.row_patches).')
 
-GiB = 2 ** 30
+GiB, MiB = 2 ** 30, 2 ** 20
 
 
 def parse_sizes(text: str) -> dict[str, Any]:
@@ -148,12 +148,13 @@ def report(result: dict[str, Any], cfg, mesh, batch_shape) -> str:
       f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
       f'Mesh {dict(mesh.shape)} = {mesh.size} devices; global batch {rows} rows x {seq_len} '
       f'positions, {patch_groups} visual-token slots per row; compiled in {result["compile_s"]:.0f} s',
-      '', '| per device                        |        GiB |', '| --- | ---: |']
+      '', '| per device                        |        GiB |          MiB |',
+      '| --- | ---: | ---: |']
   for key, label in (('params', 'parameters'), ('opt_state', 'optimizer state'),
                      ('batch', 'batch'),
                      ('temporaries', 'activations, gradients, workspace'),
                      ('total', 'total (peak estimate)'), ('hbm', 'HBM per chip')):
-    lines.append(f'| {label:<33} | {result[key] / GiB:10.3f} |')
+    lines.append(f'| {label:<33} | {result[key] / GiB:10.3f} | {result[key] / MiB:12.2f} |')
   verdict = 'FITS' if result['fits'] else 'DOES NOT FIT'
   lines += ['', f'{verdict}: {result["total"] / GiB:.2f} GiB of {result["hbm"] / GiB:.0f} GiB '
             'per chip', '',
@@ -173,6 +174,11 @@ def main(argv):
   cfg = model_config(config, _MODEL.value)
   mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))
   batch_shape = batch_geometry(config, cfg)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_shape[0] % shards:
+    raise ValueError(f'batch_size {batch_shape[0]} does not split over the {shards} batch shards '
+                     f'(data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size to a '
+                     'multiple of it')
   result = plan(config, cfg, mesh, batch_shape, _HBM.value)
   print(report(result, cfg, mesh, batch_shape), flush=True)
 
