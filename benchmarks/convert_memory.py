@@ -61,7 +61,8 @@ def write_random_hf(folder: str, dims: dict) -> int:
 
 def child(direction: str, workdir: str) -> None:
   """One conversion in this (fresh) process; prints a JSON line with its peak RSS."""
-  from evejax.convert import checkpoints, exporter, importer  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from evejax.convert import checkpoints, exporter, importer
   from evejax.convert.files import CheckpointReader  # pylint: disable=import-outside-toplevel
   baseline = peak_rss_bytes()
   start = time.perf_counter()

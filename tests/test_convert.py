@@ -24,7 +24,7 @@ from evejax.convert import files, importer  # noqa: E402
 from evejax.data import encode  # noqa: E402
 from evejax.models import EVE, ModelConfig  # noqa: E402
 
-VISION = dict(vision_patch_size=4, vision_merge=2, vision_hidden_size=12)
+VISION = dict(vision_patch_size=4, vision_merge=2, vision_hidden_size=16)
 DIMS = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
             max_position_embeddings=128)
@@ -32,7 +32,7 @@ IDS = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
 
 
 def hf_model(family: str, tie: bool = False, seed: int = 0):
-  """A tiny random HF model; every weight (biases and norms too) is random so none can be skipped."""
+  """A tiny random HF model; every weight (biases and norms too) is random, so none can be lost."""
   torch.manual_seed(seed)
   if family == 'qwen2':
     config = transformers.Qwen2Config(**DIMS, rope_theta=10000.0, tie_word_embeddings=tie)
@@ -100,7 +100,7 @@ def test_hf_import_logits_match_transformers(tmp_path, family, tie):
 
 
 def test_torch_bin_import_equals_safetensors_import(tmp_path):
-  """pytorch_model.bin (weights-only torch.load), stored in bf16, reads like the safetensors file."""
+  """pytorch_model.bin (weights-only torch.load), in bf16, reads like the safetensors file."""
   model = hf_model('qwen2').to(torch.bfloat16)
   st_dir = save_hf(model, tmp_path / 'st')
   bin_dir = tmp_path / 'bin'
@@ -220,7 +220,7 @@ def test_exported_eve_has_reference_keys_shapes_and_config(tmp_path):
   config = json.load(open(tmp_path / 'eve' / 'config.json'))
   assert config['architectures'] == ['EVEQwen2ForCausalLM'] and config['model_type'] == 'eve-qwen2'
   assert config['add_moe'] is True and config['moe_part'] == 'layernorm-self_attn-mlp'
-  assert config['mm_hidden_size'] == 12 and config['num_key_value_heads'] == 1
+  assert config['mm_hidden_size'] == 16 and config['num_key_value_heads'] == 1
   assert os.path.exists(tmp_path / 'eve' / 'generation_config.json')
   assert (tmp_path / 'eve' / 'tokenizer.json').read_text() == '{"fake": 1}'
   # The official config reads back into the same evejax config.

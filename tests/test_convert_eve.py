@@ -1,5 +1,5 @@
 """EVEv2 with images: evejax logits against an independent PyTorch EVEv2 written here from
-EVE_REFERENCE.md §3.3-3.4, which loads the exported official state dict with strict key checking."""
+EVE_REFERENCE.md §3.3-3.4, which loads the exported official state dict with strict key checks."""
 import math
 
 import jax.numpy as jnp

@@ -40,7 +40,8 @@ _TOKENIZER_DIR = flags.DEFINE_string('tokenizer_dir', None, 'export: tokenizer f
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'export: stored dtype.')
 _VISION_TOWER = flags.DEFINE_string('vision_tower', exporter.EVE_V2_PROCESSOR,
                                     'export: mm_vision_tower (processor folder) in config.json.')
-_MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB', 'export: largest shard (e.g. 5GB, 500MB).')
+_MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB',
+                                 'export: largest shard (e.g. 5GB, 500MB).')
 
 
 def parse_size(text: str) -> int:

@@ -27,7 +27,8 @@ from evejax.data import encode, images
 from evejax.data.tokenizer import Tokenizer
 from evejax.models import EVE, ModelConfig
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'Official EVE / HF Llama-Qwen2 folder (PyTorch side).')
+_HF_DIR = flags.DEFINE_string('hf_dir', None,
+                              'Official EVE / HF Llama-Qwen2 folder (the PyTorch side).')
 _PARAMS = flags.DEFINE_string('params', None, 'evejax checkpoint (default: import --hf_dir).')
 _CONFIG = flags.DEFINE_string('config', None, 'get_config file whose `model` is the evejax model '
                               '(default: from config.json and the weights).')
@@ -40,7 +41,8 @@ _TOKENIZER = flags.DEFINE_string('tokenizer_dir', None, 'Folder of tokenizer.jso
                                  '--hf_dir).')
 _MAX_SIZE = flags.DEFINE_integer('max_size', 448, 'Image area budget (side of a square), pixels.')
 _TORCH = flags.DEFINE_enum('torch_impl', 'auto', ['auto', 'transformers', 'reference'],
-                           'PyTorch model: transformers (plain LLM, text) or the reference forward.')
+                           'PyTorch model: transformers (plain LLM, text) or the reference '
+                           'forward.')
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'k of the top-k agreement.')
 _ATOL = flags.DEFINE_float('atol', None, 'Exit with status 1 if max |logit diff| exceeds this.')
 
@@ -101,7 +103,8 @@ def load_pixels(path: str | None, cfg: ModelConfig, max_size: int) -> np.ndarray
   return np.asarray(images.resize(image, max_size, cfg.vision_token_pixels, 'eve_v2_train'))
 
 
-def evejax_logits(cfg: ModelConfig, params, ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
+def evejax_logits(cfg: ModelConfig, params, ids: list[int],
+                  pixels: np.ndarray | None) -> np.ndarray:
   image_list = []
   if pixels is not None:
     image_list = [images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)]

@@ -14,7 +14,6 @@ import os
 from typing import Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 # Not re-exported publicly: the transfer-priority enum and the array metadata store that a
 # custom ArrayHandler needs (orbax's own default handler is built with one).
@@ -90,14 +89,16 @@ def saved_model_config(params_dir: str) -> ModelConfig:
 
 
 def _restore(params_dir: str, target: Mapping) -> dict:
-  """The (partial) tree `target` of ShapeDtypeStructs, restored as numpy arrays."""
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  """The (partial) tree `target` of ShapeDtypeStructs, restored as jax arrays on the host CPU
+  (what `import_checkpoint` gives and `save_params` writes without another copy)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target)
   return ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
       item=target, restore_args=restore_args, partial_restore=True))
 
 
 def load_params(path: str, cfg: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
-  """All parameters (numpy, on this host) of an import output, a workdir, a checkpoints directory
+  """All parameters (jax arrays on the host CPU) of an import output, a workdir, a checkpoints directory
   (newest step) or a step directory; `cfg` defaults to the one saved with them."""
   params_dir = resolve_params_dir(path)
   cfg = cfg or saved_model_config(params_dir)
@@ -108,7 +109,8 @@ class LazyParams(Mapping):
   """A saved parameter tree that restores a leaf only when it is indexed, keeping just the last one:
   streaming an export through it holds one tensor, not the model (see `lazy_params`)."""
 
-  def __init__(self, params_dir: str, abstract: Mapping, path: tuple = (), last: dict | None = None):
+  def __init__(self, params_dir: str, abstract: Mapping, path: tuple = (),
+               last: dict | None = None):
     self._dir, self._abstract, self._path = params_dir, abstract, path
     self._last = {} if last is None else last
 

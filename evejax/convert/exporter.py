@@ -2,8 +2,9 @@
 
 A folder the official code (and `transformers`, for the LLM) loads: safetensors shards + index,
 `config.json`, `generation_config.json` and the tokenizer files. Parameters may be numpy arrays or
-(sharded, multi-host) jax arrays: each tensor is gathered to the host on its own (on every process, as
-the collective requires), converted to the PyTorch layout and streamed into its shard by process 0.
+(sharded, multi-host) jax arrays: each tensor is gathered to the host on its own (on every process,
+as the collective requires), converted to the PyTorch layout and streamed into its shard by
+process 0.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def eve_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None, dtype: s
   """config.json of the official EVEv2 model (EVE_REFERENCE.md §4.3)."""
   if cfg.family not in EVE_CLASSES:
     raise NotImplementedError(f'Export to the official format is implemented for EVEv2 (qwen2); '
-                              f'family {cfg.family!r} (EVEv1) needs its vision modules mapped first')
+                              f'family {cfg.family!r} (EVEv1) needs its vision modules mapped '
+                              'first')
   if (cfg.vision_patch_size, cfg.vision_merge) != (16, 2):
     logging.warning('Vision patch %d / merge %d differ from the official processor folders (16/2): '
                     'point mm_vision_tower at a processor with matching patch_stride/dense_stride',
@@ -100,7 +102,7 @@ def generation_config(hf_config: Mapping[str, Any]) -> dict:
 def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, *,
                   dtype: str = 'bfloat16', max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                   progress: bool = True) -> list[str]:
-  """Streams the tensors of `specs` from `params` into safetensors shards; returns the file names."""
+  """Streams the tensors of `specs` from `params` into safetensors shards; returns the files."""
   is_main = jax.process_index() == 0
   plan = [PlannedTensor(s.key, s.shape, np.dtype(dtype)) for s in specs]
   writer = ShardedSafetensorsWriter(folder, plan, max_shard_bytes) if is_main else None

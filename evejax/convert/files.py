@@ -1,9 +1,9 @@
 """Reading and writing HF-style checkpoint folders one tensor at a time.
 
 safetensors is parsed here directly (an 8-byte header size, a JSON header, raw little-endian data):
-a tensor is read with one positioned `np.fromfile` instead of a memory map, so pages of tensors already
-converted do not stay resident, and a file is written by planning every shard's header up front and
-then streaming each tensor into place. Neither direction ever holds more than one tensor of the file.
+a tensor is read with one positioned `np.fromfile` instead of a memory map, so pages of tensors
+already converted do not stay resident, and a file is written by planning every shard's header up
+front and then streaming each tensor into place. Neither direction holds more than one tensor.
 `pytorch_model*.bin` files are read with `torch.load(weights_only=True, mmap=True)`: tensors only,
 never arbitrary pickled objects.
 """
@@ -184,7 +184,8 @@ class ShardedSafetensorsWriter:
       raise ValueError(f'Tensor {key!r} was not planned; all planned tensors are written')
     name, planned = self._queue[self._next]
     if key != planned.key:
-      raise ValueError(f'Tensors must be written in plan order: expected {planned.key!r}, got {key!r}')
+      raise ValueError(f'Tensors must be written in plan order: expected {planned.key!r}, '
+                       f'got {key!r}')
     if tuple(value.shape) != planned.shape:
       raise ValueError(f'{key}: shape {tuple(value.shape)} differs from planned {planned.shape}')
     if name != self._file_name:

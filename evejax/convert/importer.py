@@ -62,7 +62,8 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
     raise ValueError(f'config.json model_type {model_type!r} is not supported; expected one of '
                      f'{sorted(LLM_MODEL_TYPES)}')
   if hf.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f"config.json hidden_act {hf['hidden_act']!r}: evejax implements SwiGLU (silu)")
+    raise ValueError(f"config.json hidden_act {hf['hidden_act']!r}: evejax implements SwiGLU "
+                     '(silu)')
   if hf.get('use_sliding_window'):
     raise ValueError('config.json use_sliding_window=true: evejax has no sliding-window attention')
   family = LLM_MODEL_TYPES[model_type]
@@ -224,7 +225,8 @@ def import_checkpoint(folder: str, cfg: ModelConfig, *, vision_copies: str = 'co
 def with_vision_copies(params: Mapping, cfg: ModelConfig) -> dict:
   """Parameters without vision copies (a stage-0 model) -> the parameters of `cfg`, whose layers are
   decomposed, with every vision copy (`moe_*`) initialised from its LLM weight: the reference's
-  `repeat_moe` step, in memory. Works on numpy and jax arrays; other arrays are shared, not copied."""
+  `repeat_moe` step, in memory. Works on numpy and jax arrays; other arrays are shared, not
+  copied."""
 
   def fill(key_path, target):
     path = tuple(k.key for k in key_path)

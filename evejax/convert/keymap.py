@@ -5,9 +5,9 @@ evejax module attributes mirror the reference names (`layers.N.self_attn.moe_q_p
 writes official files goes through `tensor_specs` and the two layout functions below; a stacked
 (scanned) layer layout only changes how `tensor_specs` enumerates layers.
 
-Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The EVEv2 vision convolutions
-have kernel == stride, so evejax holds them as Linear kernels over the patch flattened in
-(ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
+Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The EVEv2 vision
+convolutions have kernel == stride, so evejax holds them as Linear kernels over the patch flattened
+in (ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
 """
 from __future__ import annotations
 
