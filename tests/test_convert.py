@@ -400,3 +400,22 @@ def test_compare_logits_metrics():
   p = np.exp(b[1]) / np.exp(b[1]).sum()
   q = np.exp(a[1]) / np.exp(a[1]).sum()
   np.testing.assert_allclose(m['kl_divergence'], (p * np.log(p / q)).sum() / 2, rtol=1e-12)
+
+
+def test_scanned_layer_layout_maps_to_the_same_official_tensors(tmp_path):
+  """Stacked (scan_layers) parameters export to the per-layer keys and import back bit-exactly,
+  into either layout."""
+  scanned_cfg = tiny_eve_cfg(scan_layers=True)
+  scanned = random_params(scanned_cfg)
+  assert 'kernel' in scanned['layers']['mlp']['up_proj']  # one stacked array per weight
+  convert.export_eve(scanned, scanned_cfg, str(tmp_path / 'eve'), dtype='float32', progress=False)
+  assert read_export(tmp_path / 'eve').keys() == reference_eve_keys(scanned_cfg).keys()
+  back = flat(convert.import_checkpoint(str(tmp_path / 'eve'), scanned_cfg, progress=False))
+  for k, v in flat(scanned).items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+  unrolled = convert.import_checkpoint(str(tmp_path / 'eve'), tiny_eve_cfg(), progress=False)
+  for n in range(scanned_cfg.num_layers):
+    np.testing.assert_array_equal(unrolled['layers'][n]['self_attn']['moe_k_proj']['bias'],
+                                  scanned['layers']['self_attn']['moe_k_proj']['bias'][n])
+    np.testing.assert_array_equal(unrolled['layers'][n]['mlp']['down_proj']['kernel'],
+                                  scanned['layers']['mlp']['down_proj']['kernel'][n])
