@@ -53,7 +53,8 @@ def _slug(overrides: dict[str, Any]) -> str:
 
 
 def expand(config_spec: str, workdir: str) -> list[Run]:
-  """The runs `sweep(add)` of the config file defines; each override is checked against the config."""
+  """The runs that `sweep(add)` in the config file defines, each override checked against the
+  config."""
   path = config_spec.partition(':')[0]
   sweep_fn: Callable | None = runpy.run_path(path).get('sweep')
   if sweep_fn is None:

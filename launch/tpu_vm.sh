@@ -36,8 +36,9 @@ case "$action" in
     run tar -czf "$archive" -C "$repo" --exclude=.git --exclude=.venv .
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:/tmp/evejax.tar.gz" "${where[@]}" \
       --worker=all
-    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command \
-      "mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir && pip install -q -U 'jax[tpu]' && pip install -q -e $remote_dir"
+    install="mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir"
+    install+=" && pip install -q -U 'jax[tpu]' && pip install -q -e $remote_dir"
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command "$install"
     ;;
   run)
     [[ $# -ge 2 ]] || die "usage: $0 run CONFIG WORKDIR [--config.key=value ...]"

@@ -27,26 +27,27 @@ STAGES = ('stage0', 'copy', 'stage1_0', 'stage1_1', 'stage2', 'stage3')
 VISION_TOKENIZER = '^vision_tower/'
 VISION_COPIES = '/moe_'  # Decoder layers' `moe_*` modules (the reference's substring rule).
 
-# Per training stage: what trains, reference LR / global batch / text length / image side,
-# template, dataset and its size (one epoch). LR 'base = VE' in the reference: one group.
+# Per training stage: model changes, what trains, reference LR / global batch / text length /
+# image side, template, dataset and its size (one epoch). The reference's LR is 'base = VE':
+# one group.
+_NO_COPIES = dict(moe_part='')  # No vision copies before the copy step.
 _STAGE = {
-    'stage0': dict(decomposed=False, trainable=VISION_TOKENIZER, lr=2e-4, batch=1024, seq_len=2048,
-                   max_size=800, template='plain', dataset='datacomp1b-10m-index',
+    'stage0': dict(model=_NO_COPIES, trainable=VISION_TOKENIZER, lr=2e-4, batch=1024,
+                   seq_len=2048, max_size=800, template='plain', dataset='datacomp1b-10m-index',
                    examples=10_000_000),
-    'stage1_0': dict(decomposed=True, trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=1e-4,
-                     batch=1024, seq_len=2048, max_size=800, template='plain',
+    'stage1_0': dict(trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=1e-4, batch=1024,
+                     seq_len=2048, max_size=800, template='plain',
                      dataset='datacomp1b-30m-index', examples=29_000_000),
-    'stage1_1': dict(decomposed=True, trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=5e-5,
-                     batch=1024, seq_len=4096, max_size=1600, template='plain',
+    'stage1_1': dict(trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=5e-5, batch=1024,
+                     seq_len=4096, max_size=1600, template='plain',
                      dataset='laion-openimages-sam-datacomp1b-48m-index', examples=48_000_000),
-    'stage2': dict(decomposed=True, trainable='.*', lr=2e-5, batch=512, seq_len=4096,
-                   max_size=1600, template='qwen2', dataset='infinity-mm-generalqa-index',
-                   examples=15_000_000),
-    'stage3': dict(decomposed=True, trainable='.*', lr=1e-5, batch=512, seq_len=5000,
-                   max_size=1600, template='qwen2', dataset='infinity-mm-llava-ov-index',
-                   examples=7_300_000),
+    'stage2': dict(trainable='.*', lr=2e-5, batch=512, seq_len=4096, max_size=1600,
+                   template='qwen2', dataset='infinity-mm-generalqa-index', examples=15_000_000),
+    'stage3': dict(trainable='.*', lr=1e-5, batch=512, seq_len=5000, max_size=1600,
+                   template='qwen2', dataset='infinity-mm-llava-ov-index', examples=7_300_000),
 }
 WARMUP_RATIO = 0.03
+ARGS = dict(size='tiny', root='', data_root='', tokenizer='', steps=60)  # See the docstring.
 SAVE_EVERY = 4000
 TINY_LR_SCALE = 10.0  # The tiny model trains at 10x the 7B learning rates.
 
@@ -57,7 +58,7 @@ def previous_stage(stage: str) -> str:
 
 
 def stage_dir(root: str, stage: str) -> str:
-  return os.path.join(root, stage) if root else ''
+  return os.path.join(root, stage) if root and stage else ''
 
 
 def _tiny_base() -> ml_collections.ConfigDict:
@@ -66,59 +67,81 @@ def _tiny_base() -> ml_collections.ConfigDict:
   return runpy.run_path(demo)['get_config']()
 
 
-def _data_7b(arg, stage: dict) -> dict:
-  path = os.path.join(arg.data_root, stage['dataset']) if arg.data_root else ''
+def _data_7b(arg, spec: dict) -> dict:
+  path = os.path.join(arg.data_root, spec['dataset']) if arg.data_root else ''
   return dict(source='records', path=path, train_split='train', eval_split='eval',
-              tokenizer=arg.tokenizer, template=stage['template'], seq_len=stage['seq_len'],
-              max_size=stage['max_size'], resize='eve_v2_train', blank_images=False,
+              tokenizer=arg.tokenizer, template=spec['template'], seq_len=spec['seq_len'],
+              max_size=spec['max_size'], resize='eve_v2_train', blank_images=False,
               pack_window=1, row_patches=0,  # The reference packs nothing: one example per row.
               num_threads=16, num_workers=4, prefetch=4, cache_dir='')
 
 
-def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The config of one training stage of the EVEv2 recipe."""
-  arg = parse_arg(arg, size='tiny', root='', data_root='', tokenizer='', steps=60)
-  if stage not in _STAGE:
-    raise ValueError(f'Unknown EVEv2 training stage {stage!r}; available: {sorted(_STAGE)}')
+def _cluster_base(model: dict, arg, spec: dict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = dict(model, scan_layers=True, remat='full')  # Reference: gradient checkpointing.
+  config.data = _data_7b(arg, spec)
+  config.batch_size = spec['batch']
+  config.total_steps = spec['examples'] // spec['batch']  # One epoch.
+  config.optim = dict(lr=spec['lr'], warmup_steps=0, end_lr_ratio=0.0, weight_decay=0.0, b1=0.9,
+                      b2=0.999, eps=1e-8,
+                      grad_clip=1.0)  # HF default; under DeepSpeed probably none (§5).
+  config.mesh = dict(data=1, fsdp=-1, tensor=1)  # Fully sharded, like ZeRO-3.
+  config.log_every = 50
+  config.eval_every = spec.get('save_every', SAVE_EVERY)
+  config.checkpoint = dict(every=spec.get('save_every', SAVE_EVERY), keep_last=2, keep_every=0,
+                           async_save=True)
+  config.guard = dict(nonfinite='stop', max_skipped=10)
+  config.metrics = dict(peak_flops=0.0)
+  config.profile_steps = 0
+  config.profile_first_step = 10
+  # Multi-host: launch/ sets JAX_* (SLURM) or passes --config.distributed.auto=True (TPU).
+  config.distributed = dict(coordinator_address='', num_processes=0, process_id=-1, auto=False)
+  return config
+
+
+def _tiny(arg, spec: dict, tiny_model: dict) -> ml_collections.ConfigDict:
+  config = _tiny_base()
+  config.model.update(tiny_model)
+  config.total_steps = arg.steps
+  config.optim.lr = spec['lr'] * TINY_LR_SCALE
+  config.data.template = 'plain' if spec['template'] == 'plain' else 'chat'
+  if spec['template'] == 'plain':  # Pretraining: one (image, caption) pair per example.
+    config.data.shapes.question_kinds = 'caption'
+    if 'turns' in config.data.shapes:
+      config.data.shapes.turns = 1
+  config.checkpoint.every = arg.steps  # Only the stage's final weights.
+  return config
+
+
+def build_stage_config(spec: dict, stage: str, arg: str | None, *, init_stage: str,
+                       model_7b: dict, tiny_model: dict | None = None,
+                       ) -> ml_collections.ConfigDict:
+  """One stage's config from its table row `spec` (EVEv1 shares this builder). `init_stage`: the
+  stage whose output it starts from ('' = none at tiny size, where no pretrained LLM exists)."""
+  arg = parse_arg(arg, **ARGS)
   if arg.size not in ('7b', 'tiny'):
     raise ValueError(f"size={arg.size!r}: use '7b' or 'tiny'")
-  spec = _STAGE[stage]
   tiny = arg.size == 'tiny'
-  if tiny:
-    config = _tiny_base()
-    config.total_steps = arg.steps
-    config.optim.lr = spec['lr'] * TINY_LR_SCALE
-    config.data.template = 'plain' if spec['template'] == 'plain' else 'chat'
-    if spec['template'] == 'plain':  # Pretraining: (image, caption) pairs only.
-      config.data.shapes.question_kinds = 'caption'
-    config.checkpoint.every = arg.steps  # Only the stage's final weights.
-  else:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = model_preset('eve_v2_7b')
-    config.model.update(scan_layers=True, remat='full')  # Reference: gradient checkpointing.
-    config.data = _data_7b(arg, spec)
-    config.batch_size = spec['batch']
-    config.total_steps = spec['examples'] // spec['batch']  # One epoch.
-    config.optim = dict(lr=spec['lr'], warmup_steps=0, end_lr_ratio=0.0, weight_decay=0.0,
-                        b1=0.9, b2=0.999, eps=1e-8,
-                        grad_clip=1.0)  # HF default; under DeepSpeed probably none (§5).
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)  # Fully sharded, like ZeRO-3.
-    config.log_every = 50
-    config.eval_every = SAVE_EVERY
-    config.checkpoint = dict(every=SAVE_EVERY, keep_last=2, keep_every=0, async_save=True)
-    config.guard = dict(nonfinite='stop', max_skipped=10)
-    config.metrics = dict(peak_flops=0.0)
-    config.profile_steps = 0
-    config.profile_first_step = 10
-    # Multi-host: launch/ sets JAX_* (SLURM) or passes --config.distributed.auto=True (TPU).
-    config.distributed = dict(coordinator_address='', num_processes=0, process_id=-1, auto=False)
-  if not spec['decomposed']:
-    config.model.moe_part = ''  # No vision copies before the copy step.
-  config.optim.warmup_steps = max(1, round(WARMUP_RATIO * config.total_steps))
-  config.optim.update(trainable=spec['trainable'], frozen='', groups={})
-  # Tiny stage 0 starts from a random LLM: there is no pretrained one at that size.
-  config.init_from = '' if tiny and stage == STAGES[0] else stage_dir(arg.root,
-                                                                      previous_stage(stage))
+  config = _tiny(arg, spec, tiny_model or {}) if tiny else _cluster_base(model_7b, arg, spec)
+  config.model.update(spec.get('model', {}))
+  config.optim.warmup_steps = max(1, round(spec.get('warmup_ratio', WARMUP_RATIO) *
+                                           config.total_steps))
+  scale = TINY_LR_SCALE if tiny else 1.0
+  groups = {name: dict(pattern=g['pattern'], lr=g['lr'] * scale)
+            for name, g in spec.get('groups', {}).items()}
+  config.optim.update(trainable=spec['trainable'], frozen=spec.get('frozen', ''), groups=groups)
+  config.init_from = stage_dir(arg.root, init_stage)
   config.stage = stage
   return config
+
+
+def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The config of one training stage of the EVEv2 recipe."""
+  if stage not in _STAGE:
+    raise ValueError(f'Unknown EVEv2 training stage {stage!r}; available: {sorted(_STAGE)}')
+  tiny = parse_arg(arg, **ARGS).size == 'tiny'
+  # Tiny stage 0 starts from a random LLM: there is no pretrained one at that size.
+  init_stage = '' if tiny and stage == STAGES[0] else previous_stage(stage)
+  return build_stage_config(_STAGE[stage], stage, arg, init_stage=init_stage,
+                            model_7b=model_preset('eve_v2_7b'))

@@ -1,6 +1,7 @@
 """EVEv2 stage 3, instruction tuning: every parameter trains.
 
-  python -m evejax.train --config=configs/eve_v2/stage3.py:size=tiny,root=DIR --workdir=DIR/stage3
+  python -m evejax.train --config=configs/eve_v2/stage3.py:size=tiny,root=DIR \
+      --workdir=DIR/stage3
 Arguments and the stage table: configs/eve_v2/common.py.
 """
 import os

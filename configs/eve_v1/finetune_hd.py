@@ -1,0 +1,14 @@
+"""EVEv1 stage 3 HD, SFT (EVE-7B-HD) from pretrain: 2e-5, 1344 px, 4096 tokens.
+
+  python -m evejax.train --config=configs/eve_v1/finetune_hd.py:size=tiny,root=DIR \
+      --workdir=DIR/finetune_hd
+Arguments and the stage table: configs/eve_v1/common.py.
+"""
+import os
+import runpy
+
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py'))
+
+
+def get_config(arg=None):
+  return _COMMON['stage_config']('finetune_hd', arg)
