@@ -287,3 +287,15 @@ def test_demo_data_is_written_to_array_record_once_and_reads_back_identical(tmp_
   assert os.stat(manifest).st_mtime_ns == written  # Read back, not rewritten.
   data_cfg.num_train = 13
   assert pipeline.make_sources(data_cfg)[0].directory != train.directory
+
+
+def test_multi_process_eval_has_equal_batch_counts_and_every_example_once(source, pre):
+  data_cfg = ml_collections.ConfigDict(dict(pack_window=8, row_patches=24, num_threads=1))
+  per_process = [list(pipeline.eval_batches(data_cfg, source, pre, 4, process_index=p,
+                                            process_count=2)) for p in range(2)]
+  assert len(per_process[0]) == len(per_process[1]) == -(-NUM_RECORDS // 2 // 2)
+  batches = per_process[0] + per_process[1]
+  assert all(b['tokens'].shape == (2, pre.seq_len) for b in batches)
+  want = sum(pre.encode(source[i])['loss_weights'].sum() for i in range(len(source)))
+  assert sum(b['loss_weights'].sum() for b in batches) == want
+  assert sum(len(np.unique(r[r > 0])) for b in batches for r in b['segment_ids']) == NUM_RECORDS

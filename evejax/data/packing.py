@@ -25,6 +25,7 @@ class RowSpec:
   seq_len: int
   max_patches: int  # Patch-group slots of the whole row.
   patch_shape: tuple[int, int]
+  image_keys: bool = False  # EVEv1's per-group image keys (batch.V1_KEYS)
 
 
 def num_patches(example: Example) -> int:
@@ -82,7 +83,8 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
     row = self._rows[self._emitted]
     self._emitted += 1
-    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape)
+    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape,
+                           image_keys=self._spec.image_keys)
 
   def get_state(self) -> dict[str, Any]:
     return {'window_start': self._window_start, 'emitted': self._emitted}
@@ -118,3 +120,47 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
     return batch
   return {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
           for k, v in batch.items()}
+
+
+def empty_batch(spec: RowSpec, batch_size: int) -> dict[str, np.ndarray]:
+  """Rows with no example (segment 0, no loss weight)."""
+  row = encode.pack_row([], spec.seq_len, spec.max_patches, spec.patch_shape)
+  return {k: np.stack([v] * batch_size) for k, v in row.items()}
+
+
+class _FillIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, empty: dict[str, np.ndarray], count: int):
+    super().__init__(parent)
+    self._empty, self._count, self._emitted = empty, count, 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._emitted == self._count:
+      raise StopIteration
+    self._emitted += 1
+    try:
+      return next(self._parent)
+    except StopIteration:
+      return self._empty
+
+  def get_state(self) -> dict[str, Any]:
+    return {'parent': self._parent.get_state(), 'emitted': self._emitted}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state['parent'])
+    self._emitted = state['emitted']
+
+
+class FillToCount(grain.IterDataset):
+  """Exactly `count` batches: the parent's (there must be at most `count`), then empty ones.
+
+  Multi-host evaluation needs it: every process must run the same number of steps, and how many
+  packed rows a process's share needs depends on its examples.
+  """
+
+  def __init__(self, parent: grain.IterDataset, spec: RowSpec, batch_size: int, count: int):
+    super().__init__(parent)
+    self._empty, self._count = empty_batch(spec, batch_size), count
+
+  def __iter__(self) -> _FillIterator:
+    return _FillIterator(self._parent.__iter__(), self._empty, self._count)
