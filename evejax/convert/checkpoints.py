@@ -60,8 +60,8 @@ def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) 
   """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
   directory = os.path.abspath(directory)
   metadata = {'config': {'model': dataclasses.asdict(cfg)}, 'converted_from': source}
-  # Orbax needs the largest array to fit the limit.
-  limit_gb = max([CONCURRENT_GB] + [x.nbytes / 1e9 for x in jax.tree.leaves(params)])
+  # Orbax needs the largest array to fit well within the limit.
+  limit_gb = max([CONCURRENT_GB] + [2 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
   params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb,
                                                save_device_host_concurrent_gb=limit_gb)
   # import_checkpoint gives jax arrays on the CPU; numpy leaves are copied into jax arrays, because
