@@ -25,7 +25,6 @@ class RowSpec:
   seq_len: int
   max_patches: int  # Patch-group slots of the whole row.
   patch_shape: tuple[int, int]
-  image_keys: bool = False  # EVEv1's per-group image keys (batch.V1_KEYS)
 
 
 def num_patches(example: Example) -> int:
@@ -83,8 +82,7 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
     row = self._rows[self._emitted]
     self._emitted += 1
-    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape,
-                           image_keys=self._spec.image_keys)
+    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape)
 
   def get_state(self) -> dict[str, Any]:
     return {'window_start': self._window_start, 'emitted': self._emitted}
