@@ -419,3 +419,11 @@ def test_scanned_layer_layout_maps_to_the_same_official_tensors(tmp_path):
                                   scanned['layers']['self_attn']['moe_k_proj']['bias'][n])
     np.testing.assert_array_equal(unrolled['layers'][n]['mlp']['down_proj']['kernel'],
                                   scanned['layers']['mlp']['down_proj']['kernel'][n])
+
+
+def test_parameters_without_an_official_name_are_refused():
+  params = {'embed_tokens': {'embedding': jax.ShapeDtypeStruct((4, 2), jnp.float32)},
+            'vision_tower': {'local_attention': {'proj': {
+                'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}}}
+  with pytest.raises(NotImplementedError, match='vision_tower/local_attention/proj/kernel'):
+    convert.tensor_specs(tiny_eve_cfg(), params)

@@ -23,6 +23,9 @@ from evejax.models import EVE, ModelConfig
 # evejax module name -> reference module name.
 MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2'}
 CONV_MODULES = frozenset(MODULE_RENAMES)
+# The modules the map knows (EVEv2 and the plain LLMs); anything else has no official name yet.
+KNOWN_MODULES = ('embed_tokens', 'layers', 'norm', 'lm_head', 'vision_tower')
+KNOWN_VISION_PARAMS = ('patch_conv', 'merge_conv', 'class_embedding', 'split_embedding')
 # Reference buffers that are recomputed at load time and may appear in old checkpoints.
 IGNORED_KEY_SUFFIXES = ('rotary_emb.inv_freq',)
 VISION_PREFIX = 'model.vision_tower.'
@@ -71,6 +74,11 @@ def _is_stacked(path: tuple[Any, ...]) -> bool:
 
 
 def _official_key(path: tuple[Any, ...], layer: int | None) -> tuple[str, str]:
+  if path[0] not in KNOWN_MODULES or (path[0] == 'vision_tower' and
+                                      path[1] not in KNOWN_VISION_PARAMS):
+    raise NotImplementedError(
+        f'No official checkpoint name is known for parameter {"/".join(map(str, path))}: the '
+        'converter maps EVEv2 and plain Llama/Qwen2 parameters (EVEv1 modules are not mapped yet)')
   *modules, leaf = [str(p) for p in path]
   if layer is not None:
     modules.insert(1, str(layer))
