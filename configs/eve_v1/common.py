@@ -20,8 +20,9 @@ _V2 = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 STAGES = ('prealign', 'pretrain', 'finetune', 'finetune_hd')
 INIT = {'prealign': 'llm', 'pretrain': 'prealign', 'finetune': 'pretrain',
         'finetune_hd': 'pretrain'}
-# The reference's parameter groups are substring rules on these names.
-VISION = 'vision_tower|mm_projector'
+# The reference's groups are substring rules: `vision_tower` (the PEL, and the PAL, its
+# `vision_tower_compressor`) and `mm_projector`; here the PAL is `pal/`.
+VISION = 'vision_tower|mm_projector|^pal/'
 
 VICUNA_7B = dict(family='llama', vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0,
