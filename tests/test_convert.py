@@ -427,3 +427,45 @@ def test_parameters_without_an_official_name_are_refused():
                 'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}}}
   with pytest.raises(NotImplementedError, match='vision_tower/local_attention/proj/kernel'):
     convert.tensor_specs(tiny_eve_cfg(), params)
+
+
+MULTIHOST_EXPORT = textwrap.dedent('''
+    import sys
+    import jax
+    process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                               process_id=process_id)
+    from jax.experimental import multihost_utils
+    from flax import nnx
+    from evejax import convert, sharding
+    from evejax.models import EVE, ModelConfig
+    cfg = ModelConfig(family='qwen2', vocab_size=96, hidden_size=32, intermediate_size=48,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, vision_patch_size=4,
+                      vision_merge=2, vision_hidden_size=16)
+    mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2})
+    _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh)
+    assert not params['layers'][0]['mlp']['up_proj']['kernel'].is_fully_addressable
+    written = convert.export_eve(params, cfg, out + '/multi', dtype='float32', progress=False)
+    assert bool(written) == (process_id == 0)
+    gathered = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+    if process_id == 0:
+      convert.export_eve(gathered, cfg, out + '/host', dtype='float32', progress=False)
+''')
+
+
+@pytest.mark.slow  # two JAX processes: ~30 s on 2 shared cores
+def test_two_process_export_gathers_each_tensor_to_process_0(tmp_path):
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST_EXPORT, str(i), str(port),
+                             str(tmp_path)], env=env, cwd=root, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errors = [p.communicate(timeout=240)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), errors[0][-2000:] + errors[1][-2000:]
+  a = (tmp_path / 'multi' / 'model.safetensors').read_bytes()
+  assert a == (tmp_path / 'host' / 'model.safetensors').read_bytes()
