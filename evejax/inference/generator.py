@@ -64,7 +64,10 @@ class Generator:
                                                                   patch_multiple)
     model = nnx.merge(graphdef, nnx.State(params))
     cfg = model.cfg
-    self.patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * 3)
+    # EVEv1's patch groups carry a 4th (valid-pixel) channel and per-group image numbers.
+    self.v1 = getattr(cfg, 'vision_tokenizer', 'v2') == 'v1'
+    channels = 4 if self.v1 else 3
+    self.patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * channels)
     self.num_kv_heads = cfg.num_kv_heads
 
     def with_cache():
@@ -170,7 +173,8 @@ class Generator:
     length = _round_up(max(len(p['tokens']) for p in prompts), self.length_multiple)
     max_patches = _round_up(max(0 if p['patches'] is None else len(p['patches']) for p in prompts),
                             self.patch_multiple)
-    batch = prompt_lib.left_padded_batch(prompts, length, max_patches, self.patch_shape)
+    batch = prompt_lib.left_padded_batch(prompts, length, max_patches, self.patch_shape,
+                                         image_keys=self.v1)
     with self._mesh_context():
       if self.mesh is not None:
         batch = sharding.shard_batch(batch, self.mesh)

@@ -17,6 +17,8 @@ from evejax.data import encode, templates
 from evejax.data.pipeline import Preprocessor
 from evejax.data.tokenizer import Tokenizer
 
+_SEQUENCE_KEYS = encode.SEQUENCE_KEYS + ('positions', 'segment_ids')  # per position, not per patch
+
 
 def prompt_ids(question: str, tokenizer: Tokenizer, template: templates.Template, *,
                with_image: bool) -> list[int]:
@@ -50,11 +52,14 @@ def encode_prompt(preprocess: Preprocessor, question: str, image: bytes | None =
 
 
 def left_padded_batch(prompts: Sequence[dict[str, np.ndarray]], length: int, max_patches: int,
-                      patch_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-  """Prompts right-aligned in rows of `length` slots (segment id 0 on the padding on the left)."""
+                      patch_shape: tuple[int, int], *,
+                      image_keys: bool = False) -> dict[str, np.ndarray]:
+  """Prompts right-aligned in rows of `length` slots (segment id 0 on the padding on the left).
+  `image_keys`: also the per-patch-group EVEv1 keys (batch.V1_KEYS)."""
+  kw = {'image_keys': True} if image_keys else {}
   rows = []
   for prompt in prompts:
-    row = encode.pack_row([prompt], length, max_patches, patch_shape)
+    row = encode.pack_row([prompt], length, max_patches, patch_shape, **kw)
     pad = length - len(prompt['tokens'])
-    rows.append({k: v if k == 'patches' else np.roll(v, pad) for k, v in row.items()})
+    rows.append({k: np.roll(v, pad) if k in _SEQUENCE_KEYS else v for k, v in row.items()})
   return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
