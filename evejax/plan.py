@@ -147,7 +147,8 @@ def report(result: dict[str, Any], cfg, mesh, batch_shape) -> str:
       f'Plan: {cfg.num_layers} layers, hidden {cfg.hidden_size}, routing {cfg.routing}, '
       f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
       f'Mesh {dict(mesh.shape)} = {mesh.size} devices; global batch {rows} rows x {seq_len} '
-      f'positions, {patch_groups} visual-token slots per row; compiled in {result["compile_s"]:.0f} s',
+      f'positions, {patch_groups} visual-token slots per row; compiled in '
+      f'{result["compile_s"]:.0f} s',
       '', '| per device                        |        GiB |          MiB |',
       '| --- | ---: | ---: |']
   for key, label in (('params', 'parameters'), ('opt_state', 'optimizer state'),

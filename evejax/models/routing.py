@@ -5,16 +5,17 @@ This is the single place that decides how a decomposed op is evaluated:
 - `select` (the reference, and the test oracle): both branches on every token, then a per-token
   select; the decomposed ops cost 2x the FLOPs of a plain layer.
 - `sorted` (FLOP-exact): tokens are sorted by modality (vision first), so the modality boundary is a
-  single index V. Static-shape windows halve around V: at each level one half of the current window
-  lies wholly on one side of V and takes exactly one branch (`lax.cond`), and the search continues in
-  the other half; only the last window of `tile` tokens straddling V evaluates both branches. Every
-  token but those pays for one branch: total cost N + ~2 * tile token-ops instead of 2N. It needs no
-  grouped-matmul kernel (`lax.ragged_dot` lowers to two dense matmuls on CPU), so it is exact in
-  FLOPs on every backend. Under a mesh the sort runs per batch shard (`shard_map` over the batch
-  axes, the `tensor` axis left to GSPMD), so no token leaves its device.
+  single index V. Static-shape windows halve around V: at each level one half of the current
+  window lies wholly on one side of V and takes exactly one branch (`lax.cond`), and the search
+  continues in the other half; only the last window (max(N / 64, 32) tokens) straddling V evaluates
+  both branches. Total cost: N + ~N / 32 token-ops instead of 2N. It needs no grouped-matmul
+  kernel (`lax.ragged_dot` lowers to two dense matmuls on CPU), so it is FLOP-exact on every
+  backend. Under a mesh the sort runs per batch shard (`shard_map` over the batch axes, the
+  `tensor` axis left to GSPMD), so no token leaves its device.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -52,18 +53,11 @@ def _per_batch_shard(fn: Callable[[Array, Array], Array], x: Array, mask: Array)
   """Runs `fn` on each device's rows when a mesh with batch axes is active, else on all rows."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or x.shape[0] % _size(mesh, axes):
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return fn(x, mask)
   spec = P(axes)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
                        axis_names=set(axes), check_vma=False)(x, mask)
-
-
-def _size(mesh, axes) -> int:
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
-  return n
 
 
 def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> Array:
@@ -73,8 +67,8 @@ def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> A
   order = jnp.argsort(~flat_mask, stable=True)  # vision tokens first
   num_vision = jnp.sum(flat_mask, dtype=jnp.int32)
   xs = flat_x[order]
-  out_dtype = jax.eval_shape(text_op, xs[:1])
-  out = jnp.zeros((n, out_dtype.shape[-1]), out_dtype.dtype)
+  out_shape = jax.eval_shape(text_op, xs[:1])
+  out = jnp.zeros((n, out_shape.shape[-1]), out_shape.dtype)
 
   start, size = jnp.zeros((), jnp.int32), n  # the window [start, start + size) holds the boundary
   last = max(n // LAST_WINDOW_FRACTION, MIN_LAST_WINDOW)
@@ -91,6 +85,7 @@ def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> A
   is_vision = (start + jnp.arange(size)) < num_vision
   y = jnp.where(is_vision[:, None], vision_op(window), text_op(window))
   out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, 0)
-  # Unsort with a gather (row scatters are slow on CPU); the inverse permutation is a cheap int scatter.
+  # Unsort with a gather (row scatters are slow on CPU); inverting the permutation is a cheap
+  # int scatter.
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))
   return out[inverse].reshape(*lead, -1)

@@ -65,7 +65,8 @@ def scan_layers(call: LayerCall, stacked: nnx.Module, x: Array, *args) -> Array:
 
 
 def stack_params(layer_params: dict) -> dict:
-  """Per-layer params {0: tree, 1: tree, ...} (the unrolled layout) -> one tree of stacked arrays."""
+  """Per-layer params {0: tree, 1: tree, ...} (the unrolled layout) -> one tree of stacked
+  arrays."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *(layer_params[i] for i in sorted(layer_params)))
 
 

@@ -1,7 +1,7 @@
-"""Multi-process runs: joining the JAX distributed system, and which process does the host-side work.
+"""Multi-process runs: joining the JAX distributed system; which process does host-side work.
 
-A run with N processes (hosts) calls `initialize` once, before any other JAX call. Settings come from
-`config.distributed` or, where empty, the environment:
+A run with N processes (hosts) calls `initialize` once, before any other JAX call. Settings come
+from `config.distributed` or, where empty, the environment:
 
 | config.distributed      | environment             | meaning                                     |
 | ----------------------- | ----------------------- | ------------------------------------------- |

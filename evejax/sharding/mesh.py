@@ -1,4 +1,4 @@
-"""Mesh construction and the logical-axis rules that place parameters and activations (MaxText style).
+"""Mesh construction and the logical-axis rules placing parameters and activations (MaxText style).
 
 The mesh uses Auto axis types (GSPMD propagation) everywhere: parameters, batches and a few
 activations are placed explicitly, XLA propagates the rest. Parallelism is a config edit:
@@ -79,8 +79,9 @@ def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = N
       device_grid = mesh_utils.create_hybrid_device_mesh(
           ici_shape, dcn_shape, devices, process_is_granule=not multi_slice)
     except ValueError as error:
-      raise ValueError(f'mesh.dcn {dcn} does not match the {"slices" if multi_slice else "processes"}'
-                       f' of this run: {error}') from error
+      granules = 'slices' if multi_slice else 'processes'
+      raise ValueError(f'mesh.dcn {dcn} does not match the {granules} of this run: {error}') \
+          from error
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
