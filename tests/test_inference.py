@@ -38,7 +38,8 @@ def _training_forward(graphdef, params, batch):
   return nnx.merge(graphdef, params)(batch)
 
 
-def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32):
+def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32, patch_shape=PATCH_SHAPE,
+                    **pack_kw):
   """Reference: recompute the whole sequence through the training path for every new token."""
   graphdef, params = nnx.split(model)
   generated = []
@@ -48,7 +49,7 @@ def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32):
     example['tokens'] = np.concatenate([prompt['tokens'], generated]).astype(np.int32)
     for key in ('token_kind', 'patch_index', 'targets', 'loss_weights'):
       example[key] = np.concatenate([prompt[key], np.zeros(n_new, prompt[key].dtype)])
-    row = encode.pack_row([example], seq_len, max_patches, PATCH_SHAPE)
+    row = encode.pack_row([example], seq_len, max_patches, patch_shape, **pack_kw)
     logits = _training_forward(graphdef, params, {k: v[None] for k, v in row.items()})
     generated.append(int(np.argmax(logits[0, len(example['tokens']) - 1])))
   return generated
@@ -228,3 +229,27 @@ def test_sharded_generation_matches_single_device():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'OK' in result.stdout
+
+
+def test_cached_equals_uncached_for_eve_v1():
+  """EVEv1 (Llama decoder, local/global-attention PEL with a valid-pixel channel; PAL is training
+  only): cached greedy decoding equals full recomputation, prompts of different lengths and
+  image sizes in one batch."""
+  pytest.importorskip('evejax.models.vision_v1', reason='the EVEv1 model (issue 4) has not landed')
+  from evejax.models.presets import model_preset
+  cfg = ModelConfig(**{**model_preset('eve_v1_tiny'), 'num_layers': 2, 'vocab_size': 97})
+  model = EVE(cfg, rngs=nnx.Rngs(2))
+  token = cfg.vision_patch_size * cfg.vision_merge
+  rng = np.random.default_rng(4)
+
+  def v1_prompt(before, after, image_hw):
+    pixels = images.with_valid_channel(rng.integers(0, 256, (*image_hw, 3), dtype=np.uint8), token)
+    ids = ([*rng.integers(3, 97, before), bf.IMAGE_TOKEN_INDEX, *rng.integers(3, 97, after)])
+    groups = [images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)]
+    return encode.encode_example(ids, [False] * len(ids), groups)
+
+  v1_prompts = [v1_prompt(3, 4, (56, 84)), v1_prompt(1, 2, (50, 28))]  # 2x3 and 2x1 tokens
+  cached = generator_for(model).generate(v1_prompts, SamplingConfig(max_new_tokens=4))
+  patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * 4)
+  assert cached == [uncached_greedy(model, p, 4, patch_shape=patch_shape, image_keys=True)
+                    for p in v1_prompts]
