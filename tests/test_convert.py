@@ -469,3 +469,16 @@ def test_two_process_export_gathers_each_tensor_to_process_0(tmp_path):
   assert all(p.returncode == 0 for p in procs), errors[0][-2000:] + errors[1][-2000:]
   a = (tmp_path / 'multi' / 'model.safetensors').read_bytes()
   assert a == (tmp_path / 'host' / 'model.safetensors').read_bytes()
+
+
+def test_check_tool_transformers_side_on_a_plain_llm(tmp_path):
+  """The parity tool's functions on a plain HF folder: transformers vs the imported evejax model."""
+  from evejax.convert import check  # pylint: disable=import-outside-toplevel
+  folder = save_hf(hf_model('llama'), tmp_path / 'hf')
+  reader = files.CheckpointReader(folder)
+  cfg = check.model_config(folder, reader, None)
+  params = convert.import_checkpoint(folder, cfg, progress=False)
+  metrics = check.compare_logits(check.evejax_logits(cfg, params, IDS, None),
+                                 check.torch_logits(folder, 'transformers', IDS, None))
+  assert metrics['max_abs_diff'] < 1e-4 and metrics['top1_agreement'] == 1.0
+  assert metrics['kl_divergence'] < 1e-8
