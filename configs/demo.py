@@ -24,18 +24,18 @@ def get_config(arg=None):
       path='', train_split='train', eval_split='eval',
       tfds=dict(name='', data_dir='', train_split='train', eval_split='validation'),
       tokenizer='',  # '' = train the demo BPE on the dataset's corpus; else a tokenizer.json path.
-      template='chat', seq_len=128, max_size=160, resize='eve_v2_train',
+      template='chat', seq_len=256, max_size=96, resize='eve_v2_train',
       blank_images=arg.blank,  # Ablation: same layout, no pixels.
-      # Packing: first-fit over windows of 128 examples, ~3.6 per row, >= 90% of positions used;
+      # Packing: first-fit over windows of 128 examples, ~5 per row, >= 90% of positions used;
       # pack_window=1 is one example per row. row_patches: patch-group slots per row.
-      pack_window=128, row_patches=56,
+      pack_window=128, row_patches=96,
       num_threads=2, num_workers=0, prefetch=4,  # Workers need parsed absl flags (the CLI does).
       cache_dir='',  # The demo data is written to ArrayRecord here once; '' = ~/.cache/evejax.
       bad_records=dict(max_fraction=0.01, min_records=1000),  # See {workdir}/quarantine.jsonl
-      shapes=dict(cell=32, min_cells=2, max_cells=5, max_shapes=3,
+      shapes=dict(cell=32, min_cells=1, max_cells=3, max_shapes=3, turns=3,
                   question_kinds='caption,color,shape,count,top'),
   )
-  config.batch_size = 8  # Packed rows (global), ~29 examples per step.
+  config.batch_size = 4  # Packed rows (global), ~16 examples (48 questions) per step.
   config.total_steps = 600
   config.optim = dict(lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
                       b2=0.999, eps=1e-8, grad_clip=1.0,

@@ -51,6 +51,16 @@ def test_captions_describe_the_pixels(shapes):
   assert record['conversations'][0]['value'].startswith('<image>\n') and answer.endswith('.')
 
 
+def test_multi_turn_conversations_ask_distinct_questions():
+  record = ShapesDataset(10, seed=3, turns=3)[4]
+  turns = record['conversations']
+  assert [t['from'] for t in turns] == ['human', 'gpt'] * 3
+  assert turns[0]['value'].startswith('<image>\n') and '<image>' not in turns[2]['value']
+  assert len({t['value'] for t in turns[::2]}) == 3
+  with pytest.raises(ValueError, match='turns must be in'):
+    ShapesDataset(10, seed=3, turns=6)
+
+
 def test_answers_need_the_image(shapes):
   """The same question gets different answers across images: text alone cannot answer."""
   answers = {}

@@ -70,8 +70,7 @@ def _describe(shapes: list[Shape]) -> str:
   return text + '.'
 
 
-def _question(rng: np.random.Generator, shapes: list[Shape], kinds: tuple[str, ...]):
-  kind = kinds[int(rng.integers(len(kinds)))]
+def _question(rng: np.random.Generator, shapes: list[Shape], kind: str) -> tuple[str, str]:
   target = shapes[int(rng.integers(len(shapes)))]
   if kind == 'caption':
     return 'describe the image.', _describe(shapes)
@@ -89,18 +88,21 @@ class ShapesDataset:
   """A random-access source of `num_examples` demo records (LLaVA layout, PNG bytes)."""
 
   def __init__(self, num_examples: int, seed: int, *, cell: int = 32, min_cells: int = 2,
-               max_cells: int = 5, max_shapes: int = 3,
+               max_cells: int = 5, max_shapes: int = 3, turns: int = 1,
                question_kinds: tuple[str, ...] = QUESTION_KINDS):
     unknown = set(question_kinds) - set(QUESTION_KINDS)
     if unknown:
       raise ValueError(f'Unknown question kinds {sorted(unknown)}; available: {QUESTION_KINDS}')
     if not 1 <= max_shapes <= len(SHAPES):
       raise ValueError(f'max_shapes must be in [1, {len(SHAPES)}], got {max_shapes}')
+    if not 1 <= turns <= len(question_kinds):
+      raise ValueError(f'turns must be in [1, {len(question_kinds)}] (one question kind per turn), '
+                       f'got {turns}')
     if min_cells < 1 or max_cells < min_cells:
       raise ValueError(f'Need 1 <= min_cells <= max_cells, got {min_cells}, {max_cells}')
     self.num_examples, self.seed = num_examples, seed
     self.cell, self.min_cells, self.max_cells = cell, min_cells, max_cells
-    self.max_shapes = max_shapes
+    self.max_shapes, self.turns = max_shapes, turns
     self.question_kinds = tuple(question_kinds)
 
   def __len__(self) -> int:
@@ -122,15 +124,16 @@ class ShapesDataset:
     if not 0 <= index < self.num_examples:
       raise IndexError(f'index {index} out of range for {self.num_examples} examples')
     image, shapes, rng = self.scene(index)
-    question, answer = _question(rng, shapes, self.question_kinds)
+    kinds = rng.choice(len(self.question_kinds), self.turns, replace=False)
+    conversation = []
+    for turn, kind in enumerate(kinds):
+      question, answer = _question(rng, shapes, self.question_kinds[kind])
+      conversation += [{'from': 'human', 'value': ('<image>\n' if turn == 0 else '') + question},
+                       {'from': 'gpt', 'value': answer}]
     buffer = io.BytesIO()
     image.save(buffer, format='PNG')
-    return {
-        'id': f'shapes-{self.seed}-{index}',
-        'image': buffer.getvalue(),
-        'conversations': [{'from': 'human', 'value': f'<image>\n{question}'},
-                          {'from': 'gpt', 'value': answer}],
-    }
+    return {'id': f'shapes-{self.seed}-{index}', 'image': buffer.getvalue(),
+            'conversations': conversation}
 
   def corpus(self) -> list[str]:
     """Every question and answer the dataset can produce, as they appear in a prompt (answers follow
@@ -140,5 +143,7 @@ class ShapesDataset:
     for color in COLORS:
       for kind in SHAPES:
         questions += [f'what color is the {kind}?', f'what shape is {color}?']
-        answers += [f'{color}.', f'{kind}.', f'a {color} {kind}, a {color} {kind} and a {color} {kind}.']
-    return [f'USER: <image>\n{q} ASSISTANT: {a}\n' for q in questions for a in answers]
+        answers += [f'{color}.', f'{kind}.',
+                    f'a {color} {kind}, a {color} {kind} and a {color} {kind}.']
+    return [f'USER: <image>\n{q} ASSISTANT: {a}<|im_end|>USER: {q}' for q in questions
+            for a in answers]
