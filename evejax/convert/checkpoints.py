@@ -98,8 +98,8 @@ def _restore(params_dir: str, target: Mapping) -> dict:
 
 
 def load_params(path: str, cfg: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
-  """All parameters (jax arrays on the host CPU) of an import output, a workdir, a checkpoints directory
-  (newest step) or a step directory; `cfg` defaults to the one saved with them."""
+  """All parameters (jax arrays on the host CPU) of an import output, a workdir, a checkpoints
+  directory (newest step) or a step directory; `cfg` defaults to the one saved with them."""
   params_dir = resolve_params_dir(path)
   cfg = cfg or saved_model_config(params_dir)
   return _restore(params_dir, keymap.abstract_params(cfg)), cfg
