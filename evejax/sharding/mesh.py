@@ -173,7 +173,11 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
   if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
     return x  # no mesh, or inside a shard_map over some axes (routing): nothing to constrain
   rules = dict(spmd.get_logical_axis_rules() or DEFAULT_RULES)
-  return jax.lax.with_sharding_constraint(x, P(*(rules.get(a) for a in logical_axes)))
+  spec = [rules.get(a) for a in logical_axes]
+  for size, axes in zip(x.shape, spec):
+    if size % math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())):
+      return x  # e.g. a generation batch smaller than the batch shards: leave it to GSPMD
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
