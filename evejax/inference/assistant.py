@@ -105,8 +105,10 @@ class Assistant:
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     if resize:
       data_cfg.resize = resize
+    # EVEv1 images carry the valid-pixel channel (evejax/batch.py).
+    v1 = {'valid_channel': True} if getattr(model_cfg, 'vision_tokenizer', 'v2') == 'v1' else {}
     preprocess = pipeline.make_preprocessor(data_cfg, tokenizer, model_cfg.vision_patch_size,
-                                            model_cfg.vision_merge, blank_images=False)
+                                            model_cfg.vision_merge, blank_images=False, **v1)
     max_length = max_length or config.data.seq_len
     generator = Generator(graphdef, params, pad_id=tokenizer.pad_id, max_length=max_length,
                           mesh=mesh)
