@@ -15,7 +15,7 @@ import functools
 import hashlib
 import inspect
 import os
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import grain
 import numpy as np
@@ -283,16 +283,24 @@ def make_train_iterator(data_cfg, source: Source, preprocess: Preprocessor, batc
 
 def eval_batches(data_cfg, source: Source, preprocess: Preprocessor, batch_size: int, *,
                  process_index: int = 0, process_count: int = 1,
-                 workdir: str = '') -> grain.IterDataset:
+                 workdir: str = '') -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over a held-out source, each example exactly once (packed like training).
   With several processes each reads its slice, and all yield the same number of batches."""
   spec, local = row_spec(data_cfg, preprocess), local_batch_size(batch_size, process_count)
   ds = make_dataset(source, preprocess, spec, local, seed=0, shuffle=False, num_epochs=1,
                     process_index=process_index, process_count=process_count,
                     **_options(data_cfg, quarantine_path(workdir, process_index, process_count)))
-  if process_count == 1:
-    return ds
-  # Every process runs the same number of eval steps: the count for one example per row, the
-  # most any process's share can need; the packed batches are followed by empty ones.
-  most_examples = -(-len(source) // process_count)
-  return packing.FillToCount(ds, spec, local, -(-most_examples // local))
+  if process_count > 1:
+    # Every process runs the same number of eval steps: the count for one example per row, the
+    # most any process's share can need; the packed batches are followed by empty ones.
+    most_examples = -(-len(source) // process_count)
+    ds = packing.FillToCount(ds, spec, local, -(-most_examples // local))
+  return _closing(iter(ds))
+
+
+def _closing(iterator: grain.DatasetIterator) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the iterator's batches, then closes it (stopping its worker processes, if any)."""
+  try:
+    yield from iterator
+  finally:
+    iterator.close()

@@ -250,4 +250,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    train_iter.close()  # Stops the data worker processes, if any.
   return final
