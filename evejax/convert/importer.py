@@ -1,7 +1,8 @@
 """Import a HF Llama/Qwen2 LLM or an official EVE/EVEv2 checkpoint into evejax parameters.
 
-Tensors are read and converted one at a time straight into their slot of the parameter tree, so the
-host holds the model once (in the evejax parameter dtype) plus one tensor.
+Tensors are read and converted one at a time into a host buffer per parameter, which becomes a jax
+array on the host CPU, so the host holds the model once (in the evejax parameter dtype) plus one
+parameter.
 
 What the source lacks is filled the way the reference recipes do it:
 - no vision tower at all (an LLM checkpoint, stage 0): freshly initialised, as `EVE(cfg)` would;
@@ -160,7 +161,8 @@ def plan_sources(cfg: ModelConfig, specs: list[keymap.TensorSpec], reader: Check
 
 
 def fresh_params(cfg: ModelConfig, paths: list[tuple[Any, ...]], seed: int) -> dict:
-  """The parameters at `paths` exactly as `EVE(cfg, rngs=nnx.Rngs(seed))` initialises them.
+  """The parameters at `paths` as `EVE(cfg, rngs=nnx.Rngs(seed))` initialises them under jit (the
+  way `sharding.init_sharded` does; eager sampling can differ in the last bit).
 
   Under jit only the requested outputs are computed (the rest of the init is dead code), so this
   costs the memory of the requested parameters only.

@@ -46,10 +46,21 @@ def _token_metrics(graphdef: nnx.GraphDef, params, batch) -> tuple[Array, TokenM
       nll=nll, correct=correct, mask=weights > 0)
 
 
-def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int):
+def _frozen_as_constants(params, trainable):
+  """`trainable` (optim.trainable_mask, bools like the params; None = all): frozen parameters
+  become constants of the loss, so no weight gradient is computed (or held) for them."""
+  if trainable is None:
+    return params
+  return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
+def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int,
+                    trainable: Any = None):
   """Loss, token metrics and gradients of the whole batch. With `microbatches` > 1 a `lax.scan`
   over batch slices accumulates them (the same result, a fraction of the activation memory)."""
-  grad_fn = jax.value_and_grad(lambda p, b: _token_metrics(graphdef, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, b: _token_metrics(graphdef, _frozen_as_constants(p, trainable), b),
+      has_aux=True)
   if microbatches == 1:
     (loss, token_metrics), grads = grad_fn(params, batch)
     return loss, token_metrics, grads
@@ -76,12 +87,14 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int):
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, skip_nonfinite: bool = False,
+                    trainable: Any = None,
                     microbatches: int = 1) -> Callable:
   """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
   unchanged (the step counter still advances, past the bad batch). `microbatches`: gradient
   accumulation over that many slices of each batch inside the step."""
   def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[TokenMetrics, StepMetrics]]:
-    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches)
+    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches,
+                                                 trainable)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

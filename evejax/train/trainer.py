@@ -158,7 +158,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   guard_cfg = _option(config, 'guard')
   guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
   train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip',
-                               microbatches=_option(config, 'microbatches'))
+                               microbatches=_option(config, 'microbatches'),
+                               trainable=optim.trainable_mask(config.optim, params))
   eval_step = make_eval_step(graphdef)
   bench_cfg = _option(config, 'benchmark')
   benchmark = (PeriodicBenchmark(bench_cfg, config, graphdef, params, tokenizer, mesh)
