@@ -125,3 +125,34 @@ def test_group_summary_counts():
   assert rows['vision'][1:4] == ['0.001', '2', '52']  # 12x4 + 4
   assert rows['frozen'][2:4] == ['3', '60']  # 6x4 + 4x8 + 4
   assert rows['trainable'][1:3] == ['3', '84']
+
+
+def test_train_step_skips_frozen_weight_gradients():
+  """With `trainable` the step gives the same result for less compute: frozen parameters are
+  constants of the loss, so their weight gradients are not computed."""
+  from flax import nnx
+
+  from evejax.models import EVE, ModelConfig
+  from evejax.models.presets import model_preset
+  from evejax.sharding.synthetic import random_batch
+  from evejax.train.step import TrainState, make_train_step
+
+  cfg = ModelConfig.from_dict(dict(model_preset('eve_v2_tiny'), num_layers=1))
+  graphdef, state = nnx.split(EVE(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  params = state.to_pure_dict()
+  ocfg = optim_cfg(trainable='^vision_tower/', warmup_steps=1, weight_decay=0.0)
+  tx = optim.make_optimizer(ocfg, 10)
+  batch = jax.tree.map(jnp.asarray, random_batch(cfg, 4, 64, 16))
+  results, flops = [], []
+  for trainable in (None, optim.trainable_mask(ocfg, params)):
+    step = make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg, 10),
+                           trainable=trainable)
+    train_state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
+                             tx.init(params))
+    flops.append(step.lower(train_state, batch).compile().cost_analysis()['flops'])
+    for _ in range(2):
+      train_state, (_, step_metrics) = step(train_state, batch)
+    results.append(names(train_state.params))
+  for name, value in results[1].items():
+    np.testing.assert_allclose(value, results[0][name], rtol=1e-5, atol=1e-7, err_msg=name)
+  assert flops[1] < 0.85 * flops[0], flops
