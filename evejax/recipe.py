@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 
 from evejax.config_utils import apply_overrides, load_config_file
 from evejax.models import ModelConfig
@@ -52,12 +53,13 @@ def copy_stage(source_dir: str, out_dir: str, cfg: ModelConfig) -> None:
   logging.info('copy: %s -> %s (vision copies <- LLM weights)', source_dir, out_dir)
 
 
-def _complete(out_dir: str, stage: str, config: ml_collections.ConfigDict | None) -> bool:
-  """Whether a stage's output exists: the weights of a copy, or a final-step checkpoint."""
+def _complete(out_dir: str, config: ml_collections.ConfigDict | None) -> bool:
+  """Whether a stage's output exists (local or gs://): the weights of a weight-only step, or a
+  training stage's final-step checkpoint."""
   if config is None:
-    return os.path.isdir(os.path.join(out_dir, 'params'))
+    return epath.Path(out_dir, 'params').is_dir()
   # Orbax renames a step directory to its final name only once the save is complete.
-  return os.path.isdir(os.path.join(out_dir, 'checkpoints', str(config.total_steps)))
+  return epath.Path(out_dir, 'checkpoints', str(config.total_steps)).is_dir()
 
 
 def run(recipe: str, size: str, workdir: str, *, only: tuple[str, ...] = (), args: str = '',
@@ -76,7 +78,7 @@ def run(recipe: str, size: str, workdir: str, *, only: tuple[str, ...] = (), arg
       continue
     out_dir = os.path.join(workdir, stage)
     if stage in WEIGHT_STEPS:
-      if _complete(out_dir, stage, None):
+      if _complete(out_dir, None):
         logging.info('%s/%s: done already (%s)', recipe, stage, out_dir)
         continue
       following = stage_config(recipe, order[index + 1], size, workdir, args=args,
@@ -86,13 +88,16 @@ def run(recipe: str, size: str, workdir: str, *, only: tuple[str, ...] = (), arg
       continue
     config = stage_config(recipe, stage, size, workdir, args=args, overrides=overrides,
                           configs_dir=configs_dir)
-    if _complete(out_dir, stage, config):
+    if _complete(out_dir, config):
       logging.info('%s/%s: done already (%s)', recipe, stage, out_dir)
       continue
     logging.info('%s/%s: training %d steps from %s into %s', recipe, stage, config.total_steps,
                  config.init_from or 'scratch', out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     results[stage] = train(config, out_dir)
+    if 'preempted' in results[stage]:  # The next stage needs this one's final weights.
+      logging.warning('%s/%s preempted: run the same command again to resume', recipe, stage)
+      break
   return results
 
 
