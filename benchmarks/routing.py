@@ -2,7 +2,7 @@
 program compiled here) and step time (forward + backward) of a plain layer, the decomposed layer
 with the reference select, and the decomposed layer with FLOP-exact 'sorted' routing.
 
-  python benchmarks/routing.py [--hidden=512 --rows=8 --seq_len=512 --vision=0.4 --repeats=5]
+  python benchmarks/routing.py [--hidden=512 --rows=4 --seq_len=512 --vision=0.4 --repeats=5]
 """
 import argparse
 import dataclasses
@@ -57,7 +57,7 @@ def median_times(programs, repeats: int) -> list[float]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--hidden', type=int, default=512)
-  parser.add_argument('--rows', type=int, default=8)
+  parser.add_argument('--rows', type=int, default=4)
   parser.add_argument('--seq_len', type=int, default=512)
   parser.add_argument('--vision', type=float, default=0.4, help='fraction of visual tokens')
   parser.add_argument('--repeats', type=int, default=5)
