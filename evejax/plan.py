@@ -16,14 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
+
+from evejax import sharding
+from evejax.config_utils import _coerce
+from evejax.data import images
+from evejax.metrics import flops as flops_lib
+from evejax.models import EVE, ModelConfig
+from evejax.sharding.synthetic import batch_shapes
+from evejax.train import optim
+from evejax.train.step import TrainState, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.')
 _MESH = flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the "
@@ -48,8 +59,6 @@ def parse_sizes(text: str) -> dict[str, Any]:
 
 
 def model_config(config, overrides: str):
-  from evejax.config_utils import _coerce
-  from evejax.models import ModelConfig
   cfg = ModelConfig.from_dict(config.model)
   changes = {}
   for item in filter(None, overrides.split(',')):
@@ -61,7 +70,6 @@ def model_config(config, overrides: str):
 
 
 def batch_geometry(config, cfg) -> tuple[int, int, int]:
-  from evejax.data import images
   seq_len = _SEQ_LEN.value or config.data.seq_len
   patch_groups = _PATCH_GROUPS.value or config.data.get('row_patches', 0) or \
       images.max_patch_groups(config.data.max_size, cfg.vision_token_pixels)
@@ -84,16 +92,6 @@ def with_shardings(shapes, shardings):
 
 def compile_step(config, cfg, mesh, batch_shape):
   """The compiled train step, and the abstract state and batch it was compiled for."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from evejax import sharding
-  from evejax.models import EVE
-  from evejax.sharding.synthetic import batch_shapes
-  from evejax.train import optim
-  from evejax.train.step import TrainState, make_train_step
-
   rules = sharding.rules_from_config(config.get('sharding_rules', ()))
   sharding.activate_rules(rules)
   graphdef, params, _ = sharding.abstract_params(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh, rules)
@@ -117,7 +115,6 @@ def xla_flops(compiled) -> float:
 
 
 def plan(config, cfg, mesh, batch_shape, hbm_gib: float) -> dict[str, Any]:
-  from evejax.metrics import flops as flops_lib
   start = time.perf_counter()
   compiled, state, batch = compile_step(config, cfg, mesh, batch_shape)
   compile_s = time.perf_counter() - start
@@ -170,7 +167,6 @@ def main(argv):
   # Fake devices: set before the first JAX call creates the CPU backend.
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
-  from evejax import sharding
   config = _CONFIG.value
   cfg = model_config(config, _MODEL.value)
   mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evejax import sharding
-from test_sharding import TOLERANCE, max_diff, reference_setup, tiny_config, train_two_steps
+from test_sharding import TOLERANCE, reference_setup, tiny_config, train_two_steps
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 # Within a process ("slice"), fsdp over its 2 devices; data across the 2 processes (DCN).
