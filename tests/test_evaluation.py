@@ -184,11 +184,15 @@ def test_converters(tmp_path):
 
 
 def test_shapes_converter_keeps_questions_and_answers(tmp_path):
-  source = ShapesDataset(6, seed=5)
+  source = ShapesDataset(4, seed=5, turns=2)
   records = list(converters.shapes(source, str(tmp_path / 'images')))
-  for record, original in zip(records, (source[i] for i in range(6))):
-    assert record['question'] == original['conversations'][0]['value'].replace('<image>\n', '')
-    assert record['answers'] == [original['conversations'][1]['value']]
+  assert len(records) == 8
+  for record, (index, turn) in zip(records, [(i, t) for i in range(4) for t in range(2)]):
+    original = source[index]
+    human, gpt = original['conversations'][2 * turn:2 * turn + 2]
+    assert record['id'] == f'{original["id"]}-{turn}'
+    assert record['question'] == human['value'].replace('<image>\n', '')
+    assert record['answers'] == [gpt['value']]
     with open(record['image'], 'rb') as f:
       assert f.read() == original['image']
     assert record['category'] in ('caption', 'color', 'shape', 'count', 'top')

@@ -75,7 +75,8 @@ def test_generate_and_evaluation_clis(workdir, tmp_path):
   run_cli('evejax.evaluation.convert', '--format=shapes', '--config=configs/demo.py', '--limit=6',
           f'--out={bench}')
   with open(bench) as f:
-    first = json.loads(f.readline())
+    items = [json.loads(line) for line in f]
+  first = items[0]
   result = run_cli('evejax.generate', f'--checkpoint={workdir}', f'--image={first["image"]}',
                    f'--prompt={first["question"]}', '--max_new_tokens=5')
   assert result.stdout.endswith('\n') and len(result.stdout.strip()) > 0
@@ -93,7 +94,7 @@ def test_generate_and_evaluation_clis(workdir, tmp_path):
     metrics = json.load(f)
   with open(out / 'predictions.jsonl') as f:
     predictions = [json.loads(line) for line in f]
-  assert metrics['items'] == 6 and len(predictions) == 6
+  assert metrics['items'] == len(items) >= 6 and len(predictions) == len(items)
   assert 0 <= metrics['exact/accuracy'] <= 1
   assert metrics['exact/accuracy'] == pytest.approx(np.mean(
       [p['prediction'].strip().lower().rstrip('.') == p['answers'][0].lower().rstrip('.')

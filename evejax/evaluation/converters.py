@@ -158,18 +158,21 @@ def _shapes_category(question: str) -> str:
 
 
 def shapes(source, image_out_dir: str, limit: int | None = None) -> Iterator[dict]:
-  """The demo's held-out shapes questions (a ShapesDataset), images written as PNG files."""
+  """The demo's held-out shapes questions (a ShapesDataset), images written as PNG files. Every
+  turn of a multi-turn record becomes its own question about the image (each is answerable from
+  the image alone); `limit` counts records."""
   os.makedirs(image_out_dir, exist_ok=True)
   for index in range(len(source) if limit is None else min(limit, len(source))):
     record = source[index]
-    human, gpt = record['conversations']
-    question = human['value'].replace('<image>', '').strip()
     path = os.path.join(image_out_dir, f'{record["id"]}.png')
     with open(path, 'wb') as f:
       f.write(record['image'])
-    yield {'id': record['id'], 'question': question, 'metric': 'exact',
-           'image': os.path.abspath(path), 'answers': [gpt['value']],
-           'category': _shapes_category(question)}
+    turns = record['conversations']
+    for turn, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
+      question = human['value'].replace('<image>', '').strip()
+      yield {'id': f'{record["id"]}-{turn}', 'question': question, 'metric': 'exact',
+             'image': os.path.abspath(path), 'answers': [gpt['value']],
+             'category': _shapes_category(question)}
 
 
 FORMATS = ('vqav2', 'gqa', 'textvqa', 'scienceqa_img', 'pope', 'mme', 'mmbench', 'shapes')
