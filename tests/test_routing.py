@@ -11,6 +11,7 @@ from evejax.models import EVE, layers
 from evejax.models.decoder import DecoderLayer
 from evejax.models.routing import route
 from evejax.sharding.synthetic import random_batch
+from test_sharding import tiny_config
 
 
 @pytest.mark.parametrize('vision_fraction', [0.0, 0.3, 0.97, 1.0])
@@ -32,7 +33,8 @@ def test_unknown_mode_names_the_choices():
     route(jnp.ones((1, 2, 3)), jnp.ones((1, 2), bool), lambda z: z, lambda z: z, 'ragged')
 
 
-def test_decomposed_model_forward_and_grads_agree(tiny_cfg):
+def test_decomposed_model_forward_and_grads_agree():
+  tiny_cfg = tiny_config()
   select = EVE(tiny_cfg, rngs=nnx.Rngs(0))
   routed = EVE(dataclasses.replace(tiny_cfg, routing='sorted'), rngs=nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in random_batch(tiny_cfg, 4, 24, 6, seed=1).items()}
@@ -66,7 +68,8 @@ def layer_flops(cfg, moe_part, routing, tokens=(16, 128)):
   return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
-def test_compiled_flops_of_routed_layer_match_a_plain_layer(tiny_cfg):
+def test_compiled_flops_of_routed_layer_match_a_plain_layer():
+  tiny_cfg = tiny_config()
   plain = layer_flops(tiny_cfg, '', 'select')
   assert layer_flops(tiny_cfg, 'layernorm-self_attn-mlp', 'sorted') <= 1.05 * plain
   assert layer_flops(tiny_cfg, 'layernorm-self_attn-mlp', 'select') > 1.5 * plain
