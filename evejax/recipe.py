@@ -101,24 +101,27 @@ def run(recipe: str, size: str, workdir: str, *, only: tuple[str, ...] = (), arg
   return results
 
 
-_RECIPE = flags.DEFINE_enum('recipe', None, RECIPES, 'Which recipe.')
-_SIZE = flags.DEFINE_string('size', 'tiny', "Model size: '7b', or 'tiny' for a CPU run.")
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory; stage S writes to WORKDIR/S.')
-_STAGES = flags.DEFINE_list('stages', [], 'Run only these stages (default: all, in order).')
-_ARG = flags.DEFINE_string('arg', '', "More config arguments, e.g. 'data_root=/data,steps=100'.")
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so modules can share flag names)."""
+  flags.DEFINE_enum('recipe', None, RECIPES, 'Which recipe.')
+  flags.DEFINE_string('size', 'tiny', "Model size: '7b', or 'tiny' for a CPU run.")
+  flags.DEFINE_string('workdir', None, 'Root directory; stage S writes to WORKDIR/S.')
+  flags.DEFINE_list('stages', [], 'Run only these stages (default: all, in order).')
+  flags.DEFINE_string('arg', '', "More config arguments, e.g. 'data_root=/data,steps=100'.")
+  flags.mark_flags_as_required(['recipe', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  results = run(_RECIPE.value, _SIZE.value, _WORKDIR.value, only=tuple(_STAGES.value),
-                args=_ARG.value)
+  f = flags.FLAGS
+  results = run(f.recipe, f.size, f.workdir, only=tuple(f.stages), args=f.arg)
   for stage, final in results.items():
     shown = ', '.join(f'{k} {final[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in final)
-    print(f'{_RECIPE.value}/{stage}: {shown}', flush=True)
+    print(f'{f.recipe}/{stage}: {shown}', flush=True)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['recipe', 'workdir'])
+  define_flags()
   app.run(main)

@@ -114,35 +114,39 @@ def results_table(runs: Sequence[Run], keys: Sequence[str] = RESULT_KEYS) -> str
                              for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
 
 
-_CONFIG = flags.DEFINE_string('config', None, 'A config file with sweep(add), as path[:arg].')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the runs\' work directories.')
-_MODE = flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
-_LAUNCHER = flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')
-_RUNS = flags.DEFINE_list('runs', [], 'Only these run indices (default: all).')
-_KEYS = flags.DEFINE_list('keys', list(RESULT_KEYS), 'Metrics in the results table.')
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so modules can share flag names)."""
+  flags.DEFINE_string('config', None, 'A config file with sweep(add), as path[:arg].')
+  flags.DEFINE_string('workdir', None, "Root of the runs' work directories.")
+  flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
+  flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')
+  flags.DEFINE_list('runs', [], 'Only these run indices (default: all).')
+  flags.DEFINE_list('keys', list(RESULT_KEYS), 'Metrics in the results table.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}')
-  runs = expand(_CONFIG.value, _WORKDIR.value)
-  if _RUNS.value:
-    wanted = {int(i) for i in _RUNS.value}
+  f = flags.FLAGS
+  runs = expand(f.config, f.workdir)
+  if f.runs:
+    wanted = {int(i) for i in f.runs}
     runs = [run for index, run in enumerate(runs) if index in wanted]
-  if _MODE.value == 'list':
+  if f.mode == 'list':
     for run in runs:
       print(f'{run.name}\t{run.workdir}\t{" ".join(run.flags())}')
-  elif _MODE.value == 'commands':
+  elif f.mode == 'commands':
     for run in runs:
-      print(launch_command(run, _CONFIG.value, _LAUNCHER.value))
-  elif _MODE.value == 'run':
+      print(launch_command(run, f.config, f.launcher))
+  elif f.mode == 'run':
     logging.set_verbosity(logging.INFO)
-    run_locally(runs, _CONFIG.value)
-    print(results_table(runs, _KEYS.value))
+    run_locally(runs, f.config)
+    print(results_table(runs, f.keys))
   else:
-    print(results_table(runs, _KEYS.value))
+    print(results_table(runs, f.keys))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  define_flags()
   app.run(main)

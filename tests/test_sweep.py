@@ -86,12 +86,12 @@ def test_cli_lists_runs(config_file, tmp_path):
 
 
 def test_local_runs_and_results_table_from_their_metrics(config_file, tmp_path):
-  runs = sweep.expand(config_file, str(tmp_path))[:3]  # The third is never run.
-  sweep.run_locally(runs[:2], config_file)
+  runs = sweep.expand(config_file, str(tmp_path))[2:4]  # The second is never run.
+  finals = sweep.run_locally(runs[:1], config_file)
   table = sweep.results_table(runs).splitlines()
   assert table[0].split() == ['run', 'step', *sweep.RESULT_KEYS]
-  for run, line in zip(runs[:2], table[1:3]):
-    records = read_jsonl(os.path.join(run.workdir, 'metrics.jsonl'))
-    last = {k: r[k] for r in records for k in r}
-    assert line.split() == [run.name, '2', *(f'{last[k]:.4f}' for k in sweep.RESULT_KEYS)]
-  assert table[3].split() == [runs[2].name, 'not', 'started', '-', '-', '-']
+  records = read_jsonl(os.path.join(runs[0].workdir, 'metrics.jsonl'))
+  last = {k: r[k] for r in records for k in r}
+  assert table[1].split() == [runs[0].name, '2', *(f'{last[k]:.4f}' for k in sweep.RESULT_KEYS)]
+  assert last['eval/loss'] == pytest.approx(finals[runs[0].name]['eval/loss'])
+  assert table[2].split() == [runs[1].name, 'not', 'started', '-', '-', '-']
