@@ -1,0 +1,62 @@
+"""Stage configs against the reference's recipe tables (EVE_REFERENCE.md §5.1, §5.2)."""
+import os
+
+import pytest
+
+from evejax import recipe
+from evejax.models import ModelConfig
+
+# stage: (peak LR, global batch, text length, image side, template, warmup ratio, starts from)
+EVE_V2_7B = {
+    'stage0': (2e-4, 1024, 2048, 800, 'plain', 'llm'),
+    'stage1_0': (1e-4, 1024, 2048, 800, 'plain', 'copy'),
+    'stage1_1': (5e-5, 1024, 4096, 1600, 'plain', 'stage1_0'),
+    'stage2': (2e-5, 512, 4096, 1600, 'qwen2', 'stage1_1'),
+    'stage3': (1e-5, 512, 5000, 1600, 'qwen2', 'stage2'),
+}
+EVE_V1_7B = {
+    'prealign': (4e-5, 512, 2048, 672, 'plain', 'llm'),
+    'pretrain': (4e-5, 512, 2048, 672, 'plain', 'prealign'),
+    'finetune': (2e-5, 128, 2048, 672, 'vicuna_v1', 'pretrain'),
+    'finetune_hd': (2e-5, 128, 4096, 1344, 'vicuna_v1', 'pretrain'),
+}
+
+
+@pytest.mark.parametrize('name, table', [('eve_v2', EVE_V2_7B), ('eve_v1', EVE_V1_7B)])
+def test_7b_stages_follow_the_reference_tables(name, table):
+  assert [s for s in recipe.stages(name) if s != 'copy'] == list(table)
+  for stage, (lr, batch, seq_len, side, template, start) in table.items():
+    config = recipe.stage_config(name, stage, '7b', '/runs', args='data_root=/data')
+    assert (config.optim.lr, config.batch_size, config.data.seq_len, config.data.max_size,
+            config.data.template) == (lr, batch, seq_len, side, template), stage
+    assert config.init_from == os.path.join('/runs', start)
+    assert config.data.path.startswith('/data/')
+    assert config.optim.weight_decay == 0.0 and config.optim.end_lr_ratio == 0.0
+    ratio = 0.03 if name == 'eve_v2' or stage == 'prealign' else 0.01
+    assert config.optim.warmup_steps == round(ratio * config.total_steps)
+    ModelConfig.from_dict(config.model)  # A valid model.
+
+
+def test_eve_v2_vision_copies_appear_at_the_copy_step():
+  parts = {s: recipe.stage_config('eve_v2', s, '7b', '/r').model.moe_part
+           for s in recipe.stages('eve_v2') if s != 'copy'}
+  assert parts == {'stage0': '', **{s: 'layernorm-self_attn-mlp' for s in list(parts)[1:]}}
+
+
+def test_eve_v1_prealign_vision_group_lr_and_tiny_scaling():
+  big = recipe.stage_config('eve_v1', 'prealign', '7b', '/r')
+  tiny = recipe.stage_config('eve_v1', 'prealign', 'tiny', '/r')
+  assert big.optim.groups.vision.lr == 4e-4
+  assert tiny.optim.groups.vision.lr / tiny.optim.lr == pytest.approx(10)
+  assert tiny.init_from == ''  # No pretrained tiny LLM: stage 1 starts from random weights.
+
+
+def test_bad_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match="size='13b'"):
+    recipe.stage_config('eve_v2', 'stage0', '13b', '/r')
+  with pytest.raises(ValueError, match="Unknown recipe 'eve_v3'"):
+    recipe.stages('eve_v3')
+  with pytest.raises(ValueError, match=r"eve_v2/stage2: --config.optim.lrr"):
+    recipe.stage_config('eve_v2', 'stage2', 'tiny', '/r', overrides={'optim.lrr': 1.0})
+  with pytest.raises(ValueError, match=r"Unknown stages \['stage9'\]"):
+    recipe.run('eve_v2', 'tiny', '/r', only=('stage9',))
