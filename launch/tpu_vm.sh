@@ -32,7 +32,7 @@ case "$action" in
     ;;
   setup)
     repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-    archive=/tmp/evejax-$USER.tar.gz
+    archive=/tmp/evejax-${USER:-user}.tar.gz
     run tar -czf "$archive" -C "$repo" --exclude=.git --exclude=.venv .
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:/tmp/evejax.tar.gz" "${where[@]}" \
       --worker=all
