@@ -57,7 +57,7 @@ def _place_shapes(rng: np.random.Generator, rows: int, cols: int, cell: int,
   names = list(COLORS)
   shapes = []
   for kind, color, row in zip(kinds, colors, shape_rows):
-    size = int(rng.uniform(0.55, 0.9) * cell)
+    size = int(rng.uniform(0.75, 0.95) * cell)
     x0 = int(rng.integers(cols)) * cell + int(rng.integers(0, cell - size + 1))
     y0 = int(row) * cell + int(rng.integers(0, cell - size + 1))
     shapes.append(Shape(SHAPES[kind], names[color], (x0, y0, x0 + size - 1, y0 + size - 1)))
