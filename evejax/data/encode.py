@@ -33,14 +33,15 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
     supervised: per id, whether it is a caption/answer token the loss should predict.
     images: per image, its patch groups (N, S, F) and grid (rows, cols), as from `patchify`.
   Returns:
-    the sequence arrays of SEQUENCE_KEYS (length n) and `patches` (sum of N, S, F).
+    the sequence arrays of SEQUENCE_KEYS (length n), `patches` (sum of N, S, F), and per patch
+    group its image number `patch_image` (1, 2, ...) and grid cell `patch_coords` (row, col).
   """
   placeholders = sum(1 for i in ids if i == bf.IMAGE_TOKEN_INDEX)
   if placeholders != len(images):
     raise ValueError(f'the conversation has {placeholders} {bf.IMAGE_PLACEHOLDER} placeholders but '
                      f'{len(images)} images; every image needs exactly one placeholder')
   tokens, kinds, index, labelled = [], [], [], []
-  image_iter, offset = iter(images), 0
+  image_iter, offset, image_numbers, coords = iter(images), 0, [], []
   for token, is_target in zip(ids, supervised):
     if token != bf.IMAGE_TOKEN_INDEX:
       tokens.append(token), kinds.append(bf.TEXT), index.append(0), labelled.append(is_target)
@@ -50,6 +51,8 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
     tokens.extend([0] * len(kind)), kinds.extend(kind), labelled.extend([False] * len(kind))
     index.extend(np.where(kind == bf.PATCH, local + offset, 0))
     offset += len(groups)
+    image_numbers.append(np.full(len(groups), len(image_numbers) + 1, np.int32))
+    coords.append(np.stack(np.divmod(np.arange(rows * cols, dtype=np.int32), cols), axis=-1))
   tokens = np.asarray(tokens, np.int32)
   labelled = np.asarray(labelled, bool)
   patches = [g for g, _ in images]
@@ -61,16 +64,28 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
       'targets': np.append(tokens[1:], 0).astype(np.int32),
       'loss_weights': np.append(labelled[1:], False).astype(np.float32),
       'patches': np.concatenate(patches) if patches else None,
+      'patch_image': np.concatenate(image_numbers) if patches else np.zeros(0, np.int32),
+      'patch_coords': np.concatenate(coords) if patches else np.zeros((0, 2), np.int32),
   }
 
 
 def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patches: int,
-             patch_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-  """Lays examples end to end in one row of `seq_len` positions; segment ids keep them apart."""
+             patch_shape: tuple[int, int], *, image_keys: bool = False,
+             teacher_size: int = 0) -> dict[str, np.ndarray]:
+  """Lays examples end to end in one row of `seq_len` positions; segment ids keep them apart.
+
+  `image_keys`: also the EVEv1 keys `patch_image` and `patch_coords` (batch.V1_KEYS).
+  `teacher_size` > 0: also `teacher_features` (offline PAL), from each example's field of that name.
+  """
   row = {k: np.zeros(seq_len, np.float32 if k == 'loss_weights' else np.int32)
          for k in SEQUENCE_KEYS + ('positions', 'segment_ids')}
   row['patches'] = np.zeros((max_patches, *patch_shape), np.uint8)
-  start = patch_start = 0
+  if image_keys:
+    row['patch_image'] = np.zeros(max_patches, np.int32)
+    row['patch_coords'] = np.zeros((max_patches, 2), np.int32)
+  if teacher_size:
+    row['teacher_features'] = np.zeros((max_patches, teacher_size), np.float32)
+  start = patch_start = images_before = 0
   for segment, ex in enumerate(examples, start=1):
     n = len(ex['tokens'])
     n_patches = 0 if ex['patches'] is None else len(ex['patches'])
@@ -88,6 +103,24 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patche
     row['positions'][span] = np.arange(n)
     row['segment_ids'][span] = segment
     if n_patches:
-      row['patches'][patch_start:patch_start + n_patches] = ex['patches']
+      groups = slice(patch_start, patch_start + n_patches)
+      row['patches'][groups] = ex['patches']
+      if image_keys:
+        row['patch_image'][groups] = ex['patch_image'] + images_before
+        row['patch_coords'][groups] = ex['patch_coords']
+        images_before += int(ex['patch_image'].max())
+      if teacher_size:
+        row['teacher_features'][groups] = teacher_features(ex, n_patches, teacher_size)
     start, patch_start = start + n, patch_start + n_patches
   return row
+
+
+def teacher_features(example: dict[str, np.ndarray], n_patches: int, size: int) -> np.ndarray:
+  """An example's precomputed teacher features, checked against its visual tokens."""
+  features = example.get('teacher_features')
+  if features is None or np.shape(features) != (n_patches, size):
+    raise ValueError(f'offline PAL needs a teacher_features field of shape ({n_patches}, {size}) '
+                     f'(one teacher vector per visual token, row-major) in every image record, got '
+                     f'{None if features is None else np.shape(features)}; precompute it or set '
+                     "pal.teacher='online'")
+  return features

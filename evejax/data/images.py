@@ -7,7 +7,9 @@ import math
 import numpy as np
 from PIL import Image
 
-RESIZE_POLICIES = ('eve_v2_train', 'eve_v2_infer', 'none')
+RESIZE_POLICIES = ('eve_v2_train', 'eve_v2_infer', 'eve_v1', 'pad', 'none')
+# EVEv1 fills padding with int(255 * CLIP mean) per channel; the valid-pixel channel marks it.
+V1_BACKGROUND = (122, 116, 104)
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -28,6 +30,9 @@ def target_size(width: int, height: int, max_size: int, multiple: int, policy: s
   eve_v2_train: scale down (never up) to an area of max_size**2, then round each side to the nearest
     multiple (Python's round-half-even), at least one multiple.
   eve_v2_infer: scale to an area of max_size**2 (also up), then round each side up to a multiple.
+  eve_v1: the long side becomes max_size (also up), the short side keeps the aspect ratio rounded
+    up to a multiple (the EVE-7B processor at 672 px: base 336 px sides in multiples of 14, doubled).
+  pad: keep the size; `with_valid_channel` pads each side up to a multiple (EVEv1 only).
   none: keep the size; each side must already be a multiple.
   """
   ratio = math.sqrt(width * height) / max_size
@@ -38,6 +43,15 @@ def target_size(width: int, height: int, max_size: int, multiple: int, policy: s
   if policy == 'eve_v2_infer':
     return (max(math.ceil(width / ratio / multiple), 1) * multiple,
             max(math.ceil(height / ratio / multiple), 1) * multiple)
+  if policy == 'eve_v1':
+    if max_size % multiple:
+      raise ValueError(f'data.max_size={max_size} must be a multiple of {multiple} px for '
+                       "data.resize='eve_v1' (the long side becomes max_size)")
+    long, short = max(width, height), min(width, height)
+    short = min(max(math.ceil(max_size * short / long / multiple), 1) * multiple, max_size)
+    return (max_size, short) if width >= height else (short, max_size)
+  if policy == 'pad':
+    return width, height
   if policy == 'none':
     if width % multiple or height % multiple:
       raise ValueError(f'image of {width}x{height} px is not a multiple of {multiple} px per side; '
@@ -71,3 +85,15 @@ def patchify(pixels: np.ndarray, patch: int, merge: int) -> tuple[np.ndarray, tu
   x = pixels.reshape(rows, merge, patch, cols, merge, patch, channels)
   x = x.transpose(0, 3, 1, 4, 2, 5, 6)  # rows, cols, my, mx, py, px, c
   return x.reshape(rows * cols, merge * merge, patch * patch * channels), (rows, cols)
+
+
+def with_valid_channel(pixels: np.ndarray, multiple: int) -> np.ndarray:
+  """(H, W, 3) -> (H', W', 4), sides padded up to a multiple with the EVEv1 background at the
+  bottom and right; channel 3 is 255 on image pixels and 0 on padding (the reference's mask)."""
+  height, width, _ = pixels.shape
+  out = np.empty((-(-height // multiple) * multiple, -(-width // multiple) * multiple, 4), np.uint8)
+  out[..., :3] = V1_BACKGROUND
+  out[..., 3] = 0
+  out[:height, :width, :3] = pixels
+  out[:height, :width, 3] = 255
+  return out

@@ -25,6 +25,7 @@ class RowSpec:
   seq_len: int
   max_patches: int  # Patch-group slots of the whole row.
   patch_shape: tuple[int, int]
+  image_keys: bool = False  # EVEv1's per-group image keys (batch.V1_KEYS)
 
 
 def num_patches(example: Example) -> int:
@@ -82,7 +83,8 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
     row = self._rows[self._emitted]
     self._emitted += 1
-    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape)
+    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape,
+                           image_keys=self._spec.image_keys)
 
   def get_state(self) -> dict[str, Any]:
     return {'window_start': self._window_start, 'emitted': self._emitted}
@@ -122,7 +124,8 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 
 def empty_batch(spec: RowSpec, batch_size: int) -> dict[str, np.ndarray]:
   """Rows with no example (segment 0, no loss weight)."""
-  row = encode.pack_row([], spec.seq_len, spec.max_patches, spec.patch_shape)
+  row = encode.pack_row([], spec.seq_len, spec.max_patches, spec.patch_shape,
+                        image_keys=spec.image_keys)
   return {k: np.stack([v] * batch_size) for k, v in row.items()}
 
 

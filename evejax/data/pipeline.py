@@ -37,6 +37,7 @@ class Preprocessor:
   seq_len: int
   resize: str = 'eve_v2_train'
   blank_images: bool = False  # Ablation: keep the layout, erase the pixels.
+  valid_channel: bool = False  # EVEv1: a 4th, valid-pixel channel and the V1_KEYS of evejax/batch.py.
 
   @property
   def token_pixels(self) -> int:
@@ -48,13 +49,18 @@ class Preprocessor:
 
   @property
   def patch_shape(self) -> tuple[int, int]:
-    return self.merge ** 2, self.patch_size ** 2 * 3
+    return self.merge ** 2, self.patch_size ** 2 * (4 if self.valid_channel else 3)
 
   def image_patches(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     image = images.resize(images.decode_image(data), self.max_size, self.token_pixels, self.resize)
     pixels = np.asarray(image, np.uint8)
     if self.blank_images:
       pixels = np.zeros_like(pixels)
+    if self.valid_channel:
+      pixels = images.with_valid_channel(pixels, self.token_pixels)
+    elif self.resize == 'pad':
+      raise ValueError("data.resize='pad' needs the valid-pixel channel of EVEv1 "
+                       "(model.vision_tokenizer='v1')")
     groups, grid = images.patchify(pixels, self.patch_size, self.merge)
     if len(groups) > self.max_patches:
       raise ValueError(f'image of {image.width}x{image.height} px needs {len(groups)} visual tokens, '
@@ -74,7 +80,8 @@ class Preprocessor:
     return encode.encode_example(ids, supervised, image_list)
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return encode.pack_row([self.encode(record)], self.seq_len, self.max_patches, self.patch_shape)
+    return encode.pack_row([self.encode(record)], self.seq_len, self.max_patches, self.patch_shape,
+                           image_keys=self.valid_channel)
 
 
 # Data options a config may leave out (configs/demo.py lists them all).
@@ -165,12 +172,13 @@ def load_tokenizer(data_cfg, source: Source) -> Tokenizer:
 
 
 def make_preprocessor(data_cfg, tokenizer: Tokenizer, patch_size: int, merge: int, *,
-                      blank_images: bool | None = None) -> Preprocessor:
+                      blank_images: bool | None = None, valid_channel: bool = False) -> Preprocessor:
   return Preprocessor(
       tokenizer=tokenizer, template=templates.get_template(data_cfg.template),
       patch_size=patch_size, merge=merge, max_size=data_cfg.max_size, seq_len=data_cfg.seq_len,
       resize=data_cfg.resize,
-      blank_images=data_cfg.blank_images if blank_images is None else blank_images)
+      blank_images=data_cfg.blank_images if blank_images is None else blank_images,
+      valid_channel=valid_channel)
 
 
 def row_spec(data_cfg, preprocess: Preprocessor) -> packing.RowSpec:
@@ -179,7 +187,8 @@ def row_spec(data_cfg, preprocess: Preprocessor) -> packing.RowSpec:
     raise ValueError(f'data.row_patches={row_patches} is below the {preprocess.max_patches} patch '
                      f'groups one image may need at data.max_size={preprocess.max_size}; raise it '
                      '(or 0 for exactly one image)')
-  return packing.RowSpec(preprocess.seq_len, row_patches, preprocess.patch_shape)
+  return packing.RowSpec(preprocess.seq_len, row_patches, preprocess.patch_shape,
+                         image_keys=preprocess.valid_channel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,17 @@ class ModelConfig:
   vision_patch_size: int = 16
   vision_merge: int = 2
   vision_hidden_size: int = 1024
+  # 'v2': the EVEv2 PEL above; 'v1': the EVEv1 PEL (evejax/models/vision_v1.py): conv
+  # patch_size/patch_size without bias -> local attention over merge x merge windows -> global
+  # attention for the class token -> mlp2x_gelu projector. Its patches carry a 4th, valid-pixel channel.
+  vision_tokenizer: str = 'v2'
+  vision_heads: int = 8  # v1 local/global attention heads over vision_hidden_size
+  # EVEv1 patch-aligning layer (evejax/models/pal.py): taps every pal_layer_rate-th hidden state
+  # and regresses teacher patch features of width pal_teacher_size. Off = no parameters, no cost.
+  pal: bool = False
+  pal_layer_rate: int = 4
+  pal_teacher_size: int = 1024
+  pal_heads: int = 8
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
 
@@ -51,6 +62,12 @@ class ModelConfig:
     if self.routing not in ('select', 'sorted'):
       raise ValueError(f"model.routing={self.routing!r}; use 'select' (reference: both branches on "
                        "every token) or 'sorted' (FLOP-exact)")
+    if self.vision_tokenizer not in ('v1', 'v2'):
+      raise ValueError(f"model.vision_tokenizer={self.vision_tokenizer!r}; use 'v2' or 'v1'")
+    if self.vision_hidden_size % self.vision_heads or self.pal_teacher_size % self.pal_heads:
+      raise ValueError(f'model.vision_hidden_size={self.vision_hidden_size} and '
+                       f'model.pal_teacher_size={self.pal_teacher_size} must be multiples of '
+                       f'model.vision_heads={self.vision_heads} / model.pal_heads={self.pal_heads}')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
                        f'model.num_kv_heads={self.num_kv_heads}')
@@ -74,6 +91,16 @@ class ModelConfig:
   def vision_token_pixels(self) -> int:
     """Side in pixels of the square covered by one visual token."""
     return self.vision_patch_size * self.vision_merge
+
+  @property
+  def vision_channels(self) -> int:
+    """Channels per pixel in `patches`: RGB, plus the valid-pixel channel for v1."""
+    return 4 if self.vision_tokenizer == 'v1' else 3
+
+  @property
+  def patch_shape(self) -> tuple[int, int]:
+    """(S, F) of the batch's `patches` for this model."""
+    return self.vision_merge ** 2, self.vision_patch_size ** 2 * self.vision_channels
 
   @property
   def jnp_dtype(self):

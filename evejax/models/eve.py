@@ -4,13 +4,16 @@ from __future__ import annotations
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from evejax import batch as batch_format
 from evejax.models import layers, stack
 from evejax.models.config import ModelConfig
 from evejax.models.decoder import DecoderLayer
+from evejax.models.pal import PatchAligningLayer
 from evejax.models.vision import VisionTokenizerV2, splice
+from evejax.models.vision_v1 import VisionTokenizerV1, image_numbers
 
 Array = jax.Array
 
@@ -24,7 +27,10 @@ class EVE(nnx.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
         embedding_init=nnx.initializers.normal(layers.INIT_STD),
         embedding_metadata=layers.logical('vocab', 'embed'), rngs=rngs)
-    self.vision_tower = VisionTokenizerV2(cfg, rngs=rngs)
+    tokenizer = VisionTokenizerV1 if cfg.vision_tokenizer == 'v1' else VisionTokenizerV2
+    self.vision_tower = tokenizer(cfg, rngs=rngs)
+    # EVEv1's patch-aligning layer: training only (see `logits_and_taps`), never at inference.
+    self.pal = PatchAligningLayer(cfg, rngs=rngs) if cfg.pal else None
     if cfg.scan_layers:  # one DecoderLayer with stacked parameters (see stack.py)
       self.layers = stack.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
     else:
@@ -41,6 +47,13 @@ class EVE(nnx.Module):
   def embed(self, batch: Mapping[str, Array]) -> Array:
     """Input embeddings (B, L, D) with the visual tokens spliced in at their positions."""
     vt = self.vision_tower
+    if self.cfg.vision_tokenizer == 'v1':
+      groups, classes, split = vt(batch['patches'], batch['patch_image'])
+      # Every CLASS position takes the class token of its own image (a (B, L, D) gather).
+      image_classes = jnp.take_along_axis(classes, image_numbers(batch['token_kind'])[..., None],
+                                          axis=1)
+      return splice(self.embed_tokens(batch['tokens']), groups, batch['token_kind'],
+                    batch['patch_index'], image_classes, split)
     return splice(self.embed_tokens(batch['tokens']), vt(batch['patches']), batch['token_kind'],
                   batch['patch_index'], vt.class_embedding[...], vt.split_embedding[...])
 
@@ -70,6 +83,25 @@ class EVE(nnx.Module):
       for layer in self.layers:
         x = call(layer, x, vision_mask, positions, mask)
     return self.logits(x[:, -1:] if last_only else x)
+
+  def logits_and_taps(self, batch: Mapping[str, Array],
+                      taps: tuple[int, ...]) -> tuple[Array, list[Array]]:
+    """Logits and the hidden states at `taps`, indices into HF's `hidden_states` tuple: 0 = input
+    embeddings, i = output of decoder layer i - 1, num_layers = the final output after the norm."""
+    if self.cfg.scan_layers:
+      raise ValueError('PAL taps intermediate hidden states: set model.scan_layers=False')
+    call = stack.layer_call(self.cfg.remat, scanned=False)
+    x = self.embed(batch)
+    vision_mask = batch['token_kind'] != batch_format.TEXT
+    mask = layers.attention_mask(batch['segment_ids'])
+    states = [x]
+    for layer in self.layers:
+      x = call(layer, x, vision_mask, batch['positions'], mask)
+      states.append(x)
+    states[-1] = self.norm(x)
+    final = states[-1]
+    logits = self.embed_tokens.attend(final) if self.lm_head is None else self.lm_head(final)
+    return logits, [states[i] for i in taps]
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""

@@ -3,7 +3,7 @@
 No `from __future__ import annotations` here: clu reads the metric classes from the annotations.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -12,6 +12,7 @@ import optax
 from clu import metrics
 from flax import nnx
 
+from evejax.models.pal import PalObjective
 from evejax.train import losses
 
 Array = jax.Array
@@ -32,18 +33,32 @@ class TokenMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
+class PalTokenMetrics(TokenMetrics):
+  """TokenMetrics plus the EVEv1 patch-aligning loss (unweighted), when PAL is on."""
+  pal_loss: metrics.Average.from_output('pal')
+
+
+@flax.struct.dataclass
 class StepMetrics(metrics.Collection):
   grad_norm: metrics.Average.from_output('grad_norm')
   param_norm: metrics.LastValue.from_output('param_norm')
   learning_rate: metrics.LastValue.from_output('learning_rate')
 
 
-def _token_metrics(graphdef: nnx.GraphDef, params, batch) -> tuple[Array, TokenMetrics]:
+def _token_metrics(graphdef: nnx.GraphDef, params, batch,
+                   pal: Optional[PalObjective] = None) -> tuple[Array, TokenMetrics]:
+  """Cross-entropy on supervised tokens, plus `pal.weight` x the PAL loss when `pal` is given."""
   model = nnx.merge(graphdef, nnx.State(params))
   weights = batch['loss_weights']
-  nll, correct = losses.token_losses(model(batch), batch['targets'], weights)
-  return losses.weighted_mean(nll, weights), TokenMetrics.single_from_model_output(
-      nll=nll, correct=correct, mask=weights > 0)
+  logits, pal_loss = (model(batch), None) if pal is None else pal(model, batch)
+  nll, correct = losses.token_losses(logits, batch['targets'], weights)
+  loss = losses.weighted_mean(nll, weights)
+  token_metrics = TokenMetrics.single_from_model_output(nll=nll, correct=correct, mask=weights > 0)
+  if pal is None:
+    return loss, token_metrics
+  return loss + pal.weight * pal_loss, PalTokenMetrics(
+      loss=token_metrics.loss, accuracy=token_metrics.accuracy,
+      pal_loss=metrics.Average.from_model_output(pal_loss))
 
 
 def _frozen_as_constants(params, trainable):
@@ -55,11 +70,11 @@ def _frozen_as_constants(params, trainable):
 
 
 def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int,
-                    trainable: Any = None):
+                    pal: Optional[PalObjective] = None, trainable: Any = None):
   """Loss, token metrics and gradients of the whole batch. With `microbatches` > 1 a `lax.scan`
   over batch slices accumulates them (the same result, a fraction of the activation memory)."""
   grad_fn = jax.value_and_grad(
-      lambda p, b: _token_metrics(graphdef, _frozen_as_constants(p, trainable), b),
+      lambda p, b: _token_metrics(graphdef, _frozen_as_constants(p, trainable), b, pal),
       has_aux=True)
   if microbatches == 1:
     (loss, token_metrics), grads = grad_fn(params, batch)
@@ -88,12 +103,13 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int,
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, skip_nonfinite: bool = False,
                     trainable: Any = None,
-                    microbatches: int = 1) -> Callable:
+                    microbatches: int = 1, pal: Optional[PalObjective] = None) -> Callable:
   """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
   unchanged (the step counter still advances, past the bad batch). `microbatches`: gradient
-  accumulation over that many slices of each batch inside the step."""
+  accumulation over that many slices of each batch inside the step. `pal`: EVEv1's patch-aligning
+  term added to the loss (evejax/models/pal.py); None leaves the loss pure cross-entropy."""
   def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[TokenMetrics, StepMetrics]]:
-    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches,
+    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches, pal,
                                                  trainable)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,8 +126,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, pal: Optional[PalObjective] = None) -> Callable:
   def eval_step(params, batch) -> TokenMetrics:
-    return _token_metrics(graphdef, params, batch)[1]
+    return _token_metrics(graphdef, params, batch, pal)[1]
 
   return jax.jit(eval_step)

@@ -1,0 +1,127 @@
+"""EVEv1 patch-aligning layer (PAL, the reference's `VisionCompressor`) and its loss.
+
+From the decoder's hidden states at every `pal_layer_rate`-th entry of HF's `hidden_states` tuple
+(index num_layers = the final output after the norm, ..., 0 = the input embeddings), PAL predicts
+the teacher's (CLIP ViT) patch feature of every visual token:
+
+  z_j  = norm_layer[j](hidden[tap_j])             LayerNorm(D) -> Linear(D -> c), per tap
+  attn = softmax_j(z_0 . z_j * c**-0.5) z_j       over taps 1.., pal_heads heads, K = V = z_j
+  pred = input_layer(hidden[num_layers]) + output_layer(attn)
+
+and the loss is 1 - cosine(pred, teacher) averaged over the valid visual tokens of each image, then
+over images. A token counts when its PATCH position survived in the sequence (truncation drops the
+rest, where the reference crashes), its 28x28 px are all valid pixels, and its image is real.
+The teacher grid is the visual-token grid (EVE-7B: 672 px / 28 = 336 px / 14 = 24); the reference's
+2x2 pooling for HD inputs (1344 px) is not implemented.
+
+Names: reference `norm_layer.{j}.0` / `.1` are `pal.norm_layer.{j}.norm` / `.proj`; `input_layer`
+and `output_layer` keep their names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from evejax import batch as batch_format
+from evejax.models import layers
+from evejax.models.config import ModelConfig
+from evejax.models.vision_v1 import NormLinear, split_channels
+
+Array = jax.Array
+
+
+def tap_indices(num_layers: int, rate: int) -> tuple[int, ...]:
+  """[num_layers, num_layers - rate, ..., 0]: for Vicuna-7B (32, rate 4), the reference's 9 taps."""
+  return tuple(range(num_layers, -1, -rate))
+
+
+def group_states(states: Array, token_kind: Array, patch_index: Array,
+                 num_groups: int) -> tuple[Array, Array]:
+  """Sequence states (B, L, ...) -> per patch group (B, P, ...) and whether its PATCH token is in
+  the sequence (B, P); groups whose token was cut off get zeros."""
+  is_patch = token_kind == batch_format.PATCH
+  rows = jnp.arange(states.shape[0])[:, None]
+  keep = is_patch.reshape(*is_patch.shape, *(1,) * (states.ndim - 2))
+  grouped = jnp.zeros((states.shape[0], num_groups, *states.shape[2:]), states.dtype)
+  grouped = grouped.at[rows, patch_index].add(jnp.where(keep, states, 0))
+  present = jnp.zeros((states.shape[0], num_groups), jnp.bool_).at[rows, patch_index].max(is_patch)
+  return grouped, present
+
+
+class PatchAligningLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, c = cfg.hidden_size, cfg.pal_teacher_size
+    kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+    self.taps = tap_indices(cfg.num_layers, cfg.pal_layer_rate)
+    self.heads = cfg.pal_heads
+    self.scale = c ** -0.5
+    self.norm_layer = nnx.List([NormLinear(d, c, ('embed', 'vision_embed'), **kw)
+                                for _ in self.taps])
+    self.input_layer = layers.dense(d, c, ('embed', 'vision_embed'), use_bias=True, **kw)
+    self.output_layer = layers.dense(c, c, ('vision_embed', 'vision_embed'), use_bias=True, **kw)
+
+  def __call__(self, tapped: list[Array]) -> Array:
+    """Hidden states of the taps, each (..., D), in `self.taps` order -> predictions (..., c)."""
+    z = jnp.stack([norm(h) for norm, h in zip(self.norm_layer, tapped)], axis=-2)  # (..., T, c)
+    z = z.reshape(*z.shape[:-1], self.heads, -1)
+    logits = jnp.einsum('...nh,...tnh->...nt', z[..., 0, :, :], z[..., 1:, :, :])
+    weights = jax.nn.softmax(logits.astype(jnp.float32) * self.scale, axis=-1).astype(z.dtype)
+    attended = jnp.einsum('...nt,...tnh->...nh', weights, z[..., 1:, :, :])
+    return self.input_layer(tapped[0]) + self.output_layer(attended.reshape(*attended.shape[:-2], -1))
+
+
+def cosine_loss(pred: Array, target: Array, valid: Array, patch_image: Array) -> Array:
+  """Mean over images of 1 - (mean cosine over the image's valid tokens); images without a valid
+  token do not count. pred, target: (B, P, c); valid, patch_image: (B, P)."""
+  pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+  eps = 1e-8
+  cos = (pred * target).sum(-1) / (jnp.maximum(jnp.linalg.norm(pred, axis=-1), eps)
+                                   * jnp.maximum(jnp.linalg.norm(target, axis=-1), eps))
+  b, p = valid.shape
+  segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
+  weight = (valid & (patch_image > 0)).astype(jnp.float32).reshape(-1)
+  cos_sum = jax.ops.segment_sum(cos.reshape(-1) * weight, segments, num_segments=b * (p + 1))
+  count = jax.ops.segment_sum(weight, segments, num_segments=b * (p + 1))
+  has_tokens = count > 0
+  per_image = 1.0 - cos_sum / jnp.maximum(count, 1.0)
+  return jnp.where(has_tokens, per_image, 0.0).sum() / jnp.maximum(has_tokens.sum(), 1)
+
+
+def valid_groups(patches: Array) -> Array:
+  """(B, P, S, p*p*4) uint8 -> (B, P) bool: every pixel of the group is valid."""
+  return split_channels(patches)[1].all(axis=(-2, -1))
+
+
+TeacherFn = Callable[[Mapping[str, Array]], Array]
+
+
+def offline_teacher(batch: Mapping[str, Array]) -> Array:
+  """Precomputed teacher features (B, P, c) carried by the batch (`teacher_features`)."""
+  if 'teacher_features' not in batch:
+    raise ValueError("pal.teacher='offline' needs a 'teacher_features' field in the data records "
+                     "(one teacher vector per visual token); use pal.teacher='online' otherwise")
+  return batch['teacher_features']
+
+
+@dataclasses.dataclass(frozen=True)
+class PalObjective:
+  """The PAL term of the training loss: `weight` and where the teacher features come from."""
+  weight: float
+  teacher: TeacherFn
+
+  def __call__(self, model: nnx.Module, batch: Mapping[str, Array]) -> tuple[Array, Array]:
+    """Logits (B, L, vocab) and the PAL loss (scalar) from one forward pass."""
+    if model.pal is None:
+      raise ValueError('pal.weight > 0 needs model.pal=True (the patch-aligning layer)')
+    logits, tapped = model.logits_and_taps(batch, model.pal.taps)
+    grouped, present = group_states(jnp.stack(tapped, axis=2), batch['token_kind'],
+                                    batch['patch_index'], batch['patches'].shape[1])
+    pred = model.pal([grouped[:, :, j] for j in range(len(tapped))])
+    target = jax.lax.stop_gradient(self.teacher(batch))
+    valid = present & valid_groups(batch['patches'])
+    return logits, cosine_loss(pred, target, valid, batch['patch_image'])
