@@ -63,7 +63,7 @@ class PatchAligningLayer(nnx.Module):
     self.norm_layer = nnx.List([NormLinear(d, c, ('embed', 'vision_embed'), **kw)
                                 for _ in self.taps])
     self.input_layer = layers.dense(d, c, ('embed', 'vision_embed'), use_bias=True, **kw)
-    self.output_layer = layers.dense(c, c, ('vision_embed', 'vision_embed'), use_bias=True, **kw)
+    self.output_layer = layers.dense(c, c, (None, 'vision_embed'), use_bias=True, **kw)
 
   def __call__(self, tapped: list[Array]) -> Array:
     """Hidden states of the taps, each (..., D), in `self.taps` order -> predictions (..., c)."""
@@ -79,9 +79,9 @@ def cosine_loss(pred: Array, target: Array, valid: Array, patch_image: Array) ->
   """Mean over images of 1 - (mean cosine over the image's valid tokens); images without a valid
   token do not count. pred, target: (B, P, c); valid, patch_image: (B, P)."""
   pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
-  eps = 1e-8
-  cos = (pred * target).sum(-1) / (jnp.maximum(jnp.linalg.norm(pred, axis=-1), eps)
-                                   * jnp.maximum(jnp.linalg.norm(target, axis=-1), eps))
+  # torch's cosine_similarity (eps 1e-8 per norm), with a gradient that stays finite at zero.
+  norm = lambda x: jnp.sqrt(jnp.maximum((x * x).sum(-1), 1e-16))
+  cos = (pred * target).sum(-1) / (norm(pred) * norm(target))
   b, p = valid.shape
   segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
   weight = (valid & (patch_image > 0)).astype(jnp.float32).reshape(-1)
@@ -125,3 +125,36 @@ class PalObjective:
     target = jax.lax.stop_gradient(self.teacher(batch))
     valid = present & valid_groups(batch['patches'])
     return logits, cosine_loss(pred, target, valid, batch['patch_image'])
+
+
+def objective_from_config(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> PalObjective | None:
+  """The PAL term of `config.pal` (weight, teacher='online'|'offline', clip, clip_weights), or
+  None when it is absent or its weight is 0 (then no PAL metric is reported either).
+
+  Online: a frozen CLIP ViT (evejax/models/clip.py) from `clip_weights` (a local HF safetensors
+  file), or randomly initialised from `seed` when that is '' (the demo). Its parameters are
+  closed over by the step, never trained; the objective stops gradients at its output.
+  """
+  from evejax.models import clip  # pylint: disable=import-outside-toplevel
+  if not pal_cfg or not pal_cfg.get('weight', 0.0):
+    return None
+  if not model_cfg.pal:
+    raise ValueError('pal.weight > 0 needs model.pal=True (the patch-aligning layer)')
+  if pal_cfg['teacher'] == 'offline':
+    return PalObjective(float(pal_cfg['weight']), offline_teacher)
+  if pal_cfg['teacher'] != 'online':
+    raise ValueError(f"pal.teacher={pal_cfg['teacher']!r}; use 'online' or 'offline'")
+  clip_cfg = clip.CLIPVisionConfig(**dict(pal_cfg['clip']))
+  if clip_cfg.hidden_size != model_cfg.pal_teacher_size:
+    raise ValueError(f'pal.clip.hidden_size={clip_cfg.hidden_size} differs from '
+                     f'model.pal_teacher_size={model_cfg.pal_teacher_size}')
+  teacher = clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(pal_cfg.get('seed', 0)))
+  if pal_cfg.get('clip_weights'):
+    clip.load_hf_safetensors(teacher, pal_cfg['clip_weights'])
+  graphdef, state = nnx.split(teacher)
+
+  def features(batch: Mapping[str, Array]) -> Array:
+    return nnx.merge(graphdef, state).patch_features(batch['patches'], batch['patch_image'],
+                                                     batch['patch_coords'])
+
+  return PalObjective(float(pal_cfg['weight']), features)

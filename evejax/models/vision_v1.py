@@ -68,9 +68,9 @@ class PooledAttention(nnx.Module):
     self.heads = cfg.vision_heads
     self.scale = c ** -0.5
     kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
-    self.q = NormLinear(c, c, ('vision_embed', 'vision_embed'), **kw)
-    self.kv = NormLinear(c, 2 * c, ('vision_embed', 'vision_embed'), **kw)
-    self.proj = layers.dense(c, c, ('vision_embed', 'vision_embed'), use_bias=True, **kw)
+    self.q = NormLinear(c, c, ('vision_embed', None), **kw)
+    self.kv = NormLinear(c, 2 * c, ('vision_embed', None), **kw)
+    self.proj = layers.dense(c, c, (None, 'vision_embed'), use_bias=True, **kw)
 
   def split_heads(self, x: Array) -> Array:
     return x.reshape(*x.shape[:-1], self.heads, -1)
@@ -110,7 +110,8 @@ def global_attention(attn: PooledAttention, class_embedding: Array, tokens: Arra
   denom = jax.ops.segment_sum(weights, segments, num_segments=b * (p + 1))
   weighted = weights[..., None].astype(v.dtype) * v.reshape(b * p, *v.shape[2:])
   out = jax.ops.segment_sum(weighted, segments, num_segments=b * (p + 1))
-  out = out / jnp.maximum(denom, 1e-30)[..., None].astype(out.dtype)
+  # Empty segments divide by 1, not by a tiny number whose gradient overflows.
+  out = out / jnp.where(denom > 0, denom, 1.0)[..., None].astype(out.dtype)
   present = (denom > 0).any(-1).reshape(b, p + 1, 1)
   update = attn.proj(out.reshape(b, p + 1, c))
   return class_embedding + jnp.where(present, update, 0).astype(tokens.dtype)
@@ -122,7 +123,7 @@ class Projector(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=True, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
     self.fc1 = layers.dense(cfg.vision_hidden_size, cfg.hidden_size, ('vision_embed', 'embed'), **kw)
-    self.fc2 = layers.dense(cfg.hidden_size, cfg.hidden_size, ('embed', 'embed'), **kw)
+    self.fc2 = layers.dense(cfg.hidden_size, cfg.hidden_size, (None, 'embed'), **kw)
 
   def __call__(self, x: Array) -> Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))

@@ -57,7 +57,7 @@ def _token_metrics(graphdef: nnx.GraphDef, params, batch,
   if pal is None:
     return loss, token_metrics
   return loss + pal.weight * pal_loss, PalTokenMetrics(
-      loss=token_metrics.loss, accuracy=token_metrics.accuracy,
+      _reduction_counter=token_metrics._reduction_counter, loss=token_metrics.loss, accuracy=token_metrics.accuracy,
       pal_loss=metrics.Average.from_model_output(pal_loss))
 
 

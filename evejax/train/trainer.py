@@ -17,6 +17,7 @@ from evejax import checkpoint, sharding
 from evejax.data import pipeline
 from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
+from evejax.models import pal as pal_lib
 from evejax.evaluation.periodic import PeriodicBenchmark
 from evejax.train import optim
 from evejax.train.guard import GuardedWindow, NonFiniteGuard
@@ -131,7 +132,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if is_main:
     tokenizer.save(workdir)
   preprocess = pipeline.make_preprocessor(config.data, tokenizer, model_cfg.vision_patch_size,
-                                          model_cfg.vision_merge)
+                                          model_cfg.vision_merge,
+                                          valid_channel=model_cfg.vision_tokenizer == 'v1')
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(_option(config, 'sharding_rules'))
@@ -157,10 +159,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
   guard_cfg = _option(config, 'guard')
   guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
+  pal = pal_lib.objective_from_config(config.get('pal'), model_cfg)  # EVEv1 only; None = off
   train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip',
                                microbatches=_option(config, 'microbatches'),
-                               trainable=optim.trainable_mask(config.optim, params))
-  eval_step = make_eval_step(graphdef)
+                               trainable=optim.trainable_mask(config.optim, params), pal=pal)
+  eval_step = make_eval_step(graphdef, pal)
   bench_cfg = _option(config, 'benchmark')
   benchmark = (PeriodicBenchmark(bench_cfg, config, graphdef, params, tokenizer, mesh)
                if bench_cfg.file else None)
