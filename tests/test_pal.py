@@ -1,0 +1,131 @@
+"""EVEv1 patch-aligning layer and loss against NumPy; gradient flow; truncated image tokens."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from evejax import batch as bf
+from evejax.data import encode, images
+from evejax.models import EVE, pal as pal_lib
+from evejax.models.clip import CLIPVision, CLIPVisionConfig
+from tests.test_eve_v1 import TINY, np_layer_norm
+
+CFG = dataclasses.replace(TINY, pal=True, pal_layer_rate=1, pal_teacher_size=8, pal_heads=2)
+
+
+def test_tap_indices_are_the_reference_ones():
+  assert pal_lib.tap_indices(32, 4) == (32, 28, 24, 20, 16, 12, 8, 4, 0)
+
+
+def test_cosine_loss_matches_numpy_per_image_average():
+  rng = np.random.default_rng(0)
+  pred, target = rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 5, 8))
+  patch_image = np.array([[1, 1, 2, 2, 0], [1, 1, 1, 0, 0]])
+  valid = np.array([[True, False, True, True, True], [False, False, False, True, True]])
+  cos = (pred * target).sum(-1) / np.linalg.norm(pred, axis=-1) / np.linalg.norm(target, axis=-1)
+  # Row 0 image 1: token 0; image 2: tokens 2, 3. Row 1 image 1 has no valid token: left out.
+  expected = np.mean([1 - cos[0, 0], 1 - cos[0, 2:4].mean()])
+  got = pal_lib.cosine_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(valid),
+                            jnp.asarray(patch_image))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  nothing = pal_lib.cosine_loss(jnp.asarray(pred), jnp.asarray(target), jnp.zeros((2, 5), bool),
+                                jnp.asarray(patch_image))
+  assert float(nothing) == 0.0
+
+
+def test_pal_layer_matches_numpy():
+  layer = pal_lib.PatchAligningLayer(CFG, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  tapped = [rng.normal(size=(3, CFG.hidden_size)).astype(np.float32) for _ in layer.taps]
+  got = np.asarray(layer([jnp.asarray(t) for t in tapped]))
+  c, heads = CFG.pal_teacher_size, CFG.pal_heads
+  z = np.stack([np_layer_norm(t, n.norm) @ np.asarray(n.proj.kernel[...])
+                for n, t in zip(layer.norm_layer, tapped)], axis=1)  # (3, T, c)
+  for i in range(3):
+    attended = []
+    for q, kv in zip(np.split(z[i, 0], heads), np.split(z[i, 1:], heads, axis=-1)):
+      logits = kv @ q * c ** -0.5
+      w = np.exp(logits - logits.max())
+      attended.append((w / w.sum()) @ kv)
+    expected = (tapped[0][i] @ np.asarray(layer.input_layer.kernel[...])
+                + np.asarray(layer.input_layer.bias[...])
+                + np.concatenate(attended) @ np.asarray(layer.output_layer.kernel[...])
+                + np.asarray(layer.output_layer.bias[...]))
+    np.testing.assert_allclose(got[i], expected, atol=1e-5, rtol=1e-4)
+
+
+def _batch(seq_len=40):
+  rng = np.random.default_rng(2)
+  pics = [images.with_valid_channel(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8), 28),
+          images.with_valid_channel(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), 28)]
+  ex = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5, bf.IMAGE_TOKEN_INDEX, 6, 7],
+                             [False, False, True, False, True, True],
+                             [images.patchify(p, 14, 2) for p in pics])
+  row = encode.pack_row([ex], seq_len, 12, CFG.patch_shape, image_keys=True)
+  return {k: jnp.asarray(v)[None] for k, v in row.items()}
+
+
+def _teacher():
+  clip_cfg = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                              image_size=42, patch_size=14)
+  return CLIPVision(clip_cfg, rngs=nnx.Rngs(3))
+
+
+def _loss(graphdef, params, teacher_graphdef, teacher_params, batch):
+  teacher = lambda b: nnx.merge(teacher_graphdef, teacher_params).patch_features(
+      b['patches'], b['patch_image'], b['patch_coords'])
+  objective = pal_lib.PalObjective(1.0, teacher)
+  return objective(nnx.merge(graphdef, params), batch)[1]
+
+
+def test_pal_gradients_reach_decoder_and_patch_embedding_never_the_teacher():
+  graphdef, params = nnx.split(EVE(CFG, rngs=nnx.Rngs(0)))
+  teacher_graphdef, teacher_params = nnx.split(_teacher())
+  grads, teacher_grads = jax.grad(_loss, argnums=(1, 3))(graphdef, params, teacher_graphdef,
+                                                         teacher_params, _batch())
+  norm = lambda tree: float(optax_norm(tree))
+  assert norm(grads['layers'][0]) > 0 and norm(grads['layers'][CFG.num_layers - 1]) > 0
+  assert norm(grads['vision_tower']['patch_embedding']) > 0
+  assert norm(grads['vision_tower']['local_attention']) > 0
+  assert norm(grads['pal']) > 0
+  assert norm(teacher_grads) == 0.0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_truncated_image_tokens_use_only_the_surviving_patches():
+  batch = _batch()
+  graphdef, params = nnx.split(EVE(CFG, rngs=nnx.Rngs(0)))
+  model = nnx.merge(graphdef, params)
+  target = jax.random.normal(jax.random.key(0), (1, 12, CFG.pal_teacher_size))
+  # Cut the sequence inside the second image: its CLASS token, first row (2 PATCH + SPLIT) and one
+  # PATCH of its second row survive; that row is partly padding (40 px of 56), so it never counts.
+  cut = 16
+  truncated = dict(batch)
+  for key in ('tokens', 'token_kind', 'patch_index', 'positions', 'segment_ids', 'targets',
+              'loss_weights'):
+    truncated[key] = batch[key][:, :cut]
+  logits, tapped = model.logits_and_taps(truncated, model.pal.taps)
+  assert logits.shape[1] == cut
+  loss = pal_lib.PalObjective(1.0, lambda b: target)(model, truncated)[1]
+  # NumPy: predictions of the surviving PATCH positions, mapped to their groups.
+  kind, index = np.asarray(truncated['token_kind'][0]), np.asarray(truncated['patch_index'][0])
+  pred = np.asarray(model.pal([t[0] for t in tapped]))
+  groups = index[kind == bf.PATCH]
+  assert list(groups) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  valid = np.asarray(pal_lib.valid_groups(batch['patches'])[0])
+  image = np.asarray(batch['patch_image'][0])
+  t = np.asarray(target[0])
+  per_image = []
+  for number in (1, 2):
+    cos = [pred[pos] @ t[g] / np.linalg.norm(pred[pos]) / np.linalg.norm(t[g])
+           for pos, g in zip(np.flatnonzero(kind == bf.PATCH), groups)
+           if image[g] == number and valid[g]]
+    per_image.append(1 - np.mean(cos))
+  assert np.isfinite(float(loss))
+  np.testing.assert_allclose(float(loss), np.mean(per_image), rtol=1e-4)
