@@ -1,7 +1,7 @@
 """A CLIP ViT vision encoder in Flax NNX with the HF `CLIPVisionModel` parameter layout: EVEv1's
 frozen PAL teacher (openai/clip-vit-large-patch14-336 in the reference, penultimate layer).
 
-HF key `vision_model.X.weight` maps to attribute path X here with `kernel` (Linear: transposed;
+HF key `[vision_model.]X.weight` maps to attribute path X here with `kernel` (Linear: transposed;
 patch conv: (c, 3, p, p) -> (p*p*3, c) in (y, x, channel) order), LayerNorm `weight` -> `scale`,
 and `position_embedding.weight` -> `position_embedding`. `load_hf_safetensors` reads a local file.
 
@@ -201,8 +201,9 @@ def load_hf_state(model: CLIPVision, tensors: Mapping[str, np.ndarray], source: 
   Missing keys or shape mismatches raise, naming the key and `source`."""
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
-  for hf_key, (path, how) in hf_key_map(model.cfg).items():
-    full = f'vision_model.{hf_key}'
+  # Files saved from CLIPModel / older transformers prefix the tower with `vision_model.`.
+  tensors = {k.removeprefix('vision_model.'): v for k, v in tensors.items()}
+  for full, (path, how) in hf_key_map(model.cfg).items():
     if full not in tensors:
       raise ValueError(f'{source}: missing {full!r}; is this a CLIP ViT with '
                        f'{model.cfg.num_layers} layers (pal.clip config)?')

@@ -1,0 +1,67 @@
+"""The Flax CLIP ViT teacher against transformers' CLIPVisionModel, loaded from safetensors."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from evejax.data import encode, images
+from evejax.models import clip
+from evejax.models.vision import CLIP_MEAN, CLIP_STD
+
+CFG = clip.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                            image_size=42, patch_size=14)
+
+
+def _hf_model_file(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+      image_size=42, patch_size=14, hidden_act='quick_gelu')).eval()
+  path = str(tmp_path / 'model.safetensors')
+  save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, path)
+  return hf, path
+
+
+def test_matches_transformers_clip_vision_model(tmp_path):
+  import torch
+  hf, path = _hf_model_file(tmp_path)
+  model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
+  clip.load_hf_safetensors(model, path)
+  pixels = np.random.default_rng(0).normal(size=(2, 42, 42, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = hf(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                  output_hidden_states=True).hidden_states
+  got = model(jnp.asarray(pixels))
+  assert len(got) == len(expected) == CFG.num_layers + 1
+  for ours, theirs in zip(got, expected):
+    assert np.abs(np.asarray(ours) - theirs.numpy()).max() <= 1e-5
+
+
+def test_patch_features_of_a_full_canvas_image_equal_the_image_path(tmp_path):
+  model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
+  # An 84 px EVE image = 3x3 visual tokens of 28 px = the 3x3 CLIP grid of the 42 px image.
+  pixels = np.random.default_rng(1).integers(0, 256, (84, 84, 3), dtype=np.uint8)
+  groups, _ = images.patchify(images.with_valid_channel(pixels, 28), 14, 2)
+  ex = encode.encode_example([-200], [False], [(groups, (3, 3))])
+  row = encode.pack_row([ex], 16, 12, groups.shape[1:], image_keys=True)
+  got = model.patch_features(*(jnp.asarray(row[k])[None]
+                               for k in ('patches', 'patch_image', 'patch_coords')))
+  half = pixels.reshape(42, 2, 42, 2, 3).mean(axis=(1, 3)) / 255.0  # the 2x2 box-filtered image
+  normalised = (half - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+  expected = model(jnp.asarray(normalised, jnp.float32)[None])[CFG.select_layer][:, 1:]
+  np.testing.assert_allclose(np.asarray(got)[:, :9], np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_loading_a_file_of_another_size_names_the_key(tmp_path):
+  _, path = _hf_model_file(tmp_path)
+  wrong = clip.CLIPVision(clip.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=4,
+                                                num_heads=4, image_size=42, patch_size=14),
+                          rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='encoder.layers.3'):
+    clip.load_hf_safetensors(wrong, path)
