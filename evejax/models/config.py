@@ -64,10 +64,12 @@ class ModelConfig:
                        "every token) or 'sorted' (FLOP-exact)")
     if self.vision_tokenizer not in ('v1', 'v2'):
       raise ValueError(f"model.vision_tokenizer={self.vision_tokenizer!r}; use 'v2' or 'v1'")
-    if self.vision_hidden_size % self.vision_heads or self.pal_teacher_size % self.pal_heads:
-      raise ValueError(f'model.vision_hidden_size={self.vision_hidden_size} and '
-                       f'model.pal_teacher_size={self.pal_teacher_size} must be multiples of '
-                       f'model.vision_heads={self.vision_heads} / model.pal_heads={self.pal_heads}')
+    if self.vision_tokenizer == 'v1' and self.vision_hidden_size % self.vision_heads:
+      raise ValueError(f'model.vision_hidden_size={self.vision_hidden_size} is not a multiple of '
+                       f'model.vision_heads={self.vision_heads}')
+    if self.pal and self.pal_teacher_size % self.pal_heads:
+      raise ValueError(f'model.pal_teacher_size={self.pal_teacher_size} is not a multiple of '
+                       f'model.pal_heads={self.pal_heads}')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
                        f'model.num_kv_heads={self.num_kv_heads}')
