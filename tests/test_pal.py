@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from evejax import batch as bf
@@ -129,3 +130,20 @@ def test_truncated_image_tokens_use_only_the_surviving_patches():
     per_image.append(1 - np.mean(cos))
   assert np.isfinite(float(loss))
   np.testing.assert_allclose(float(loss), np.mean(per_image), rtol=1e-4)
+
+
+def test_offline_teacher_features_are_packed_per_group_and_checked():
+  rng = np.random.default_rng(4)
+  groups, grid = images.patchify(
+      images.with_valid_channel(rng.integers(0, 256, (28, 56, 3), dtype=np.uint8), 28), 14, 2)
+  ex = encode.encode_example([bf.IMAGE_TOKEN_INDEX, 3], [False, True], [(groups, grid)])
+  ex['teacher_features'] = rng.normal(size=(2, 8)).astype(np.float32)
+  row = encode.pack_row([ex, ex], 16, 5, CFG.patch_shape, image_keys=True, teacher_size=8)
+  np.testing.assert_array_equal(row['teacher_features'][:4],
+                                np.concatenate([ex['teacher_features']] * 2))
+  assert not row['teacher_features'][4].any()
+  ex['teacher_features'] = ex['teacher_features'][:1]
+  with pytest.raises(ValueError, match=r'teacher_features field of shape \(2, 8\)'):
+    encode.pack_row([ex], 16, 5, CFG.patch_shape, image_keys=True, teacher_size=8)
+  with pytest.raises(ValueError, match="pal.teacher='online'"):
+    pal_lib.offline_teacher({'patches': None})
