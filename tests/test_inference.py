@@ -16,6 +16,7 @@ from evejax.inference import Generator, SamplingConfig
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.sampling import apply_repetition_penalty, filter_logits
 from evejax.models import EVE, ModelConfig
+from evejax.models.presets import model_preset
 from tests.conftest import TINY
 
 PATCH_SHAPE = (TINY['vision_merge'] ** 2, TINY['vision_patch_size'] ** 2 * 3)
@@ -235,8 +236,6 @@ def test_cached_equals_uncached_for_eve_v1():
   """EVEv1 (Llama decoder, local/global-attention PEL with a valid-pixel channel; PAL is training
   only): cached greedy decoding equals full recomputation, prompts of different lengths and
   image sizes in one batch."""
-  pytest.importorskip('evejax.models.vision_v1', reason='the EVEv1 model (issue 4) has not landed')
-  from evejax.models.presets import model_preset
   cfg = ModelConfig(**{**model_preset('eve_v1_tiny'), 'num_layers': 2, 'vocab_size': 97})
   model = EVE(cfg, rngs=nnx.Rngs(2))
   token = cfg.vision_patch_size * cfg.vision_merge
