@@ -35,7 +35,7 @@ def get_config(arg=None):
       shapes=dict(cell=32, min_cells=1, max_cells=3, max_shapes=3, turns=3,
                   question_kinds='caption,color,shape,count,top'),
   )
-  config.batch_size = 4  # Packed rows (global), ~16 examples (48 questions) per step.
+  config.batch_size = 4  # Packed rows (global): ~19 examples (56 questions) per step, 92% non-pad.
   config.total_steps = 1000
   config.optim = dict(lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
                       b2=0.999, eps=1e-8, grad_clip=1.0,
