@@ -51,6 +51,28 @@ def saved_moments(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
   return moments
 
 
+def check_stage(root: str, stage: str, before: dict[str, np.ndarray], is_trainable, steps: int
+                ) -> tuple[set[str], set[str]]:
+  """Checks one finished stage against its starting weights: frozen parameters bit-identical,
+  only trainable ones changed (the vision tower always), optimizer moments exactly for the
+  trainable ones. Returns the (changed, trainable) parameter names."""
+  after = flat(checkpoints.load_params(os.path.join(root, stage))[0])
+  assert set(after) == set(before)
+  trainable = {n for n in after if is_trainable(stage, n)}
+  changed = {n for n in after if not np.array_equal(after[n], before[n])}
+  for name in set(after) - trainable:
+    np.testing.assert_array_equal(after[name], before[name])  # Frozen: bit-identical.
+  assert changed <= trainable
+  assert {n for n in after if n.startswith('vision_tower/')} <= changed
+  moments = saved_moments(os.path.join(root, stage, 'checkpoints', str(steps)))
+  assert set(moments['mu']) == trainable and set(moments['nu']) == trainable
+  # A trainable parameter stays put only with an exactly zero gradient: e.g. the last layer's
+  # vision MLP when no loss falls on a visual position (chat template: text follows the image).
+  for name in trainable - changed:
+    assert not moments['mu'][name].any(), (stage, name)
+  return changed, trainable
+
+
 @pytest.fixture(scope='module')
 def recipe_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('eve_v2_tiny'))
@@ -89,21 +111,7 @@ def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
   before = (initial_stage0_params(recipe_root) if stage == 'stage0' else
             flat(checkpoints.load_params(os.path.join(recipe_root,
                                                       order[order.index(stage) - 1]))[0]))
-  after = flat(checkpoints.load_params(os.path.join(recipe_root, stage))[0])
-  assert set(after) == set(before)
-  trainable = {n for n in after if reference_trainable(stage, n)}
-  changed = {n for n in after if not np.array_equal(after[n], before[n])}
-  for name in set(after) - trainable:
-    np.testing.assert_array_equal(after[name], before[name])  # Frozen: bit-identical.
-  assert changed <= trainable
-  assert {n for n in after if n.startswith('vision_tower/')} <= changed
-
-  moments = saved_moments(os.path.join(recipe_root, stage, 'checkpoints', str(STEPS)))
-  assert set(moments['mu']) == trainable and set(moments['nu']) == trainable
-  # A trainable parameter stays put only with an exactly zero gradient: e.g. the last layer's
-  # vision MLP when no loss falls on a visual position (chat template: text follows the image).
-  for name in trainable - changed:
-    assert not moments['mu'][name].any(), (stage, name)
+  changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
   assert len(changed) >= 0.8 * len(trainable), sorted(trainable - changed)
 
 
