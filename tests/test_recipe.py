@@ -80,11 +80,12 @@ def recipe_root(tmp_path_factory):
   return root
 
 
-def initial_stage0_params(root: str) -> dict[str, np.ndarray]:
-  """Stage 0's random start, made as the trainer makes it (jitted init: eager init rounds
+def initial_params(recipe_name: str, stage: str, root: str, steps: int,
+                   overrides: dict) -> dict[str, np.ndarray]:
+  """A first stage's random start, made as the trainer makes it (jitted init: eager init rounds
   differently)."""
-  config = recipe.stage_config('eve_v2', 'stage0', 'tiny', root, args=f'steps={STEPS}',
-                               overrides=OVERRIDES)
+  config = recipe.stage_config(recipe_name, stage, 'tiny', root, args=f'steps={steps}',
+                               overrides=overrides)
   cfg = ModelConfig.from_dict(config.model)
   _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(config.seed)),
                                     sharding.make_mesh(config.mesh))
@@ -108,7 +109,8 @@ def test_copy_step_initialises_vision_copies_from_llm_weights(recipe_root):
 @pytest.mark.parametrize('stage', ['stage0', 'stage1_0', 'stage1_1', 'stage2', 'stage3'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
   order = recipe.stages('eve_v2')
-  before = (initial_stage0_params(recipe_root) if stage == 'stage0' else
+  before = (initial_params('eve_v2', 'stage0', recipe_root, STEPS, OVERRIDES)
+            if stage == 'stage0' else
             flat(checkpoints.load_params(os.path.join(recipe_root,
                                                       order[order.index(stage) - 1]))[0]))
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)

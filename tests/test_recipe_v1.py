@@ -4,14 +4,11 @@ for the trainable ones only. Stage graph: prealign -> pretrain -> finetune, pret
 """
 import os
 
-import numpy as np
 import pytest
-from flax import nnx
 
-from evejax import recipe, sharding
+from evejax import recipe
 from evejax.convert import checkpoints
-from evejax.models import EVE, ModelConfig
-from test_recipe import check_stage, flat
+from test_recipe import check_stage, flat, initial_params
 
 STEPS = 2
 OVERRIDES = {'data.num_train': 300, 'data.num_eval': 16, 'model.num_layers': 2}
@@ -35,18 +32,10 @@ def recipe_root(tmp_path_factory):
   return root
 
 
-def initial_params(root: str) -> dict[str, np.ndarray]:
-  config = recipe.stage_config('eve_v1', 'prealign', 'tiny', root, args=f'steps={STEPS}',
-                               overrides=OVERRIDES)
-  cfg = ModelConfig.from_dict(config.model)
-  _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(config.seed)),
-                                    sharding.make_mesh(config.mesh))
-  return flat(params)
-
-
 @pytest.mark.parametrize('stage', ['prealign', 'pretrain', 'finetune', 'finetune_hd'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
-  before = (initial_params(recipe_root) if stage == 'prealign' else
+  before = (initial_params('eve_v1', 'prealign', recipe_root, STEPS, OVERRIDES)
+            if stage == 'prealign' else
             flat(checkpoints.load_params(os.path.join(recipe_root, STARTS_FROM[stage]))[0]))
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
   assert len(changed) >= 0.8 * len(trainable), sorted(trainable - changed)
