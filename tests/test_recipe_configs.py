@@ -60,3 +60,23 @@ def test_bad_arguments_are_clear_errors():
     recipe.stage_config('eve_v2', 'stage2', 'tiny', '/r', overrides={'optim.lrr': 1.0})
   with pytest.raises(ValueError, match=r"Unknown stages \['stage9'\]"):
     recipe.run('eve_v2', 'tiny', '/r', only=('stage9',))
+
+
+@pytest.mark.parametrize('size', ['7b', 'tiny'])
+def test_eve_v1_stages_all_train_with_pal(size):
+  """PAL (weight 1) is on in every EVEv1 stage of the reference; the 7B teacher is CLIP-L/14-336
+  at the penultimate layer, offline by default, and the data keep the valid-pixel channel."""
+  for stage in recipe.stages('eve_v1'):
+    config = recipe.stage_config('eve_v1', stage, size, '/r')
+    model = ModelConfig.from_dict(config.model)
+    assert model.pal and model.vision_tokenizer == 'v1', stage
+    assert config.pal.weight == 1.0 and config.data.resize == 'eve_v1', stage
+    assert config.pal.teacher == ('offline' if size == '7b' else 'online'), stage
+  big = recipe.stage_config('eve_v1', 'pretrain', '7b', '/r',
+                            args='teacher=online,clip_weights=/w/clip.safetensors')
+  assert (big.pal.teacher, big.pal.clip_weights) == ('online', '/w/clip.safetensors')
+
+
+def test_eve_v1_online_teacher_without_weights_is_a_clear_error():
+  with pytest.raises(ValueError, match='clip_weights=<local safetensors'):
+    recipe.stage_config('eve_v1', 'prealign', '7b', '/r', args='teacher=online')

@@ -2,6 +2,7 @@
 parameters the reference trains changed, frozen ones are bit-identical, and optimizer moments exist
 for the trainable ones only. Stage graph: prealign -> pretrain -> finetune, pretrain -> finetune_hd.
 """
+import json
 import os
 
 import pytest
@@ -39,6 +40,12 @@ def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
             flat(checkpoints.load_params(os.path.join(recipe_root, STARTS_FROM[stage]))[0]))
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
   assert len(changed) >= 0.8 * len(trainable), sorted(trainable - changed)
+  # PAL is on in every stage of the reference: its layer trains and its loss is logged.
+  assert {n for n in trainable if n.startswith('pal/')} <= changed
+  assert not any('clip' in n for n in changed)  # The teacher is never a parameter.
+  with open(os.path.join(recipe_root, stage, 'metrics.jsonl')) as f:
+    pal_losses = [r['train/pal_loss'] for r in map(json.loads, f) if 'train/pal_loss' in r]
+  assert pal_losses and all(0.0 < v < 2.0 for v in pal_losses), pal_losses
 
 
 def test_prealign_gives_the_vision_side_its_own_learning_rate(recipe_root):

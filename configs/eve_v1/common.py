@@ -1,14 +1,19 @@
 """The EVEv1 recipe (EVE_REFERENCE.md §5.1): the stage table; configs are built by the builder the
-EVEv2 recipe uses (configs/eve_v2/common.py, same arguments: size, root, data_root, tokenizer, steps).
+EVEv2 recipe uses (configs/eve_v2/common.py: size, root, data_root, tokenizer, steps), plus the
+PAL teacher arguments below.
 
   prealign     PEL + projector + PAL train (4e-4); the LLM is frozen. From {root}/llm (Vicuna-7B).
   pretrain     everything (except the CLIP teacher) at 4e-5.
   finetune     SFT at 2e-5, vicuna_v1 template, anypixel-672   (EVE-7B).
   finetune_hd  SFT at 2e-5, vicuna_v1 template, anypixel-1344  (EVE-7B-HD); also from pretrain.
 
-The PAL loss is on in every stage of the reference. The EVEv1 model (its PEL and PAL, issue 4) is
-used where the presets provide it (`eve_v1_7b`, `eve_v1_tiny`); until then the stand-in is a LLaMA
-decoder with the EVEv2 vision tokenizer at 14 px patches, and no PAL.
+The PAL loss (weight 1) is on in every stage of the reference. Its teacher, CLIP ViT-L/14-336 at the
+penultimate layer, is frozen and never a trainable parameter:
+  teacher=offline  (7b default) read precomputed features from the records
+                   (extras['teacher_features'], written by data_pipelines/teacher_features.py);
+  teacher=online   run it every step from clip_weights, a local HF safetensors file of
+                   openai/clip-vit-large-patch14-336.
+size=tiny builds on configs/demo_v1.py: the tiny EVEv1 with a small random frozen CLIP teacher.
 """
 import os
 import runpy
@@ -17,6 +22,7 @@ from evejax.models.presets import PRESETS
 
 _V2 = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'eve_v2', 'common.py'))
+ARGS = dict(_V2['ARGS'], teacher='', clip_weights='')  # teacher '': offline at 7b, online tiny
 STAGES = ('prealign', 'pretrain', 'finetune', 'finetune_hd')
 INIT = {'prealign': 'llm', 'pretrain': 'prealign', 'finetune': 'pretrain',
         'finetune_hd': 'pretrain'}
@@ -24,11 +30,6 @@ INIT = {'prealign': 'llm', 'pretrain': 'prealign', 'finetune': 'pretrain',
 # `vision_tower_compressor`) and `mm_projector`; here the PAL is `pal/`.
 VISION = 'vision_tower|mm_projector|^pal/'
 
-VICUNA_7B = dict(family='llama', vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0,
-                 rms_norm_eps=1e-5, attention_bias=False, moe_part='', vision_patch_size=14,
-                 vision_merge=2, vision_hidden_size=1024, dtype='bfloat16', param_dtype='float32')
-TINY = dict(family='llama', attention_bias=False, moe_part='', rms_norm_eps=1e-5)
 
 _STAGE = {
     'prealign': dict(trainable=VISION, groups={'vision': dict(pattern=VISION, lr=4e-4)},
@@ -48,14 +49,31 @@ _STAGE = {
 }
 
 
+def _pal_7b(arg) -> dict:
+  """PAL as the reference: weight 1, CLIP ViT-L/14-336 (the CLIPVisionConfig defaults)."""
+  teacher = arg.teacher or 'offline'
+  if teacher == 'online' and not arg.clip_weights:
+    raise ValueError('EVEv1 at size=7b needs its PAL teacher: clip_weights=<local safetensors of '
+                     'openai/clip-vit-large-patch14-336>, or teacher=offline with precomputed '
+                     "features in the records' extras")
+  return dict(weight=1.0, teacher=teacher, seed=0, clip_weights=arg.clip_weights, clip={})
+
+
 def stage_config(stage: str, arg: str | None):
   """The config of one training stage of the EVEv1 recipe."""
   if stage not in _STAGE:
     raise ValueError(f'Unknown EVEv1 training stage {stage!r}; available: {sorted(_STAGE)}')
-  tiny = _V2['parse_arg'](arg, **_V2['ARGS']).size == 'tiny'
+  parsed = _V2['parse_arg'](arg, **ARGS)
+  tiny = parsed.size == 'tiny'
   # Tiny prealign starts from a random LLM: there is no pretrained one at that size.
   init_stage = '' if tiny and stage == STAGES[0] else INIT[stage]
-  return _V2['build_stage_config'](
-      _STAGE[stage], stage, arg, init_stage=init_stage,
-      model_7b=dict(PRESETS.get('eve_v1_7b', VICUNA_7B)),
-      tiny_model=dict(PRESETS.get('eve_v1_tiny', TINY)))
+  config = _V2['build_stage_config'](
+      _STAGE[stage], stage, arg, init_stage=init_stage, model_7b=dict(PRESETS['eve_v1_7b']),
+      tiny_demo='demo_v1.py', args=ARGS)
+  if tiny:
+    config.pal.teacher = parsed.teacher or config.pal.teacher
+  else:
+    config.pal = _pal_7b(parsed)
+    # The reference's EVEv1 processor: long side = max_size, the 4th channel marks valid pixels.
+    config.data.resize = 'eve_v1'
+  return config

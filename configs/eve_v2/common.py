@@ -61,10 +61,10 @@ def stage_dir(root: str, stage: str) -> str:
   return os.path.join(root, stage) if root and stage else ''
 
 
-def _tiny_base() -> ml_collections.ConfigDict:
-  """The CPU demo config (configs/demo.py): data, mesh and logging the tiny recipe shares."""
-  demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
-  return runpy.run_path(demo)['get_config']()
+def _tiny_base(demo: str) -> ml_collections.ConfigDict:
+  """A CPU demo config (configs/{demo}): data, mesh and logging the tiny recipe shares."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), demo)
+  return runpy.run_path(path)['get_config']()
 
 
 def _data_7b(arg, spec: dict) -> dict:
@@ -100,8 +100,8 @@ def _cluster_base(model: dict, arg, spec: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def _tiny(arg, spec: dict, tiny_model: dict) -> ml_collections.ConfigDict:
-  config = _tiny_base()
+def _tiny(arg, spec: dict, tiny_model: dict, demo: str) -> ml_collections.ConfigDict:
+  config = _tiny_base(demo)
   config.model.update(tiny_model)
   config.total_steps = arg.steps
   config.optim.lr = spec['lr'] * TINY_LR_SCALE
@@ -116,14 +116,17 @@ def _tiny(arg, spec: dict, tiny_model: dict) -> ml_collections.ConfigDict:
 
 def build_stage_config(spec: dict, stage: str, arg: str | None, *, init_stage: str,
                        model_7b: dict, tiny_model: dict | None = None,
+                       tiny_demo: str = 'demo.py', args: dict | None = None,
                        ) -> ml_collections.ConfigDict:
   """One stage's config from its table row `spec` (EVEv1 shares this builder). `init_stage`: the
-  stage whose output it starts from ('' = none at tiny size, where no pretrained LLM exists)."""
-  arg = parse_arg(arg, **ARGS)
+  stage whose output it starts from ('' = none at tiny size, where no pretrained LLM exists);
+  `tiny_demo`: the CPU demo config the tiny size builds on; `args`: the accepted arguments."""
+  arg = parse_arg(arg, **(args or ARGS))
   if arg.size not in ('7b', 'tiny'):
     raise ValueError(f"size={arg.size!r}: use '7b' or 'tiny'")
   tiny = arg.size == 'tiny'
-  config = _tiny(arg, spec, tiny_model or {}) if tiny else _cluster_base(model_7b, arg, spec)
+  config = (_tiny(arg, spec, tiny_model or {}, tiny_demo) if tiny else
+            _cluster_base(model_7b, arg, spec))
   config.model.update(spec.get('model', {}))
   config.optim.warmup_steps = max(1, round(spec.get('warmup_ratio', WARMUP_RATIO) *
                                            config.total_steps))
