@@ -205,7 +205,7 @@ def test_bad_records_are_skipped_counted_and_quarantined(tmp_path, pre, tokenize
   it = iter(bad_records.FilterBadRecords(encoded.to_iter_dataset(), bad_records.Policy(0.5, 10)))
   assert len(list(it)) == 16
   assert it.by_kind == {'unreadable_record': 1, 'bad_image': 2, 'bad_conversation': 1,
-                        'too_long': 1}
+                        'bad_teacher_features': 0, 'too_long': 1}
   assert (it.seen, it.bad) == (21, 5) and it.get_state()['bad'] == 5
   shard1 = records.shard_name('train', 1, 2)
   entries = {(e['shard'], e['index'], e['kind']) for e in bad_records.read_quarantine(quarantine)}

@@ -147,3 +147,60 @@ def test_offline_teacher_features_are_packed_per_group_and_checked():
     encode.pack_row([ex], 16, 5, CFG.patch_shape, image_keys=True, teacher_size=8)
   with pytest.raises(ValueError, match="pal.teacher='online'"):
     pal_lib.offline_teacher({'patches': None})
+
+
+def _demo_v1_records(tmp_path, num: int) -> tuple:
+  """configs/demo_v1.py over `num` demo images written as converted records, and that config."""
+  import runpy  # pylint: disable=import-outside-toplevel
+  from evejax.data import records, shapes  # pylint: disable=import-outside-toplevel
+  config = runpy.run_path('configs/demo_v1.py')['get_config']()
+  kw = dict(config.data.shapes, question_kinds=('caption',), turns=1)
+  dataset = shapes.ShapesDataset(num, 7, **kw)
+  records.write_dataset(list(range(num)), dataset.__getitem__, str(tmp_path / 'plain'), 'train',
+                        num_shards=2, info={'corpus': dataset.corpus()})
+  config.data.update(source='records', path=str(tmp_path / 'with_teacher'), template='plain',
+                     pack_window=4, row_patches=3 * 49, seq_len=3 * 64)
+  return config
+
+
+def test_offline_teacher_features_from_records_equal_the_online_teacher(tmp_path):
+  """data_pipelines/teacher_features.py -> records -> loader -> packed rows: every group's offline
+  feature is what the online teacher computes for that group of the packed batch, so PAL gives
+  the same loss both ways; features that differ change the loss."""
+  from data_pipelines import teacher_features  # pylint: disable=import-outside-toplevel
+  from evejax.data import pipeline, records  # pylint: disable=import-outside-toplevel
+  config = _demo_v1_records(tmp_path, 12)
+  teacher_features.teacher_dataset(config, str(tmp_path / 'plain'), config.data.path, 'train',
+                                   dtype='float32')
+  source = records.RecordSource(config.data.path, 'train')
+  assert source[0]['extras']['teacher_features'].shape[1] == config.pal.clip.hidden_size
+  model_cfg = dataclasses.replace(TINY, **{k: v for k, v in config.model.items()
+                                           if k in TINY.__dataclass_fields__})
+  width = pal_lib.offline_teacher_size(dict(config.pal, teacher='offline'), model_cfg)
+  assert width == model_cfg.pal_teacher_size
+  pre = pipeline.make_preprocessor(config.data, pipeline.load_tokenizer(config.data, source),
+                                   model_cfg.vision_patch_size, model_cfg.vision_merge,
+                                   valid_channel=True, teacher_size=width)
+  ds = pipeline.make_dataset(source, pre, pipeline.row_spec(config.data, pre), 2, seed=0,
+                             shuffle=False, num_epochs=1, pack_window=4)
+  batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+  assert int(batch['segment_ids'].max()) > 1  # Several examples per row: offsets matter.
+  online = pal_lib.online_teacher(config.pal, model_cfg)(batch)
+  used = np.asarray(batch['patch_image'] > 0)
+  assert used.sum() > 50
+  np.testing.assert_allclose(np.asarray(batch['teacher_features'])[used],
+                             np.asarray(online)[used], atol=1e-5)
+  model = EVE(model_cfg, rngs=nnx.Rngs(0))
+  loss = lambda teacher: float(pal_lib.PalObjective(1.0, teacher)(model, batch)[1])
+  offline_loss = loss(pal_lib.offline_teacher)
+  assert 0.0 < offline_loss < 2.0
+  np.testing.assert_allclose(offline_loss, loss(lambda b: online), rtol=1e-5)
+  flipped = dict(batch, teacher_features=-batch['teacher_features'])
+  assert abs(float(pal_lib.PalObjective(1.0, pal_lib.offline_teacher)(model, flipped)[1])
+             - offline_loss) > 1e-3
+  # A record without features is a bad record named by shard and index, never a silent zero.
+  plain = records.RecordSource(str(tmp_path / 'plain'), 'train')
+  bad = pipeline.SafeEncode(plain, pre, pipeline.row_spec(config.data, pre))(7)
+  assert (bad.kind, bad.shard, bad.index) == ('bad_teacher_features', plain.location(7)['shard'],
+                                              plain.location(7)['index'])
+  assert 'teacher_features field of shape' in bad.reason

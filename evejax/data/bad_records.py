@@ -16,7 +16,7 @@ from typing import Any
 import grain
 from absl import logging
 
-KINDS = ('unreadable_record', 'bad_image', 'bad_conversation', 'too_long')
+KINDS = ('unreadable_record', 'bad_image', 'bad_conversation', 'bad_teacher_features', 'too_long')
 
 
 class TooManyBadRecords(RuntimeError):

@@ -9,7 +9,7 @@ the window and skips what was emitted: the next row is identical to an uninterru
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -26,6 +26,12 @@ class RowSpec:
   max_patches: int  # Patch-group slots of the whole row.
   patch_shape: tuple[int, int]
   image_keys: bool = False  # EVEv1's per-group image keys (batch.V1_KEYS)
+  teacher_size: int = 0  # > 0: each group's precomputed teacher features (offline PAL)
+
+  def pack(self, examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`examples` laid end to end in one row of this shape (`encode.pack_row`)."""
+    return encode.pack_row(examples, self.seq_len, self.max_patches, self.patch_shape,
+                           image_keys=self.image_keys, teacher_size=self.teacher_size)
 
 
 def num_patches(example: Example) -> int:
@@ -83,8 +89,7 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
     row = self._rows[self._emitted]
     self._emitted += 1
-    return encode.pack_row(row, self._spec.seq_len, self._spec.max_patches, self._spec.patch_shape,
-                           image_keys=self._spec.image_keys)
+    return self._spec.pack(row)
 
   def get_state(self) -> dict[str, Any]:
     return {'window_start': self._window_start, 'emitted': self._emitted}
@@ -124,8 +129,7 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 
 def empty_batch(spec: RowSpec, batch_size: int) -> dict[str, np.ndarray]:
   """Rows with no example (segment 0, no loss weight)."""
-  row = encode.pack_row([], spec.seq_len, spec.max_patches, spec.patch_shape,
-                        image_keys=spec.image_keys)
+  row = spec.pack([])
   return {k: np.stack([v] * batch_size) for k, v in row.items()}
 
 

@@ -38,6 +38,7 @@ class Preprocessor:
   resize: str = 'eve_v2_train'
   blank_images: bool = False  # Ablation: keep the layout, erase the pixels.
   valid_channel: bool = False  # EVEv1: a 4th, valid-pixel channel and the V1_KEYS of evejax/batch.py.
+  teacher_size: int = 0  # > 0: offline PAL, each image record's extras['teacher_features'].
 
   @property
   def token_pixels(self) -> int:
@@ -72,7 +73,16 @@ class Preprocessor:
     """The unpadded sequence arrays of one record."""
     image_bytes = record.get('image')
     image_list = [] if image_bytes is None else [self.image_patches(image_bytes)]
-    return self.encode_conversation(record['conversations'], image_list)
+    return self.with_teacher(self.encode_conversation(record['conversations'], image_list), record)
+
+  def with_teacher(self, example: dict[str, np.ndarray],
+                   record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Offline PAL: the record's precomputed teacher features, one per visual token, checked."""
+    if self.teacher_size and example['patches'] is not None:
+      extras = record.get('extras') or {}
+      example['teacher_features'] = encode.teacher_features(extras, len(example['patches']),
+                                                            self.teacher_size)
+    return example
 
   def encode_conversation(self, conversation, image_list) -> dict[str, np.ndarray]:
     """Tokenise + template + label mask, with the images' patch groups in place."""
@@ -81,7 +91,7 @@ class Preprocessor:
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return encode.pack_row([self.encode(record)], self.seq_len, self.max_patches, self.patch_shape,
-                           image_keys=self.valid_channel)
+                           image_keys=self.valid_channel, teacher_size=self.teacher_size)
 
 
 # Data options a config may leave out (configs/demo.py lists them all).
@@ -172,13 +182,14 @@ def load_tokenizer(data_cfg, source: Source) -> Tokenizer:
 
 
 def make_preprocessor(data_cfg, tokenizer: Tokenizer, patch_size: int, merge: int, *,
-                      blank_images: bool | None = None, valid_channel: bool = False) -> Preprocessor:
+                      blank_images: bool | None = None, valid_channel: bool = False,
+                      teacher_size: int = 0) -> Preprocessor:
   return Preprocessor(
       tokenizer=tokenizer, template=templates.get_template(data_cfg.template),
       patch_size=patch_size, merge=merge, max_size=data_cfg.max_size, seq_len=data_cfg.seq_len,
       resize=data_cfg.resize,
       blank_images=data_cfg.blank_images if blank_images is None else blank_images,
-      valid_channel=valid_channel)
+      valid_channel=valid_channel, teacher_size=teacher_size)
 
 
 def row_spec(data_cfg, preprocess: Preprocessor) -> packing.RowSpec:
@@ -188,7 +199,8 @@ def row_spec(data_cfg, preprocess: Preprocessor) -> packing.RowSpec:
                      f'groups one image may need at data.max_size={preprocess.max_size}; raise it '
                      '(or 0 for exactly one image)')
   return packing.RowSpec(preprocess.seq_len, row_patches, preprocess.patch_shape,
-                         image_keys=preprocess.valid_channel)
+                         image_keys=preprocess.valid_channel,
+                         teacher_size=preprocess.teacher_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +226,8 @@ class SafeEncode:
       image_list = [] if image_bytes is None else [self.preprocess.image_patches(image_bytes)]
       kind = 'bad_conversation'
       example = self.preprocess.encode_conversation(record['conversations'], image_list)
+      kind = 'bad_teacher_features'
+      example = self.preprocess.with_teacher(example, record)
     except (ValueError, KeyError) as e:
       return self._bad(index, kind, f'{type(e).__name__}: {e}')
     if not packing.fits(example, self.spec):

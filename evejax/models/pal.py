@@ -108,6 +108,13 @@ def offline_teacher(batch: Mapping[str, Array]) -> Array:
   return batch['teacher_features']
 
 
+def offline_teacher_size(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> int:
+  """The width of the teacher features the data must carry: pal_teacher_size for an offline
+  teacher with a nonzero weight, else 0 (nothing read)."""
+  on = pal_cfg and pal_cfg.get('weight', 0.0) and pal_cfg.get('teacher') == 'offline'
+  return model_cfg.pal_teacher_size if on else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PalObjective:
   """The PAL term of the training loss: `weight` and where the teacher features come from."""
@@ -129,13 +136,7 @@ class PalObjective:
 
 def objective_from_config(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> PalObjective | None:
   """The PAL term of `config.pal` (weight, teacher='online'|'offline', clip, clip_weights), or
-  None when it is absent or its weight is 0 (then no PAL metric is reported either).
-
-  Online: a frozen CLIP ViT (evejax/models/clip.py) from `clip_weights` (a local HF safetensors
-  file), or randomly initialised from `seed` when that is '' (the demo). Its parameters are
-  closed over by the step, never trained; the objective stops gradients at its output.
-  """
-  from evejax.models import clip  # pylint: disable=import-outside-toplevel
+  None when it is absent or its weight is 0 (then no PAL metric is reported either)."""
   if not pal_cfg or not pal_cfg.get('weight', 0.0):
     return None
   if not model_cfg.pal:
@@ -144,6 +145,15 @@ def objective_from_config(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> Pa
     return PalObjective(float(pal_cfg['weight']), offline_teacher)
   if pal_cfg['teacher'] != 'online':
     raise ValueError(f"pal.teacher={pal_cfg['teacher']!r}; use 'online' or 'offline'")
+  return PalObjective(float(pal_cfg['weight']), online_teacher(pal_cfg, model_cfg))
+
+
+def online_teacher(pal_cfg: Mapping, model_cfg: ModelConfig) -> TeacherFn:
+  """A frozen CLIP ViT (evejax/models/clip.py) from `pal.clip_weights` (a local HF safetensors
+  file), or randomly initialised from `pal.seed` when that is '' (the demo). Its parameters are
+  closed over by the step, never trained; PalObjective stops gradients at its output.
+  data_pipelines/teacher_features.py runs the same function to precompute offline features."""
+  from evejax.models import clip  # pylint: disable=import-outside-toplevel
   clip_cfg = clip.CLIPVisionConfig(**dict(pal_cfg['clip']))
   if clip_cfg.hidden_size != model_cfg.pal_teacher_size:
     raise ValueError(f'pal.clip.hidden_size={clip_cfg.hidden_size} differs from '
@@ -157,4 +167,4 @@ def objective_from_config(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> Pa
     return nnx.merge(graphdef, state).patch_features(batch['patches'], batch['patch_image'],
                                                      batch['patch_coords'])
 
-  return PalObjective(float(pal_cfg['weight']), features)
+  return features

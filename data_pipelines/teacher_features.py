@@ -1,0 +1,92 @@
+"""Offline PAL: a copy of a converted dataset whose image records carry the teacher's features.
+
+  python -m data_pipelines.teacher_features \
+      --config=configs/eve_v1/prealign.py:size=7b,teacher=online,clip_weights=clip-l-336.safetensors \
+      --in_dir=data/eve-cap33m --out_dir=data/eve-cap33m-clip --split=train
+
+The training config fixes the geometry (resize policy, patch size, max_size) and the online teacher
+(pal.clip, pal.clip_weights); each image record gets extras['teacher_features'] of shape
+(visual tokens, pal_teacher_size), row-major, exactly what the online teacher computes during
+training. Train on the output with pal.teacher='offline'. Re-runs skip unchanged shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from evejax.data import pipeline, records
+from evejax.models import ModelConfig, pal
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'The EVEv1 training config.')
+IN_DIR = flags.DEFINE_string('in_dir', None, 'Converted dataset (data_pipelines/) to read.')
+OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the copy with teacher features is written.')
+SPLIT = flags.DEFINE_string('split', 'train', 'Split to convert.')
+DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32'], 'Stored feature dtype.')
+
+
+@dataclasses.dataclass(frozen=True)
+class WithTeacherFeatures:
+  """Record index -> the input record plus extras['teacher_features'] (image records only)."""
+  source: records.RecordSource
+  preprocess: pipeline.Preprocessor
+  teacher: Callable[[dict[str, np.ndarray]], jax.Array]
+  dtype: str
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    record = self.source[index]
+    if record.get('image') is None:
+      return record
+    try:
+      row = self.preprocess(record)
+    except ValueError as e:
+      where = self.source.location(index)
+      raise ValueError(f"{where['shard']} record {where['index']}: {e}") from e
+    visual_tokens = int((row['patch_image'] > 0).sum())
+    features = np.asarray(self.teacher({k: v[None] for k, v in row.items()}))[0, :visual_tokens]
+    record['extras'] = {**record.get('extras', {}), 'teacher_features': features.astype(self.dtype)}
+    return record
+
+
+def teacher_dataset(config, in_dir: str, out_dir: str, split: str, dtype: str = 'float16',
+                    progress: bool = False) -> dict:
+  """Writes `out_dir`/`split` with teacher features; returns its manifest."""
+  model_cfg = ModelConfig.from_dict(config.model)
+  if model_cfg.vision_tokenizer != 'v1' or not model_cfg.pal:
+    raise ValueError('teacher features are for EVEv1 with PAL: the config needs '
+                     "model.vision_tokenizer='v1' and model.pal=True")
+  source = records.RecordSource(in_dir, split)
+  tokenizer = pipeline.load_tokenizer(config.data, source)
+  preprocess = pipeline.make_preprocessor(config.data, tokenizer, model_cfg.vision_patch_size,
+                                          model_cfg.vision_merge, valid_channel=True)
+  teacher = jax.jit(pal.online_teacher(config.pal, model_cfg))
+  # Shards are re-written when the input, the geometry or the teacher changes.
+  signature = repr((records.read_manifest(in_dir, split)['shards'], config.data.to_dict(),
+                    config.pal.to_dict(), dtype))
+  if config.pal.get('clip_weights'):
+    signature += records.file_sha256(config.pal.clip_weights)
+  key = hashlib.sha256(signature.encode()).hexdigest()
+  return records.write_dataset(
+      list(range(len(source))), WithTeacherFeatures(source, preprocess, teacher, dtype), out_dir,
+      split, num_shards=len(records.read_manifest(in_dir, split)['shards']), num_workers=1,
+      describe=lambda i: f'{key}|{i}', progress=progress,
+      info={**source.info, 'teacher_features': config.pal.to_dict()})
+
+
+def main(argv):
+  del argv
+  manifest = teacher_dataset(_CONFIG.value, IN_DIR.value, OUT_DIR.value, SPLIT.value, DTYPE.value,
+                             progress=True)
+  print(f"Wrote {manifest['num_records']} records with teacher features to "
+        f'{os.path.join(OUT_DIR.value, SPLIT.value)}*')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'in_dir', 'out_dir'])
+  app.run(main)
