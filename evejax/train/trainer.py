@@ -7,8 +7,8 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -133,7 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokenizer.save(workdir)
   preprocess = pipeline.make_preprocessor(config.data, tokenizer, model_cfg.vision_patch_size,
                                           model_cfg.vision_merge,
-                                          valid_channel=model_cfg.vision_tokenizer == 'v1')
+                                          valid_channel=model_cfg.vision_tokenizer == 'v1',
+                                          teacher_size=pal_lib.offline_teacher_size(
+                                              config.get('pal'), model_cfg))
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(_option(config, 'sharding_rules'))
@@ -152,11 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                optim.group_summary(config.optim, params))
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+    state = TrainState(step=jax.device_put(np.zeros((), np.int32), replicated), params=params,
                        opt_state=jax.jit(tx.init, out_shardings=sharding.like_params(
                            jax.eval_shape(tx.init, params), params, mesh))(params))
   # The run's base key, checkpointed with the state for stochastic ops (none in the recipes yet).
-  rng = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
+  # From host memory: a device array put on a mesh that spans other processes' devices yields a
+  # global array Orbax cannot save when each process has one device (jax 0.10).
+  rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(config.seed))), replicated)
   guard_cfg = _option(config, 'guard')
   guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
   pal = pal_lib.objective_from_config(config.get('pal'), model_cfg)  # EVEv1 only; None = off
