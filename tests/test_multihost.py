@@ -1,16 +1,21 @@
 """Two local processes (jax.distributed on 127.0.0.1, 2 CPU devices each) train on one 4-device
-global mesh, each feeding only its own rows, and match the single-process result."""
+global mesh, each feeding only its own rows, and match the single-process result; two processes
+with one device each are preempted through the CLI and resume bit for bit."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from evejax import sharding
+from evejax.convert import checkpoints
+from test_resume import logged_losses
 from test_sharding import TOLERANCE, reference_setup, tiny_config, train_two_steps
 
 REPO = __file__.rsplit('/tests/', 1)[0]
@@ -59,6 +64,63 @@ def test_two_processes_match_one():
                              atol=1e-5)
   np.testing.assert_allclose(got['param_abs_max'], [float(np.abs(p).max()) for p in flat],
                              rtol=TOLERANCE)
+
+
+CLI_STEPS = 10
+CLI_FLAGS = ['--config=configs/demo.py', f'--config.total_steps={CLI_STEPS}', '--config.log_every=1',
+             '--config.eval_every=1000', '--config.data.num_eval=8', '--config.data.num_train=400',
+             '--config.model.num_layers=1', '--config.batch_size=4', '--config.checkpoint.every=4']
+
+
+def start_pair(workdir) -> list[subprocess.Popen]:
+  """The trainer CLI as 2 processes of one job, one CPU device each (as one GPU per process)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_PROCESSES='2', PYTHONPATH=REPO,
+             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{free_port()}')
+  env.pop('XLA_FLAGS', None)
+  return [subprocess.Popen([sys.executable, '-m', 'evejax.train', *CLI_FLAGS, f'--workdir={workdir}'],
+                           cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def finish(pair) -> list[str]:
+  """Waits for both processes; each must exit 0. Returns their stderr."""
+  errors = [p.communicate(timeout=300)[1] for p in pair]
+  for p, err in zip(pair, errors):
+    assert p.returncode == 0, err[-4000:]
+  return errors
+
+
+def saved_params(workdir, step):
+  """A 2-process checkpoint's parameters, restored onto this process's one device."""
+  return jax.tree.leaves(checkpoints.load_params(os.path.join(workdir, 'checkpoints', str(step)))[0])
+
+
+def test_two_processes_preempted_resume_bit_for_bit(tmp_path):
+  """SIGTERM to both processes: JAX's preemption sync point makes them save the same step and exit
+  0; the same command resumes. Losses and final parameters equal an uninterrupted 2-process run."""
+  baseline_dir, workdir = tmp_path / 'baseline', tmp_path / 'preempted'
+  finish(start_pair(baseline_dir))
+
+  pair = start_pair(workdir)
+  deadline = time.time() + 240
+  while max(logged_losses(workdir), default=0) < 2:
+    assert all(p.poll() is None for p in pair) and time.time() < deadline
+    time.sleep(0.05)
+  for p in pair:
+    p.send_signal(signal.SIGTERM)
+  errors = finish(pair)
+  assert all('Preempted: saved checkpoint' in err for err in errors)
+  stopped = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())[-1]
+  assert 2 <= stopped < CLI_STEPS
+
+  errors = finish(start_pair(workdir))
+  assert all('Resumed from checkpoint' in err for err in errors)
+  expected = logged_losses(baseline_dir)
+  assert sorted(expected) == list(range(1, CLI_STEPS + 1))
+  assert logged_losses(workdir) == expected  # Every step, bitwise.
+  for got, want in zip(saved_params(workdir, CLI_STEPS), saved_params(baseline_dir, CLI_STEPS),
+                       strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def worker():
