@@ -424,9 +424,9 @@ def test_scanned_layer_layout_maps_to_the_same_official_tensors(tmp_path):
 
 def test_parameters_without_an_official_name_are_refused():
   params = {'embed_tokens': {'embedding': jax.ShapeDtypeStruct((4, 2), jnp.float32)},
-            'vision_tower': {'local_attention': {'proj': {
+            'vision_tower': {'resampler': {'proj': {
                 'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}}}
-  with pytest.raises(NotImplementedError, match='vision_tower/local_attention/proj/kernel'):
+  with pytest.raises(NotImplementedError, match='vision_tower/resampler/proj/kernel'):
     convert.tensor_specs(tiny_eve_cfg(), params)
 
 

@@ -38,8 +38,10 @@ _SOURCE_DIR = flags.DEFINE_string('source_dir', None, 'export: the folder import
                                   'config.json fields and generation_config.json are kept).')
 _TOKENIZER_DIR = flags.DEFINE_string('tokenizer_dir', None, 'export: tokenizer files to copy.')
 _DTYPE = flags.DEFINE_string('dtype', 'bfloat16', 'export: stored dtype.')
-_VISION_TOWER = flags.DEFINE_string('vision_tower', exporter.EVE_V2_PROCESSOR,
-                                    'export: mm_vision_tower (processor folder) in config.json.')
+_VISION_TOWER = flags.DEFINE_string('vision_tower', None, 'export: mm_vision_tower (processor '
+                                    "folder) in config.json; default: the release's.")
+_CLIP_WEIGHTS = flags.DEFINE_string('clip_weights', None, 'export, EVEv1: the PAL teacher (CLIP '
+                                    'ViT-L/14-336 safetensors) to include, as the releases do.')
 _MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB',
                                  'export: largest shard (e.g. 5GB, 500MB).')
 
@@ -80,7 +82,8 @@ def run_export(params_path: str, out: str) -> None:
   if _LLM_ONLY.value:
     written = exporter.export_hf_llm(params, cfg, out, **kw)
   else:
-    written = exporter.export_eve(params, cfg, out, vision_tower=_VISION_TOWER.value, **kw)
+    written = exporter.export_eve(params, cfg, out, vision_tower=_VISION_TOWER.value,
+                                  clip_weights=_CLIP_WEIGHTS.value, **kw)
   print(f'Wrote {len(written)} weight files to {out}', flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Export evejax parameters to the official EVEv2 format or to a plain HF Llama/Qwen2 LLM.
+"""Export evejax parameters to the official EVE (v1) / EVEv2 format or to a plain HF Llama/Qwen2 LLM.
 
 A folder the official code (and `transformers`, for the LLM) loads: safetensors shards + index,
 `config.json`, `generation_config.json` and the tokenizer files. Parameters may be numpy arrays or
@@ -8,10 +8,11 @@ process 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,17 +21,22 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from evejax.convert import keymap
-from evejax.convert.files import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedSafetensorsWriter
+from evejax.convert.files import (DEFAULT_SHARD_BYTES, DTYPES, PlannedTensor, SafetensorsFile,
+                                  ShardedSafetensorsWriter)
 from evejax.models import ModelConfig
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'added_tokens.json', 'vocab.json', 'merges.txt', 'tokenizer.model',
                    'chat_template.jinja')
 HF_CLASSES = {'qwen2': ('Qwen2ForCausalLM', 'qwen2'), 'llama': ('LlamaForCausalLM', 'llama')}
-EVE_CLASSES = {'qwen2': ('EVEQwen2ForCausalLM', 'eve-qwen2')}
+# Per vision tokenizer: the LLM family, architecture and model_type of the official code.
+EVE_CLASSES = {'v2': ('qwen2', 'EVEQwen2ForCausalLM', 'eve-qwen2'),
+               'v1': ('llama', 'EVELlamaForCausalLM', 'eve')}
 DEFAULT_MAX_POSITIONS = {'qwen2': 32768, 'llama': 4096}
-# The EVEv2 release's processor folder (relative to the working directory of the official code).
-EVE_V2_PROCESSOR = 'openai/eve-anyratio-res1600-patch16'
+# The releases' processor folders (relative to the working directory of the official code).
+EVE_PROCESSORS = {'v2': 'openai/eve-anyratio-res1600-patch16',
+                  'v1': 'openai/eve-patch14-anypixel-672'}
+EVE_V1_TEACHER = 'openai/clip-vit-large-patch14-336'
 # config.json fields the official EVE code adds to the LLM config (dropped for a plain LLM export).
 EVE_FIELDS = ('mm_vision_tower', 'mm_hidden_size', 'add_moe', 'moe_part', 'tune_LLM', 'tune_VE',
               'tune_MOE', 'vision_tower_lr', 'mm_use_im_start_end', 'mm_use_im_patch_token',
@@ -75,23 +81,61 @@ def hf_llm_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None,
 
 
 def eve_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None, dtype: str = 'bfloat16',
-               vision_tower: str = EVE_V2_PROCESSOR) -> dict:
-  """config.json of the official EVEv2 model (EVE_REFERENCE.md §4.3)."""
-  if cfg.family not in EVE_CLASSES:
-    raise NotImplementedError(f'Export to the official format is implemented for EVEv2 (qwen2); '
-                              f'family {cfg.family!r} (EVEv1) needs its vision modules mapped '
-                              'first')
-  if (cfg.vision_patch_size, cfg.vision_merge) != (16, 2):
-    logging.warning('Vision patch %d / merge %d differ from the official processor folders (16/2): '
-                    'point mm_vision_tower at a processor with matching patch_stride/dense_stride',
-                    cfg.vision_patch_size, cfg.vision_merge)
+               vision_tower: str | None = None, with_teacher: bool = False) -> dict:
+  """config.json of the official EVE (v1) or EVEv2 model (EVE_REFERENCE.md §4.3). EVEv1:
+  `with_teacher` sets requires_cliploss (the official code then builds PAL and its CLIP)."""
+  family, architecture, model_type = EVE_CLASSES[cfg.vision_tokenizer]
+  if cfg.family != family:
+    raise ValueError(f'The official EVE{cfg.vision_tokenizer} model is a {family} LLM; this one is '
+                     f'{cfg.family!r}')
+  official_geometry = (16, 2) if cfg.vision_tokenizer == 'v2' else (14, 2)
+  if (cfg.vision_patch_size, cfg.vision_merge) != official_geometry:
+    logging.warning('Vision patch %d / merge %d differ from the official processor folders (%d/%d):'
+                    ' point mm_vision_tower at a processor with matching strides',
+                    cfg.vision_patch_size, cfg.vision_merge, *official_geometry)
   out = hf_llm_config(cfg, base, dtype)
-  out['architectures'], out['model_type'] = [EVE_CLASSES[cfg.family][0]], EVE_CLASSES[cfg.family][1]
-  out.update(mm_vision_tower=vision_tower, mm_hidden_size=cfg.vision_hidden_size,
-             add_moe=bool(cfg.decomposed_parts), moe_part=cfg.moe_part or None,
-             tune_LLM=True, tune_VE=True, tune_MOE=True, vision_tower_lr=None,
-             mm_use_im_start_end=False, mm_use_im_patch_token=False)
+  out['architectures'], out['model_type'] = [architecture], model_type
+  out.update(mm_vision_tower=vision_tower or EVE_PROCESSORS[cfg.vision_tokenizer],
+             mm_hidden_size=cfg.vision_hidden_size, mm_use_im_start_end=False,
+             mm_use_im_patch_token=False)
+  if cfg.vision_tokenizer == 'v2':
+    out.update(add_moe=bool(cfg.decomposed_parts), moe_part=cfg.moe_part or None,
+               tune_LLM=True, tune_VE=True, tune_MOE=True, vision_tower_lr=None)
+  else:
+    out.update(mm_vision_tower_clip=EVE_V1_TEACHER, mm_projector_type='mlp2x_gelu',
+               mm_vision_select_layer=-2, mm_vision_select_feature='patch',
+               requires_cliploss=with_teacher, use_mm_proj=True, tune_mm_mlp_adapter=False,
+               image_aspect_ratio='square', image_grid_pinpoints=None)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiedTensor:
+  """A tensor written unchanged (but for the dtype of floats) from another safetensors file."""
+  key: str
+  file: SafetensorsFile
+  source_key: str
+
+  def planned(self, dtype: str) -> PlannedTensor:
+    stored = np.dtype(DTYPES[self.file.entries[self.source_key]['dtype']])
+    return PlannedTensor(self.key, self.file.shape(self.source_key),
+                         np.dtype(dtype) if stored.kind == 'f' else stored)
+
+
+def teacher_tensors(clip_weights: str) -> list[CopiedTensor]:
+  """EVEv1's CLIP teacher from a HF CLIPVisionModel / CLIPModel safetensors file, under both
+  prefixes of the official checkpoints (keymap.TEACHER_PREFIXES)."""
+  file = SafetensorsFile(clip_weights)
+  # CLIPModel files (and older CLIPVisionModel ones) prefix the tower; transformers 5 saves a
+  # CLIPVisionModel without `vision_model.`. The official checkpoints always have it.
+  vision = {k: k for k in file.entries if k.startswith('vision_model.')}
+  if not vision and any(k.startswith('encoder.layers.') for k in file.entries):
+    vision = {f'vision_model.{k}': k for k in file.entries}
+  if not vision:
+    raise ValueError(f'{clip_weights} holds no CLIP vision tower: pass the safetensors file of '
+                     f'{EVE_V1_TEACHER} (CLIPVisionModel or CLIPModel)')
+  return [CopiedTensor(prefix + key, file, source) for prefix in keymap.TEACHER_PREFIXES
+          for key, source in sorted(vision.items())]
 
 
 def generation_config(hf_config: Mapping[str, Any]) -> dict:
@@ -101,12 +145,14 @@ def generation_config(hf_config: Mapping[str, Any]) -> dict:
 
 def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, *,
                   dtype: str = 'bfloat16', max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  progress: bool = True) -> list[str]:
-  """Streams the tensors of `specs` from `params` into safetensors shards; returns the files."""
+                  progress: bool = True, copies: Sequence[CopiedTensor] = ()) -> list[str]:
+  """Streams the tensors of `specs` from `params`, then `copies`, into safetensors shards; returns
+  the files."""
   is_main = jax.process_index() == 0
   plan = [PlannedTensor(s.key, s.shape, np.dtype(dtype)) for s in specs]
-  writer = ShardedSafetensorsWriter(folder, plan, max_shard_bytes) if is_main else None
-  total = sum(t.nbytes for t in plan)
+  copied = [c.planned(dtype) for c in copies]
+  writer = ShardedSafetensorsWriter(folder, plan + copied, max_shard_bytes) if is_main else None
+  total = sum(t.nbytes for t in plan + copied)
   with tqdm(total=total, desc=f'export {os.path.basename(os.path.normpath(folder))}', unit='B',
             unit_scale=True, disable=not (progress and is_main)) as bar:
     for spec, planned in zip(specs, plan):
@@ -116,6 +162,9 @@ def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, 
                          f'config needs {spec.param_shape}')
       if writer:
         writer.write(spec.key, keymap.to_torch_layout(spec, value))
+      bar.update(planned.nbytes)
+    for copy, planned in zip(copies if writer else (), copied):
+      writer.write(copy.key, copy.file.read(copy.source_key).astype(planned.dtype))
       bar.update(planned.nbytes)
   if not writer:
     return []
@@ -165,9 +214,13 @@ def _source_config(source_dir: str | None) -> dict | None:
 
 def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: str | None = None,
                tokenizer_dir: str | None = None, dtype: str = 'bfloat16',
-               vision_tower: str = EVE_V2_PROCESSOR, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-               progress: bool = True) -> list[str]:
-  """Writes the whole EVEv2 model in the official format.
+               vision_tower: str | None = None, clip_weights: str | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> list[str]:
+  """Writes the whole EVE (v1) or EVEv2 model in the official format.
+
+  EVEv1: with `clip_weights` the export is the training checkpoint the releases are (PAL, and the
+  CLIP teacher copied from that file under both official prefixes, requires_cliploss=true);
+  without, an inference checkpoint (no PAL, no CLIP, requires_cliploss=false).
 
   Args:
     params: evejax parameters (a pure dict, or any mapping with the same keys, e.g. a LazyParams;
@@ -178,17 +231,23 @@ def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: st
       does not model and its generation_config.json is copied.
     tokenizer_dir: folder of the tokenizer files to copy (defaults to `source_dir`).
     dtype: stored dtype (the release uses bfloat16).
-    vision_tower: `mm_vision_tower`, the processor folder the official code loads.
+    vision_tower: `mm_vision_tower`, the processor folder the official code loads (default: the
+      release's).
+    clip_weights: EVEv1 only: a HF CLIP ViT-L/14-336 safetensors file (the PAL teacher).
     max_shard_bytes: largest safetensors shard.
   Returns:
     the weight files written (on process 0; [] on the others).
   """
-  config = eve_config(cfg, _source_config(source_dir), dtype, vision_tower)
-  files = write_tensors(params, keymap.tensor_specs(cfg), folder, dtype=dtype,
-                        max_shard_bytes=max_shard_bytes, progress=progress)
+  if clip_weights and cfg.vision_tokenizer != 'v1':
+    raise ValueError('clip_weights is the EVEv1 PAL teacher; this model is EVEv2')
+  specs = [s for s in keymap.tensor_specs(cfg) if clip_weights or not s.is_pal]
+  copies = teacher_tensors(clip_weights) if clip_weights else ()
+  config = eve_config(cfg, _source_config(source_dir), dtype, vision_tower, bool(clip_weights))
+  written = write_tensors(params, specs, folder, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                          progress=progress, copies=copies)
   if jax.process_index() == 0:
     _finish(folder, config, source_dir, tokenizer_dir)
-  return files
+  return written
 
 
 def export_hf_llm(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: str | None = None,

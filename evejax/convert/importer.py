@@ -10,6 +10,7 @@ What the source lacks is filled the way the reference recipes do it:
   copied from the LLM weights of the same name (`vision_copies='copy'`, the reference's repeat_moe
   step) or freshly initialised (`vision_copies='init'`).
 Anything else missing, any extra tensor and any shape mismatch is an error that lists them all.
+EVEv1's CLIP teacher (keymap.TEACHER_PREFIXES) is no evejax parameter and is not read.
 """
 from __future__ import annotations
 
@@ -100,14 +101,28 @@ def check_config_matches(hf: Mapping[str, Any], cfg: ModelConfig, source: str) -
     raise ValueError('The checkpoint is not the model of the config:\n  ' + '\n  '.join(diffs))
 
 
-def vision_fields(reader: CheckpointReader) -> dict[str, int]:
-  """Vision tokenizer sizes read off the conv weights (config.json does not store them)."""
+def vision_fields(reader: CheckpointReader) -> dict[str, Any]:
+  """Vision tokenizer (and EVEv1 PAL) sizes read off the weights (config.json does not store
+  them)."""
+  keys = set(reader.keys())
   first, second = (f'{keymap.VISION_PREFIX}patch_embedding.{i}.weight' for i in (0, 2))
-  if first not in reader.keys() or second not in reader.keys():
+  if first in keys and second in keys:
+    hidden, _, patch, _ = reader.shape(first)
+    return dict(vision_hidden_size=hidden, vision_patch_size=patch,
+                vision_merge=reader.shape(second)[-1])
+  v1 = f'{keymap.VISION_PREFIX}patch_embedding.weight'
+  if v1 not in keys:
     return {}
-  hidden, _, patch, _ = reader.shape(first)
-  return dict(vision_hidden_size=hidden, vision_patch_size=patch,
-              vision_merge=reader.shape(second)[-1])
+  hidden, _, patch, _ = reader.shape(v1)
+  fields = dict(vision_tokenizer='v1', vision_hidden_size=hidden, vision_patch_size=patch,
+                vision_merge=2, pal=False)
+  pal = 'model.vision_tower_compressor.'
+  if f'{pal}input_layer.weight' in keys:
+    taps = len({k.split('.')[3] for k in keys if k.startswith(f'{pal}norm_layer.')})
+    num_layers = sum(k.endswith('.input_layernorm.weight') for k in keys)
+    fields.update(pal=True, pal_teacher_size=reader.shape(f'{pal}input_layer.weight')[0],
+                  pal_layer_rate=num_layers // (taps - 1))
+  return fields
 
 
 def _listing(title: str, items: list[str]) -> str:
@@ -124,6 +139,9 @@ def _hints(cfg: ModelConfig, missing: list[str], extra: list[str]) -> list[str]:
   if 'lm_head.weight' in missing:
     hints.append('the checkpoint has no lm_head.weight (tied embeddings): set '
                  'model.tie_word_embeddings=True')
+  if any(k.startswith('model.vision_tower_compressor.') for k in missing):
+    hints.append('the checkpoint has no PAL (vision_tower_compressor; an inference export): set '
+                 'model.pal=False, or export with the CLIP teacher')
   if 'lm_head.weight' in extra:
     hints.append('the checkpoint has an untied lm_head.weight: set model.tie_word_embeddings=False')
   return hints
@@ -135,7 +153,8 @@ def plan_sources(cfg: ModelConfig, specs: list[keymap.TensorSpec], reader: Check
   CheckpointMismatchError listing every missing, extra and wrongly shaped tensor."""
   if vision_copies not in VISION_COPY_MODES:
     raise ValueError(f'vision_copies={vision_copies!r}; expected one of {VISION_COPY_MODES}')
-  available = {k for k in reader.keys() if not k.endswith(keymap.IGNORED_KEY_SUFFIXES)}
+  available = {k for k in reader.keys() if not k.endswith(keymap.IGNORED_KEY_SUFFIXES)
+               and not k.startswith(keymap.TEACHER_PREFIXES)}
   has_vision_tower = any(k.startswith(keymap.VISION_PREFIX) for k in available)
   has_vision_copies = any('.moe_' in k for k in available)
   sources, missing, wrong = {}, [], []

@@ -5,9 +5,15 @@ evejax module attributes mirror the reference names (`layers.N.self_attn.moe_q_p
 writes official files goes through `tensor_specs` and the two layout functions below; a stacked
 (scanned) layer layout only changes how `tensor_specs` enumerates layers.
 
-Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The EVEv2 vision
-convolutions have kernel == stride, so evejax holds them as Linear kernels over the patch flattened
-in (ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
+EVEv1 (EVE_REFERENCE.md §4.1): the reference's `Sequential(LayerNorm, Linear)` blocks (`q`, `kv`
+of the PEL attentions, the PAL's `norm_layer.N`) are `norm`/`proj` here and `.0`/`.1` there; the
+projector `vision_tower/mm_projector/fc1|fc2` is `model.mm_projector.0|2`; the PAL `pal` is
+`model.vision_tower_compressor`. Its CLIP teacher is no evejax parameter: the exporter copies it
+from a CLIP file (`TEACHER_PREFIXES`) and the importer leaves it out.
+
+Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The vision convolutions have
+kernel == stride, so evejax holds them as Linear kernels over the patch flattened in
+(ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
 """
 from __future__ import annotations
 
@@ -21,14 +27,23 @@ from flax import nnx
 from evejax.models import EVE, ModelConfig
 
 # evejax module name -> reference module name.
-MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2'}
-CONV_MODULES = frozenset(MODULE_RENAMES)
-# The modules the map knows (EVEv2 and the plain LLMs); anything else has no official name yet.
-KNOWN_MODULES = ('embed_tokens', 'layers', 'norm', 'lm_head', 'vision_tower')
-KNOWN_VISION_PARAMS = ('patch_conv', 'merge_conv', 'class_embedding', 'split_embedding')
+MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2',
+                  'pal': 'vision_tower_compressor', 'fc1': '0', 'fc2': '2'}
+NORM_LINEAR_RENAMES = {'norm': '0', 'proj': '1'}  # inside the EVEv1 LayerNorm -> Linear blocks
+NORM_LINEAR_PARENTS = ('q', 'kv')  # ... and every `pal/norm_layer/N`
+CONV_MODULES = frozenset({'patch_conv', 'merge_conv', 'patch_embedding'})
+# The modules the map knows; anything else has no official name.
+KNOWN_MODULES = ('embed_tokens', 'layers', 'norm', 'lm_head', 'vision_tower', 'pal')
+KNOWN_VISION_PARAMS = ('patch_conv', 'merge_conv', 'class_embedding', 'split_embedding',
+                       'patch_embedding', 'local_attention', 'global_attention', 'mm_projector')
 # Reference buffers that are recomputed at load time and may appear in old checkpoints.
 IGNORED_KEY_SUFFIXES = ('rotary_emb.inv_freq',)
 VISION_PREFIX = 'model.vision_tower.'
+# What a stage-0 import of a plain LLM initialises: the vision tower, the EVEv1 projector and PAL.
+VISION_SIDE_PREFIXES = (VISION_PREFIX, 'model.mm_projector.', 'model.vision_tower_compressor.')
+# EVEv1's frozen CLIP teacher, stored twice (one shared module) in the official checkpoints.
+TEACHER_PREFIXES = ('model.vision_clip.backbone.',
+                    'model.vision_tower_compressor.clip_layer.backbone.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +59,12 @@ class TensorSpec:
 
   @property
   def is_vision_tower(self) -> bool:
-    return self.key.startswith(VISION_PREFIX)
+    """The vision side (PEL; EVEv1 also its projector and PAL), absent from a plain LLM."""
+    return self.key.startswith(VISION_SIDE_PREFIXES)
+
+  @property
+  def is_pal(self) -> bool:
+    return self.key.startswith('model.vision_tower_compressor.')
 
   @property
   def is_vision_copy(self) -> bool:
@@ -78,14 +98,16 @@ def _official_key(path: tuple[Any, ...], layer: int | None) -> tuple[str, str]:
                                       path[1] not in KNOWN_VISION_PARAMS):
     raise NotImplementedError(
         f'No official checkpoint name is known for parameter {"/".join(map(str, path))}: the '
-        'converter maps EVEv2 and plain Llama/Qwen2 parameters (EVEv1 modules are not mapped yet)')
+        'converter maps EVEv1, EVEv2 and plain Llama/Qwen2 parameters')
   *modules, leaf = [str(p) for p in path]
   if layer is not None:
     modules.insert(1, str(layer))
   kind = 'same'
   if leaf == 'kernel':
     kind = 'conv' if modules[-1] in CONV_MODULES else 'linear'
-  modules = [MODULE_RENAMES.get(m, m) for m in modules]
+  modules = [_rename(modules, i) for i in range(len(modules))]
+  if modules[:2] == ['vision_tower', 'mm_projector']:  # EVEv1: the projector sits beside the PEL
+    modules = modules[1:]
   if leaf in ('class_embedding', 'split_embedding'):
     name = '.'.join(modules + [leaf])  # bare nn.Parameter in the reference
   else:
@@ -93,11 +115,19 @@ def _official_key(path: tuple[Any, ...], layer: int | None) -> tuple[str, str]:
   return ('' if modules[0] == 'lm_head' else 'model.') + name, kind
 
 
+def _rename(modules: list[str], i: int) -> str:
+  name, parent = modules[i], modules[i - 1] if i else ''
+  in_norm_linear = parent in NORM_LINEAR_PARENTS or (i >= 2 and modules[i - 2] == 'norm_layer')
+  if in_norm_linear and name in NORM_LINEAR_RENAMES:
+    return NORM_LINEAR_RENAMES[name]
+  return MODULE_RENAMES.get(name, name)
+
+
 def _torch_shape(kind: str, shape: tuple[int, ...], cfg: ModelConfig, key: str) -> tuple[int, ...]:
   if kind == 'linear':
     return shape[::-1]
   if kind == 'conv':
-    side = cfg.vision_patch_size if key.endswith('patch_embedding.0.weight') else cfg.vision_merge
+    side = cfg.vision_merge if key.endswith('patch_embedding.2.weight') else cfg.vision_patch_size
     return (shape[1], shape[0] // (side * side), side, side)
   return shape
 
