@@ -12,7 +12,7 @@ from PIL import Image
 from evejax.data import pipeline
 from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import train_bpe
-from evejax.evaluation import converters, harness, metrics
+from evejax.evaluation import converters, harness, metrics, submission
 from evejax.evaluation.periodic import PeriodicBenchmark
 from evejax.evaluation.records import read_jsonl, write_jsonl
 from evejax.inference import SamplingConfig
@@ -59,6 +59,31 @@ def test_exact_match_and_choice_parsing():
     assert metrics.parse_choice(text, choices) == letter, text
   out = metrics.multiple_choice(['B', 'purple', 'A'], [['B'], ['A'], ['C']], [choices] * 3)
   assert out == {'accuracy': pytest.approx(1 / 3), 'unparsed': pytest.approx(1 / 3)}
+
+
+def test_circular_choice_needs_every_rotation_right():
+  choices = [['red', 'blue', 'green'], ['blue', 'green', 'red'], ['green', 'red', 'blue'],
+             ['yes', 'no'], ['no', 'yes']]
+  answers = [['A'], ['C'], ['B'], ['A'], ['B']]
+  # Question 1: right in 2 of 3 rotations -> wrong; question 2: right in both -> right.
+  out = metrics.multiple_choice(['A', 'red', 'C', 'yes', 'B'], answers, choices,
+                                ['q1', 'q1', 'q1', 'q2', 'q2'])
+  assert out['accuracy'] == pytest.approx(4 / 5) and out['circular_accuracy'] == 0.5
+  assert 'circular_accuracy' not in metrics.multiple_choice(['A'], [['A']], [['x', 'y']])
+
+
+def test_vqav2_submission_normalises_and_fills_test_std(tmp_path):
+  records = [{'id': '101', 'answers': []}, {'id': '7', 'answers': []}]
+  predictions = [{'id': '101', 'prediction': 'Two.'}, {'id': '7', 'prediction': 'a dog'}]
+  questions = tmp_path / 'test2015.json'
+  questions.write_text(json.dumps({'questions': [{'question_id': q} for q in (7, 101, 55)]}))
+  path = str(tmp_path / 'sub.json')
+  assert submission.write('vqav2', path, records, predictions, str(questions)) == 3
+  assert json.load(open(path)) == [{'question_id': 101, 'answer': '2'},
+                                   {'question_id': 7, 'answer': 'dog'},
+                                   {'question_id': 55, 'answer': ''}]
+  with pytest.raises(ValueError, match="prediction '7' is not for record '101'"):
+    submission.vqav2(records, predictions[::-1])
 
 
 def test_pope_counts():
@@ -176,11 +201,17 @@ def test_converters(tmp_path):
       'index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n'
       f'5\tWhat colour?\tnan\tred\tblue\tnan\t\tA\tcolor\t{image}\n')
   mmb = list(converters.mmbench(str(tmp_path / 'mmb.tsv'), str(tmp_path / 'mmb_images')))
-  assert mmb[0]['choices'] == ['red', 'blue'] and mmb[0]['answers'] == ['A']
+  # Circular: one item per rotation of the 2 options; the right letter follows its option.
+  assert [(r['id'], r['choices'], r['answers'], r['group']) for r in mmb] == [
+      ('5', ['red', 'blue'], ['A'], '5'), ('5-r1', ['blue', 'red'], ['B'], '5')]
+  assert 'A. blue\nB. red' in mmb[1]['prompt']
   with open(mmb[0]['image'], 'rb') as f:
     assert f.read() == _png()
+  single = list(converters.mmbench(str(tmp_path / 'mmb.tsv'), str(tmp_path / 'mmb_images'),
+                                   circular=False))
+  assert len(single) == 1 and 'group' not in single[0]
   write_jsonl(str(tmp_path / 'all.jsonl'), vqa + gqa + tvqa + sqa + pope + mme + mmb)
-  assert len(read_jsonl(str(tmp_path / 'all.jsonl'))) == 10
+  assert len(read_jsonl(str(tmp_path / 'all.jsonl'))) == 11
 
 
 def test_shapes_converter_keeps_questions_and_answers(tmp_path):

@@ -128,9 +128,10 @@ def _present(value: str | None) -> bool:
   return value is not None and value.strip() != '' and value.strip().lower() != 'nan'
 
 
-def mmbench(tsv: str, image_out_dir: str) -> Iterator[dict]:
+def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dict]:
   """MMBench `.tsv` (index, question, hint, A-D, answer, category, base64 image); images are
-  written to `image_out_dir`. Circular evaluation (options rotated) is not applied."""
+  written to `image_out_dir`. `circular` (MMBench's CircularEval): each question once per rotation
+  of its options, all in the group of its index; the harness then reports `circular_accuracy`."""
   os.makedirs(image_out_dir, exist_ok=True)
   csv.field_size_limit(1 << 30)
   with open(tsv, newline='') as f:
@@ -142,11 +143,18 @@ def mmbench(tsv: str, image_out_dir: str) -> Iterator[dict]:
       with open(path, 'wb') as out:
         out.write(data)
       hint = row.get('hint') if _present(row.get('hint')) else None
-      yield {'id': str(row['index']), 'question': row['question'], 'metric': 'choice',
-             'image': os.path.abspath(path), 'choices': choices,
-             'answers': [row['answer']] if _present(row.get('answer')) else [],
-             'prompt': _choice_prompt(row['question'], choices, hint),
-             'category': row.get('category', '')}
+      answer = row['answer'].strip() if _present(row.get('answer')) else None
+      for shift in range(len(choices) if circular else 1):
+        rotated = choices[shift:] + choices[:shift]
+        # The correct option moves with the rotation: letter index - shift.
+        letter = (OPTION_LETTERS[(OPTION_LETTERS.index(answer) - shift) % len(choices)]
+                  if answer else None)
+        yield {'id': str(row['index']) + (f'-r{shift}' if shift else ''),
+               'question': row['question'], 'metric': 'choice', 'image': os.path.abspath(path),
+               'choices': rotated, 'answers': [letter] if letter else [],
+               'prompt': _choice_prompt(row['question'], rotated, hint),
+               'category': row.get('category', ''),
+               **({'group': str(row['index'])} if circular else {})}
 
 
 def _shapes_category(question: str) -> str:

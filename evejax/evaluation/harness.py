@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from absl import logging
 
 from evejax.evaluation import metrics as metric_lib
+from evejax.evaluation import submission as submission_lib
 from evejax.evaluation.records import METRICS
 from evejax.inference.assistant import Assistant
 from evejax.inference.sampling import SamplingConfig
@@ -66,7 +67,8 @@ def _score_group(metric: str, items: list[tuple[dict, dict]]) -> dict[str, float
   if metric == 'exact':
     return metric_lib.exact_match(preds, answers)
   if metric == 'choice':
-    return metric_lib.multiple_choice(preds, answers, [r['choices'] for r, _ in items])
+    return metric_lib.multiple_choice(preds, answers, [r['choices'] for r, _ in items],
+                                      [r.get('group') for r, _ in items])
   if metric == 'pope':
     return metric_lib.pope(preds, answers)
   if metric == 'mme':
@@ -107,8 +109,10 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def run(assistant: Assistant, records: Sequence[dict], sampling: SamplingConfig, output_dir: str,
-        *, batch_size: int = 8) -> dict[str, float]:
-  """Predicts, scores, and writes predictions.jsonl and metrics.json to `output_dir`."""
+        *, batch_size: int = 8, submission: str | None = None,
+        submission_questions: str | None = None) -> dict[str, float]:
+  """Predicts, scores, and writes predictions.jsonl and metrics.json to `output_dir`; with
+  `submission` (a submission.FORMATS name) also `{submission}_submission.json`."""
   predictions = predict(assistant, records, sampling, batch_size=batch_size,
                         on_batch=lambda n: logging.info('%d/%d items answered', n, len(records)))
   results = score(records, predictions)
@@ -119,4 +123,7 @@ def run(assistant: Assistant, records: Sequence[dict], sampling: SamplingConfig,
                          ensure_ascii=False) + '\n')
   with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(results, f, indent=1)
+  if submission:
+    submission_lib.write(submission, os.path.join(output_dir, f'{submission}_submission.json'),
+                         records, predictions, submission_questions)
   return results

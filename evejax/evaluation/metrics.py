@@ -124,10 +124,21 @@ def choice_score(prediction: str, answers: Sequence[str], choices: Sequence[str]
 
 
 def multiple_choice(predictions: Sequence[str], answers: Sequence[Sequence[str]],
-                    choices: Sequence[Sequence[str]]) -> dict[str, float]:
+                    choices: Sequence[Sequence[str]],
+                    groups: Sequence[str | None] | None = None) -> dict[str, float]:
+  """Accuracy per item; with `groups` (MMBench's circular evaluation: one group per question,
+  one item per rotation of its options) also `circular_accuracy`: a question counts only when
+  every rotation is answered right."""
   parsed = [parse_choice(p, c) for p, c in zip(predictions, choices)]
-  return {'accuracy': _mean([float(x in set(a)) for x, a in zip(parsed, answers)]),
-          'unparsed': _mean([float(x is None) for x in parsed])}
+  correct = [x in set(a) for x, a in zip(parsed, answers)]
+  out = {'accuracy': _mean([float(c) for c in correct]),
+         'unparsed': _mean([float(x is None) for x in parsed])}
+  if groups is not None and any(g is not None for g in groups):
+    by_group = {}
+    for group, ok in zip(groups, correct):
+      by_group[group] = by_group.get(group, True) and ok
+    out['circular_accuracy'] = _mean([float(ok) for ok in by_group.values()])
+  return out
 
 
 # --- POPE -----------------------------------------------------------------------------------------
