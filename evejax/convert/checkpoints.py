@@ -24,8 +24,9 @@ from evejax.checkpoint.init_from import resolve_params_dir
 from evejax.convert import keymap
 from evejax.models import ModelConfig
 
-# Orbax copies and writes at most this much at once (GB): saving adds little to the params' memory.
-CONCURRENT_GB = 0.25
+# Orbax copies and writes at most this much at once (GB), or just over the largest array: saving
+# adds about two of the largest arrays to the params' memory (1.1B bf16 model: 1.38x -> 1.30x).
+CONCURRENT_GB = 0.05
 
 
 class _BatchedHostCopies:
@@ -60,8 +61,8 @@ def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) 
   """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
   directory = os.path.abspath(directory)
   metadata = {'config': {'model': dataclasses.asdict(cfg)}, 'converted_from': source}
-  # Orbax needs the largest array to fit well within the limit.
-  limit_gb = max([CONCURRENT_GB] + [2 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
+  # Orbax needs the largest array to fit within the limit.
+  limit_gb = max([CONCURRENT_GB] + [1.05 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
   params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb,
                                                save_device_host_concurrent_gb=limit_gb)
   # import_checkpoint gives jax arrays on the CPU; numpy leaves are copied into jax arrays, because
