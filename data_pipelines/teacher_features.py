@@ -63,6 +63,9 @@ def teacher_dataset(config, in_dir: str, out_dir: str, split: str, dtype: str = 
                      "model.vision_tokenizer='v1' and model.pal=True")
   source = records.RecordSource(in_dir, split)
   tokenizer = pipeline.load_tokenizer(config.data, source)
+  if model_cfg.pal_pool > 1:
+    raise ValueError('run this with the base-resolution config (model.pal_pool=1, e.g. 672 px): '
+                     'its features are those an HD run (pal_pool=2, 1344 px) reads')
   preprocess = pipeline.make_preprocessor(config.data, tokenizer, model_cfg.vision_patch_size,
                                           model_cfg.vision_merge, valid_channel=True)
   teacher = jax.jit(pal.online_teacher(config.pal, model_cfg))

@@ -204,3 +204,57 @@ def test_offline_teacher_features_from_records_equal_the_online_teacher(tmp_path
   assert (bad.kind, bad.shard, bad.index) == ('bad_teacher_features', plain.location(7)['shard'],
                                               plain.location(7)['index'])
   assert 'teacher_features field of shape' in bad.reason
+
+
+def test_hd_pal_averages_2x2_token_blocks_like_numpy():
+  """pal_pool=2 (EVE-7B-HD): hidden states averaged over each whole 2x2 block of a 4x6-token image
+  (truncation cuts the last block row), the prediction at the block's top-left token, a
+  padded block left out."""
+  cfg = dataclasses.replace(CFG, pal_pool=2)
+  rng = np.random.default_rng(5)
+  pixels = images.with_valid_channel(rng.integers(0, 256, (112, 160, 3), dtype=np.uint8), 28)
+  groups, grid = images.patchify(pixels, 14, 2)
+  assert grid == (4, 6)  # 160 px padded to 168: the last token column is partly padding
+  ex = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5], [False, False, True], [(groups, grid)])
+  cut = 2 + 1 + 2 * 7 + 4  # text, CLASS, two full rows of 6 + SPLIT, 4 tokens of row 3
+  row = encode.pack_row([ex], len(ex['tokens']), 24, cfg.patch_shape, image_keys=True)
+  batch = {k: jnp.asarray(v[:cut] if v.shape[0] == len(ex['tokens']) else v)[None]
+           for k, v in row.items()}
+  model = EVE(cfg, rngs=nnx.Rngs(0))
+  target = jax.random.normal(jax.random.key(1), (1, 24, cfg.pal_teacher_size))
+  loss = pal_lib.PalObjective(1.0, lambda b: target)(model, batch)[1]
+
+  _, tapped = model.logits_and_taps(batch, model.pal.taps)
+  kind, index = np.asarray(batch['token_kind'][0]), np.asarray(batch['patch_index'][0])
+  position = {int(g): int(pos) for pos, g in enumerate(index) if kind[pos] == bf.PATCH}
+  cos = []
+  for block_row in range(2):
+    for block_col in range(3):
+      members = [(2 * block_row + dy) * 6 + 2 * block_col + dx for dy in (0, 1) for dx in (0, 1)]
+      if not all(m in position for m in members) or block_col == 2:  # cut off, or padding
+        continue
+      pooled = [np.mean([np.asarray(t[0, position[m]]) for m in members], axis=0) for t in tapped]
+      pred = np.asarray(model.pal([jnp.asarray(p) for p in pooled]))
+      t = np.asarray(target[0, members[0]])
+      cos.append(pred @ t / np.linalg.norm(pred) / np.linalg.norm(t))
+  assert len(cos) == 2  # blocks (0, 0) and (0, 1); row 1's blocks lost their bottom tokens
+  np.testing.assert_allclose(float(loss), 1 - np.mean(cos), rtol=1e-4)
+  with pytest.raises(ValueError, match='needs pal.teacher=offline'):
+    pal_lib.objective_from_config({'weight': 1.0, 'teacher': 'online', 'clip': {}}, cfg)
+
+
+def test_hd_offline_features_sit_at_block_anchors_and_sides_round_to_56px():
+  coords = np.array([(r, c) for r in range(2) for c in range(4)])
+  features = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)  # the 1 x 2 teacher grid
+  placed = encode.teacher_features_at_anchors(features, coords, 2, 3)
+  np.testing.assert_array_equal(placed[[0, 2]], features)
+  assert not placed[[1, 3, 4, 5, 6, 7]].any()
+  with pytest.raises(ValueError, match=r'model.pal_pool=2 needs a teacher_features field of '
+                                       r'shape \(2, 3\)'):
+    encode.teacher_features_at_anchors(features[:1], coords, 2, 3)
+  # EVE-7B-HD resizes the short side to a multiple of 56 px (2 tokens), the 672 model to 28 px.
+  assert images.target_size(1000, 430, 1344, 56, 'eve_v1') == (1344, 616)
+  assert images.target_size(1000, 430, 1344, 28, 'eve_v1') == (1344, 588)
+  for raw, hd in [((1024, 1024), (1344, 1344)), ((640, 480), (1344, 1008)),
+                  ((300, 200), (1344, 896))]:  # EVE_REFERENCE.md §2.2
+    assert images.target_size(*raw, 1344, 56, 'eve_v1') == hd

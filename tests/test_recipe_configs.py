@@ -72,6 +72,7 @@ def test_eve_v1_stages_all_train_with_pal(size):
     assert model.pal and model.vision_tokenizer == 'v1', stage
     assert config.pal.weight == 1.0 and config.data.resize == 'eve_v1', stage
     assert config.pal.teacher == ('offline' if size == '7b' else 'online'), stage
+    assert model.pal_pool == (2 if (size, stage) == ('7b', 'finetune_hd') else 1), stage
   big = recipe.stage_config('eve_v1', 'pretrain', '7b', '/r',
                             args='teacher=online,clip_weights=/w/clip.safetensors')
   assert (big.pal.teacher, big.pal.clip_weights) == ('online', '/w/clip.safetensors')

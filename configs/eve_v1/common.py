@@ -76,4 +76,7 @@ def stage_config(stage: str, arg: str | None):
     config.pal = _pal_7b(parsed)
     # The reference's EVEv1 processor: long side = max_size, the 4th channel marks valid pixels.
     config.data.resize = 'eve_v1'
+    # 1344 px = 2x the teacher's grid: PAL pools 2x2 token blocks, sides round to 56 px, and
+    # the offline features are the 672 px run's (the CLIP input is 336 px for both).
+    config.model.pal_pool = config.data.max_size // 672
   return config

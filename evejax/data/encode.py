@@ -115,6 +115,22 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patche
   return row
 
 
+def teacher_features_at_anchors(features: np.ndarray | None, coords: np.ndarray, pool: int,
+                                size: int) -> np.ndarray:
+  """HD offline PAL: features of the teacher's grid (one per pool x pool block of visual tokens,
+  row-major) placed at each block's top-left token (pal.block_anchors); other tokens get zeros."""
+  anchors = (coords[:, 0] % pool == 0) & (coords[:, 1] % pool == 0)
+  want = (int(anchors.sum()), size)
+  if features is None or np.shape(features) != want:
+    raise ValueError(f'offline PAL with model.pal_pool={pool} needs a teacher_features field of '
+                     f'shape {want} (one teacher vector per {pool}x{pool} block of visual tokens, '
+                     f'row-major: the features of the {pool}x smaller image), got '
+                     f'{None if features is None else np.shape(features)}')
+  out = np.zeros((len(coords), size), np.float32)
+  out[anchors] = features
+  return out
+
+
 def teacher_features(example: dict[str, np.ndarray], n_patches: int, size: int) -> np.ndarray:
   """An example's precomputed teacher features, checked against its visual tokens."""
   features = example.get('teacher_features')

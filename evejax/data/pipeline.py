@@ -39,6 +39,7 @@ class Preprocessor:
   blank_images: bool = False  # Ablation: keep the layout, erase the pixels.
   valid_channel: bool = False  # EVEv1: a 4th, valid-pixel channel and the V1_KEYS of evejax/batch.py.
   teacher_size: int = 0  # > 0: offline PAL, each image record's extras['teacher_features'].
+  pal_pool: int = 1  # EVEv1 HD: short sides round to pal_pool tokens; features per token block.
 
   @property
   def token_pixels(self) -> int:
@@ -53,7 +54,8 @@ class Preprocessor:
     return self.merge ** 2, self.patch_size ** 2 * (4 if self.valid_channel else 3)
 
   def image_patches(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-    image = images.resize(images.decode_image(data), self.max_size, self.token_pixels, self.resize)
+    image = images.resize(images.decode_image(data), self.max_size,
+                          self.token_pixels * self.pal_pool, self.resize)
     pixels = np.asarray(image, np.uint8)
     if self.blank_images:
       pixels = np.zeros_like(pixels)
@@ -80,6 +82,10 @@ class Preprocessor:
     """Offline PAL: the record's precomputed teacher features, one per visual token, checked."""
     if self.teacher_size and example['patches'] is not None:
       extras = record.get('extras') or {}
+      if self.pal_pool > 1:
+        extras = {'teacher_features': encode.teacher_features_at_anchors(
+            extras.get('teacher_features'), example['patch_coords'], self.pal_pool,
+            self.teacher_size)}
       example['teacher_features'] = encode.teacher_features(extras, len(example['patches']),
                                                             self.teacher_size)
     return example
@@ -183,13 +189,13 @@ def load_tokenizer(data_cfg, source: Source) -> Tokenizer:
 
 def make_preprocessor(data_cfg, tokenizer: Tokenizer, patch_size: int, merge: int, *,
                       blank_images: bool | None = None, valid_channel: bool = False,
-                      teacher_size: int = 0) -> Preprocessor:
+                      teacher_size: int = 0, pal_pool: int = 1) -> Preprocessor:
   return Preprocessor(
       tokenizer=tokenizer, template=templates.get_template(data_cfg.template),
       patch_size=patch_size, merge=merge, max_size=data_cfg.max_size, seq_len=data_cfg.seq_len,
       resize=data_cfg.resize,
       blank_images=data_cfg.blank_images if blank_images is None else blank_images,
-      valid_channel=valid_channel, teacher_size=teacher_size)
+      valid_channel=valid_channel, teacher_size=teacher_size, pal_pool=pal_pool)
 
 
 def row_spec(data_cfg, preprocess: Preprocessor) -> packing.RowSpec:

@@ -47,6 +47,9 @@ class ModelConfig:
   pal_layer_rate: int = 4
   pal_teacher_size: int = 1024
   pal_heads: int = 8
+  # HD (EVE-7B-HD, 1344 px): the visual-token grid is twice the teacher's (CLIP 336 px), so PAL
+  # averages the hidden states of every pal_pool x pal_pool block of tokens first.
+  pal_pool: int = 1
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
 
@@ -70,6 +73,8 @@ class ModelConfig:
     if self.pal and self.pal_teacher_size % self.pal_heads:
       raise ValueError(f'model.pal_teacher_size={self.pal_teacher_size} is not a multiple of '
                        f'model.pal_heads={self.pal_heads}')
+    if self.pal_pool < 1:
+      raise ValueError(f'model.pal_pool={self.pal_pool} must be >= 1 (1: no pooling, 2: HD)')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
                        f'model.num_kv_heads={self.num_kv_heads}')

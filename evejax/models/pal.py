@@ -11,8 +11,11 @@ the teacher's (CLIP ViT) patch feature of every visual token:
 and the loss is 1 - cosine(pred, teacher) averaged over the valid visual tokens of each image, then
 over images. A token counts when its PATCH position survived in the sequence (truncation drops the
 rest, where the reference crashes), its 28x28 px are all valid pixels, and its image is real.
-The teacher grid is the visual-token grid (EVE-7B: 672 px / 28 = 336 px / 14 = 24); the reference's
-2x2 pooling for HD inputs (1344 px) is not implemented.
+The teacher grid is the visual-token grid (EVE-7B: 672 px / 28 = 336 px / 14 = 24). HD inputs
+(EVE-7B-HD: 1344 px, 48 tokens a side) have `pal_pool=2`: the hidden states of every 2x2 block of
+tokens are averaged first, as the reference does, and the block's prediction sits at its top-left
+token, where the teacher feature of its CLIP patch is (`block_anchors`). A block counts when all its
+tokens survived truncation and are valid pixels.
 
 Names: reference `norm_layer.{j}.0` / `.1` are `pal.norm_layer.{j}.norm` / `.proj`; `input_layer`
 and `output_layer` keep their names.
@@ -50,6 +53,29 @@ def group_states(states: Array, token_kind: Array, patch_index: Array,
   grouped = grouped.at[rows, patch_index].add(jnp.where(keep, states, 0))
   present = jnp.zeros((states.shape[0], num_groups), jnp.bool_).at[rows, patch_index].max(is_patch)
   return grouped, present
+
+
+def block_anchors(patch_image: Array, patch_coords: Array, pool: int) -> Array:
+  """(B, P) index of the top-left group of each group's pool x pool block of its image's grid
+  (groups are row-major per image, so the anchor is `pool * cols` rows of groups back)."""
+  b, p = patch_image.shape
+  segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
+  cols = jax.ops.segment_max(patch_coords[..., 1].reshape(-1), segments,
+                             num_segments=b * (p + 1))[segments].reshape(b, p) + 1
+  row, col = patch_coords[..., 0], patch_coords[..., 1]
+  return jnp.arange(p) - (row % pool) * cols - col % pool
+
+
+def pool_blocks(grouped: Array, keep: Array, anchors: Array, pool: int) -> tuple[Array, Array]:
+  """Averages (B, P, ...) over each block at its anchor; the (B, P) mask of anchors whose whole
+  block (pool**2 groups) is kept."""
+  b, p = keep.shape
+  rows = jnp.arange(b)[:, None]
+  weight = keep.astype(grouped.dtype).reshape(b, p, *(1,) * (grouped.ndim - 2))
+  total = jnp.zeros_like(grouped).at[rows, anchors].add(grouped * weight)
+  count = jnp.zeros((b, p), jnp.int32).at[rows, anchors].add(keep.astype(jnp.int32))
+  mean = total / jnp.maximum(count, 1).reshape(weight.shape).astype(grouped.dtype)
+  return mean, count == pool * pool
 
 
 class PatchAligningLayer(nnx.Module):
@@ -128,9 +154,13 @@ class PalObjective:
     logits, tapped = model.logits_and_taps(batch, model.pal.taps)
     grouped, present = group_states(jnp.stack(tapped, axis=2), batch['token_kind'],
                                     batch['patch_index'], batch['patches'].shape[1])
+    valid = present & valid_groups(batch['patches'])
+    pool = model.cfg.pal_pool
+    if pool > 1:
+      anchors = block_anchors(batch['patch_image'], batch['patch_coords'], pool)
+      grouped, valid = pool_blocks(grouped, valid, anchors, pool)
     pred = model.pal([grouped[:, :, j] for j in range(len(tapped))])
     target = jax.lax.stop_gradient(self.teacher(batch))
-    valid = present & valid_groups(batch['patches'])
     return logits, cosine_loss(pred, target, valid, batch['patch_image'])
 
 
@@ -145,6 +175,10 @@ def objective_from_config(pal_cfg: Mapping | None, model_cfg: ModelConfig) -> Pa
     return PalObjective(float(pal_cfg['weight']), offline_teacher)
   if pal_cfg['teacher'] != 'online':
     raise ValueError(f"pal.teacher={pal_cfg['teacher']!r}; use 'online' or 'offline'")
+  if model_cfg.pal_pool > 1:
+    raise ValueError(f'model.pal_pool={model_cfg.pal_pool} (HD) needs pal.teacher=offline: the '
+                     'teacher sees the image at the base resolution, so use the features '
+                     'data_pipelines/teacher_features.py writes for the base (pal_pool=1) config')
   return PalObjective(float(pal_cfg['weight']), online_teacher(pal_cfg, model_cfg))
 
 

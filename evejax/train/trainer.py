@@ -135,7 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                           model_cfg.vision_merge,
                                           valid_channel=model_cfg.vision_tokenizer == 'v1',
                                           teacher_size=pal_lib.offline_teacher_size(
-                                              config.get('pal'), model_cfg))
+                                              config.get('pal'), model_cfg),
+                                          pal_pool=model_cfg.pal_pool)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(_option(config, 'sharding_rules'))
