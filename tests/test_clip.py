@@ -1,4 +1,5 @@
-"""The Flax CLIP ViT teacher against transformers' CLIPVisionModel, loaded from safetensors."""
+"""The Flax CLIP ViT teacher against a NumPy ViT and transformers' CLIPVisionModel (loaded from
+safetensors)."""
 import os
 
 import jax.numpy as jnp
@@ -41,6 +42,44 @@ def test_matches_transformers_clip_vision_model(tmp_path):
   assert len(got) == len(expected) == CFG.num_layers + 1
   for ours, theirs in zip(got, expected):
     assert np.abs(np.asarray(ours) - theirs.numpy()).max() <= 1e-5
+
+
+def _np_layer_norm(x, norm, eps):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+
+
+def _np_linear(x, dense):
+  return x @ np.asarray(dense.kernel[...]) + np.asarray(dense.bias[...])
+
+
+def test_matches_a_numpy_vit(tmp_path):
+  """HF CLIP ViT written out in NumPy: patch conv + class token + positions, pre-norm, encoder
+  layers (pre-LN attention with biases, quick-GELU MLP); hidden states after every layer."""
+  model = clip.CLIPVision(CFG, rngs=nnx.Rngs(2))
+  pixels = np.random.default_rng(3).normal(size=(42, 42, 3)).astype(np.float64)
+  p, c, eps = CFG.patch_size, CFG.hidden_size, CFG.layer_norm_eps
+  kernel = np.asarray(model.patch_embedding.kernel[...]).reshape(p, p, 3, c)
+  tokens = [np.einsum('yxk,yxkc->c', pixels[r * p:(r + 1) * p, q * p:(q + 1) * p], kernel)
+            for r in range(3) for q in range(3)]
+  x = np.stack([np.asarray(model.class_embedding[...])] + tokens)
+  x = _np_layer_norm(x + np.asarray(model.position_embedding[...]), model.pre_layrnorm, eps)
+  expected = [x]
+  for layer in model.layers:
+    h = _np_layer_norm(x, layer.layer_norm1, eps)
+    heads = lambda y: y.reshape(len(y), CFG.num_heads, -1).transpose(1, 0, 2)
+    attn = layer.self_attn
+    q, k, v = (heads(_np_linear(h, d)) for d in (attn.q_proj, attn.k_proj, attn.v_proj))
+    logits = q @ k.transpose(0, 2, 1) / np.sqrt(c // CFG.num_heads)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    out = (weights / weights.sum(-1, keepdims=True)) @ v
+    x = x + _np_linear(out.transpose(1, 0, 2).reshape(len(x), c), attn.out_proj)
+    h = _np_linear(_np_layer_norm(x, layer.layer_norm2, eps), layer.mlp.fc1)
+    x = x + _np_linear(h / (1 + np.exp(-1.702 * h)), layer.mlp.fc2)
+    expected.append(x)
+  got = model(jnp.asarray(pixels, jnp.float32)[None])
+  for ours, want in zip(got, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(ours)[0], want, atol=2e-5, rtol=1e-4)
 
 
 def test_patch_features_of_a_full_canvas_image_equal_the_image_path(tmp_path):
