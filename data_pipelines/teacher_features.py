@@ -12,6 +12,7 @@ training. Train on the output with pal.teacher='offline'. Re-runs skip unchanged
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any, Callable
@@ -24,11 +25,6 @@ from ml_collections import config_flags
 from evejax.data import pipeline, records
 from evejax.models import ModelConfig, pal
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The EVEv1 training config.')
-IN_DIR = flags.DEFINE_string('in_dir', None, 'Converted dataset (data_pipelines/) to read.')
-OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the copy with teacher features is written.')
-SPLIT = flags.DEFINE_string('split', 'train', 'Split to convert.')
-DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32'], 'Stored feature dtype.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +78,27 @@ def teacher_dataset(config, in_dir: str, out_dir: str, split: str, dtype: str = 
       info={**source.info, 'teacher_features': config.pal.to_dict()})
 
 
-def main(argv):
+def define_flags() -> dict[str, Any]:
+  """The CLI's flags, defined only when it runs: the library functions above import without
+  them (other CLIs in one process, e.g. the tests, define their own --config)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', None, 'The EVEv1 training config.'),
+      in_dir=flags.DEFINE_string('in_dir', None, 'Converted dataset (data_pipelines/) to read.'),
+      out_dir=flags.DEFINE_string('out_dir', None, 'Where the copy with features is written.'),
+      split=flags.DEFINE_string('split', 'train', 'Split to convert.'),
+      dtype=flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32'], 'Stored dtype.'))
+
+
+def main(argv, cli: dict[str, Any]) -> None:
   del argv
-  manifest = teacher_dataset(_CONFIG.value, IN_DIR.value, OUT_DIR.value, SPLIT.value, DTYPE.value,
-                             progress=True)
+  out_dir, split = cli['out_dir'].value, cli['split'].value
+  manifest = teacher_dataset(cli['config'].value, cli['in_dir'].value, out_dir, split,
+                             cli['dtype'].value, progress=True)
   print(f"Wrote {manifest['num_records']} records with teacher features to "
-        f'{os.path.join(OUT_DIR.value, SPLIT.value)}*')
+        f'{os.path.join(out_dir, split)}*')
 
 
 if __name__ == '__main__':
+  _CLI = define_flags()
   flags.mark_flags_as_required(['config', 'in_dir', 'out_dir'])
-  app.run(main)
+  app.run(functools.partial(main, cli=_CLI))
