@@ -23,6 +23,7 @@ from flax import nnx
 
 from evejax.models import layers
 from evejax.models.vision import normalize_pixels
+from evejax.models.vision_v1 import image_extent
 
 Array = jax.Array
 
@@ -150,10 +151,7 @@ class CLIPVision(nnx.Module):
 
   def _canvas_positions(self, patch_image: Array, patch_coords: Array) -> Array:
     """Position-embedding index of every group: its cell with the image centred on the grid."""
-    b, p = patch_image.shape
-    segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
-    extent = jax.ops.segment_max(patch_coords.reshape(-1, 2), segments, num_segments=b * (p + 1))
-    extent = (extent[segments] + 1).reshape(b, p, 2)  # (rows, cols) of the group's image
+    extent = image_extent(patch_image, patch_coords)
     cell = patch_coords + jnp.maximum(self.cfg.grid - extent, 0) // 2
     cell = jnp.clip(cell, 0, self.cfg.grid - 1)
     return 1 + cell[..., 0] * self.cfg.grid + cell[..., 1]

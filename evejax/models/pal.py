@@ -32,7 +32,7 @@ from flax import nnx
 from evejax import batch as batch_format
 from evejax.models import layers
 from evejax.models.config import ModelConfig
-from evejax.models.vision_v1 import NormLinear, split_channels
+from evejax.models.vision_v1 import NormLinear, image_extent, split_channels
 
 Array = jax.Array
 
@@ -57,13 +57,10 @@ def group_states(states: Array, token_kind: Array, patch_index: Array,
 
 def block_anchors(patch_image: Array, patch_coords: Array, pool: int) -> Array:
   """(B, P) index of the top-left group of each group's pool x pool block of its image's grid
-  (groups are row-major per image, so the anchor is `pool * cols` rows of groups back)."""
-  b, p = patch_image.shape
-  segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
-  cols = jax.ops.segment_max(patch_coords[..., 1].reshape(-1), segments,
-                             num_segments=b * (p + 1))[segments].reshape(b, p) + 1
+  (groups are row-major per image: a row of the grid is `cols` groups)."""
+  cols = image_extent(patch_image, patch_coords)[..., 1]
   row, col = patch_coords[..., 0], patch_coords[..., 1]
-  return jnp.arange(p) - (row % pool) * cols - col % pool
+  return jnp.arange(patch_image.shape[1]) - (row % pool) * cols - col % pool
 
 
 def pool_blocks(grouped: Array, keep: Array, anchors: Array, pool: int) -> tuple[Array, Array]:

@@ -136,6 +136,14 @@ def split_channels(patches: Array, channels: int = 4) -> tuple[Array, Array]:
   return rgb, x[..., 3] > 0
 
 
+def image_extent(patch_image: Array, patch_coords: Array) -> Array:
+  """(B, P, 2): the (rows, cols) of the grid of each group's image (V1_KEYS of evejax/batch.py)."""
+  b, p = patch_image.shape
+  segments = (patch_image + jnp.arange(b)[:, None] * (p + 1)).reshape(-1)
+  extent = jax.ops.segment_max(patch_coords.reshape(-1, 2), segments, num_segments=b * (p + 1))
+  return (extent[segments] + 1).reshape(b, p, 2)
+
+
 def image_numbers(token_kind: Array) -> Array:
   """Per position, the row-local number (1, 2, ...) of the latest image whose CLASS token began;
   images are numbered in order of appearance, the order `patch_image` uses."""
