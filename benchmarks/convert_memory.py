@@ -1,6 +1,6 @@
 """Peak host memory of converting a >= 1B-parameter model each way (HF -> evejax -> official EVE).
 
-  python benchmarks/convert_memory.py [--workdir=/tmp/convert_bench] [--preset=qwen2_1b]
+  python benchmarks/convert_memory.py [--workdir=/tmp/convert_bench] [--preset=qwen2_1b|qwen2_3b]
 
 Writes a random bf16 HF Qwen2 checkpoint (sharded safetensors + index), then runs, each in a fresh
 process so the peak RSS is its own: `import` (safetensors -> evejax params in bf16 -> Orbax
@@ -26,6 +26,9 @@ sys.path.insert(0, ROOT)
 PRESETS = {
     'qwen2_1b': dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                      num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    # ~2.7B parameters, a 32k vocabulary (Llama-like widths, Qwen2 layout).
+    'qwen2_3b': dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912,
+                     num_hidden_layers=32, num_attention_heads=20, num_key_value_heads=4),
     'qwen2_tiny': dict(vocab_size=1000, hidden_size=128, intermediate_size=256,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
