@@ -18,7 +18,7 @@ def get_config(arg=None):
   config.model = dict(model_preset(arg.model), routing='select', scan_layers=False, remat='none')
 
   config.data = dict(
-      # 20k examples: more than the demo's 600 steps read (~17k), written to ArrayRecord once.
+      # 20k examples: more than the demo's 1000 steps read (~19k), written to ArrayRecord once.
       source='shapes', num_train=20_000, num_eval=512, seed=0,
       # source='records': a dataset converted by data_pipelines/; 'tfds': a prepared TFDS one.
       path='', train_split='train', eval_split='eval',
@@ -37,7 +37,8 @@ def get_config(arg=None):
   )
   config.batch_size = 4  # Packed rows (global): ~19 examples (56 questions) per step, 92% non-pad.
   config.total_steps = 1000
-  config.optim = dict(lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
+  # lr 5e-4: 95.5% held-out exact match; 1e-3 90.4%, 2e-3 81.4% (README, Generation and evaluation).
+  config.optim = dict(lr=5e-4, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.0, b1=0.9,
                       b2=0.999, eps=1e-8, grad_clip=1.0,
                       # Regexes over parameter paths (evejax/train/optim.py): all trainable here.
                       trainable='.*', frozen='', groups={})
