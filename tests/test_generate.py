@@ -99,3 +99,31 @@ def test_generate_and_evaluation_clis(workdir, tmp_path):
   assert metrics['exact/accuracy'] == pytest.approx(np.mean(
       [p['prediction'].strip().lower().rstrip('.') == p['answers'][0].lower().rstrip('.')
        for p in predictions]))
+
+
+def test_generate_cli_converses_over_stdin(workdir, tmp_path):
+  """Questions from stdin: each answer sees the earlier turns, /reset forgets them."""
+  config, *_ = load_checkpoint(str(workdir))
+  _, held_out = pipeline.make_sources(config.data)
+  record = held_out[0]
+  image = tmp_path / 'image.png'
+  image.write_bytes(record['image'])
+  first, second = (turn['value'].replace('<image>', '').strip()
+                   for turn in record['conversations'][0:3:2])
+  result = subprocess.run(
+      [sys.executable, '-m', 'evejax.generate', f'--checkpoint={workdir}', f'--image={image}',
+       '--max_new_tokens=5'], input=f'{first}\n{second}\n/reset\n{second}\n', cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  assistant = Assistant.from_checkpoint(str(workdir))
+  sampling = SamplingConfig(max_new_tokens=5)
+
+  def answer(question, history=()):
+    return assistant.answer([assistant.encode(question, record['image'], history=history)],
+                            sampling)[0]
+
+  answer_1 = answer(first)
+  expected = [answer_1, answer(second, [(first, answer_1)]), answer(second)]
+  assert result.stdout == ''.join(f'{a}\n' for a in expected)
+  assert result.stderr.count('USER: ') == 5 and result.stderr.count('ASSISTANT: ') == 3

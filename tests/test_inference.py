@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from evejax import batch as bf
-from evejax.data import encode, images
+from evejax.data import encode, images, templates
+from evejax.data.shapes import ShapesDataset
+from evejax.data.tokenizer import train_bpe
 from evejax.inference import Generator, SamplingConfig
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.sampling import apply_repetition_penalty, filter_logits
@@ -185,6 +187,29 @@ def test_sampling_config_rejects_bad_values():
               dict(repetition_penalty=0)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize('template', ['chat', 'qwen2', 'vicuna_v1'])
+def test_multi_turn_prompt_is_the_training_layout(template):
+  """Turn k's prompt is the training tokenisation of the conversation up to answer k."""
+  tokenizer = train_bpe(ShapesDataset(50, seed=1).corpus(), 384)
+  turns = [('what color is the circle?', 'red.'), ('how many shapes are there?', 'two.'),
+           ('what shape is at the top?', 'a circle.')]
+  conversation = [{'from': role, 'value': text} for turn in turns
+                  for role, text in zip(('human', 'gpt'), turn)]
+  conversation[0]['value'] = '<image>\n' + conversation[0]['value']
+  ids, supervised = templates.tokenize_conversation(conversation, tokenizer,
+                                                    templates.get_template(template))
+  answer_starts = [i for i in range(1, len(ids)) if supervised[i] and not supervised[i - 1]]
+  assert len(answer_starts) == len(turns)
+  for k, (question, _) in enumerate(turns):
+    prompt = prompt_lib.prompt_ids(question, tokenizer, templates.get_template(template),
+                                   with_image=True, history=turns[:k])
+    assert prompt == ids[:answer_starts[k]]
+    assert prompt.count(bf.IMAGE_TOKEN_INDEX) == 1
+  with pytest.raises(ValueError, match='no image was given'):
+    prompt_lib.prompt_ids('and now?', tokenizer, templates.get_template(template),
+                          with_image=False, history=[('<image>\nwhat is it?', 'a circle.')])
 
 
 def test_left_padded_batch_right_aligns_prompts(prompts):

@@ -135,9 +135,14 @@ class Assistant:
       stops.add(sep2[0])
     return tuple(sorted(stops))
 
-  def encode(self, question: str, image: bytes | None = None) -> dict[str, np.ndarray]:
-    """Raises ValueError for an unreadable image or a prompt that fills the context."""
-    return prompt_lib.encode_prompt(self.preprocess, question, image, max_length=self.max_length)
+  def encode(self, question: str, image: bytes | None = None, *,
+             history: Sequence[prompt_lib.Turn] = ()) -> dict[str, np.ndarray]:
+    """A question after the conversation's earlier (question, answer) turns, the image in the first.
+
+    Raises ValueError for an unreadable image or a prompt that fills the context.
+    """
+    return prompt_lib.encode_prompt(self.preprocess, question, image, max_length=self.max_length,
+                                    history=history)
 
   def answer(self, prompts: Sequence[dict[str, np.ndarray]], sampling: SamplingConfig, *,
              seed: int = 0, on_text: Callable[[list[str]], None] | None = None) -> list[str]:

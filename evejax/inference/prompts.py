@@ -20,28 +20,40 @@ from evejax.data.tokenizer import Tokenizer
 _SEQUENCE_KEYS = encode.SEQUENCE_KEYS + ('positions', 'segment_ids')  # per position, not per patch
 
 
+Turn = tuple[str, str]  # (question, answer) of an earlier exchange in the conversation
+
+
 def prompt_ids(question: str, tokenizer: Tokenizer, template: templates.Template, *,
-               with_image: bool) -> list[int]:
-  """Token ids of one user turn and the assistant prefix (`... ASSISTANT:`), IMAGE_TOKEN_INDEX where
-  the image goes. Built by the training template itself: all before the first answer token."""
-  if with_image and bf.IMAGE_PLACEHOLDER not in question:
-    question = f'{bf.IMAGE_PLACEHOLDER}\n{question}'
-  if not with_image and bf.IMAGE_PLACEHOLDER in question:
+               with_image: bool, history: Sequence[Turn] = ()) -> list[int]:
+  """Token ids of the conversation so far and the assistant prefix (`... ASSISTANT:`),
+  IMAGE_TOKEN_INDEX where the image goes (the first turn). Built by the training template itself:
+  all before the answer's first supervised token, so a multi-turn prompt is the training layout."""
+  questions = [q for q, _ in history] + [question]
+  if with_image and not any(bf.IMAGE_PLACEHOLDER in q for q in questions):
+    questions[0] = f'{bf.IMAGE_PLACEHOLDER}\n{questions[0]}'
+  if not with_image and any(bf.IMAGE_PLACEHOLDER in q for q in questions):
     raise ValueError(f'the prompt has an {bf.IMAGE_PLACEHOLDER} placeholder but no image was given')
-  conversation = [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': ''}]
+  answers = [a for _, a in history] + ['']
+  conversation = [{'from': role, 'value': text} for pair in zip(questions, answers)
+                  for role, text in zip(('human', 'gpt'), pair)]
   ids, supervised = templates.tokenize_conversation(conversation, tokenizer, template)
-  return ids[:supervised.index(True)]
+  end = len(ids)
+  while end and supervised[end - 1]:  # Drop the empty answer's supervised ids (e.g. `<|im_end|>`).
+    end -= 1
+  return ids[:end]
 
 
 def encode_prompt(preprocess: Preprocessor, question: str, image: bytes | None = None, *,
-                  max_length: int | None = None) -> dict[str, np.ndarray]:
-  """A question (and optional encoded image) -> the prompt's sequence arrays and patch groups.
+                  max_length: int | None = None,
+                  history: Sequence[Turn] = ()) -> dict[str, np.ndarray]:
+  """A question (and optional encoded image, earlier turns) -> the prompt's sequence arrays and
+  patch groups.
 
   Raises ValueError for an unreadable image, or a prompt of `max_length` tokens or more (visual
   tokens included), which would leave no room to generate.
   """
   ids = prompt_ids(question, preprocess.tokenizer, preprocess.template,
-                   with_image=image is not None)
+                   with_image=image is not None, history=history)
   groups = [] if image is None else [preprocess.image_patches(image)]
   prompt = encode.encode_example(ids, [False] * len(ids), groups)
   if max_length is not None and len(prompt['tokens']) >= max_length:
