@@ -19,7 +19,8 @@ from evejax.inference import cli_flags
 from evejax.inference.assistant import Assistant
 
 _IMAGE = flags.DEFINE_string('image', None, 'Image file (any format PIL reads).')
-_PROMPT = flags.DEFINE_string('prompt', None, 'The question; without it, questions come from stdin.')
+_PROMPT = flags.DEFINE_string('prompt', None,
+                              'The question; without it, questions come from stdin.')
 flags.mark_flags_as_required(['checkpoint'])
 
 

@@ -129,7 +129,8 @@ def test_read_jsonl_resolves_images_and_names_bad_lines(tmp_path):
   assert records[0]['image'] == str(tmp_path / 'img' / 'a.png') and records[1]['image'] is None
   for bad, message in [({**good, 'metric': 'bleu'}, 'unknown metric'),
                        ({k: v for k, v in good.items() if k != 'answers'}, 'missing field'),
-                       ({**good, 'metric': 'choice'}, 'choices')]:
+                       ({**good, 'metric': 'choice'}, 'choices'),
+                       ({**good, 'history': [['q?']]}, 'question, answer')]:
     path.write_text(json.dumps(good) + '\n' + json.dumps({**bad, 'id': 'z'}) + '\n')
     with pytest.raises(ValueError, match=f'bench.jsonl:2: .*{message}'):
       read_jsonl(str(path))
@@ -227,6 +228,10 @@ def test_shapes_converter_keeps_questions_and_answers(tmp_path):
     with open(record['image'], 'rb') as f:
       assert f.read() == original['image']
     assert record['category'] in ('caption', 'color', 'shape', 'count', 'top')
+  with_history = list(converters.shapes(source, str(tmp_path / 'images'), history=True))
+  assert [r['history'] for r in with_history[:2]] == [
+      [], [[records[0]['question'], records[0]['answers'][0]]]]
+  assert [{k: v for k, v in r.items() if k != 'history'} for r in with_history] == records
 
 
 @pytest.fixture(scope='module')
@@ -286,6 +291,23 @@ def test_assistant_answers_match_generator_tokens(tiny_assistant):
   # The prompt is the training template up to the answer: 'USER: <image>\n... ASSISTANT:'.
   text_ids = [t for t, k in zip(prompt['tokens'], prompt['token_kind']) if k == 0]
   assert tiny_assistant.tokenizer.decode(text_ids).endswith('what color is the square? ASSISTANT:')
+
+
+def test_harness_asks_after_the_history(tiny_assistant, tmp_path):
+  (tmp_path / 'ok.png').write_bytes(_png())
+  history = [['what color is the square?', 'red.']]
+  record = {'id': 'follow-up', 'question': 'how many shapes are there?', 'metric': 'exact',
+            'answers': ['one.'], 'image': str(tmp_path / 'ok.png'), 'history': history}
+  sampling = SamplingConfig(max_new_tokens=4)
+  prompt = tiny_assistant.encode(record['question'], _png(), history=[tuple(history[0])])
+  assert len(prompt['tokens']) > len(tiny_assistant.encode(record['question'], _png())['tokens'])
+  [prediction] = harness.predict(tiny_assistant, [record], sampling)
+  assert prediction == {'id': 'follow-up',
+                        'prediction': tiny_assistant.answer([prompt], sampling)[0]}
+  # A history that fills the context fails that item (proof that the history is in the prompt).
+  long = {**record, 'id': 'long', 'history': [['what is ' * 60, 'red.']]}
+  _, failed = harness.predict(tiny_assistant, [record, long], sampling)
+  assert 'max_length' in failed['error']
 
 
 def test_periodic_benchmark_scores_the_current_params(tiny_run, tiny_assistant, tmp_path):

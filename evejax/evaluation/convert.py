@@ -23,7 +23,10 @@ _ANNOTATIONS = flags.DEFINE_string('annotations', None, 'vqav2: the annotations 
 _IMAGES = flags.DEFINE_string('images', None, 'Image folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'scienceqa_img: the split to keep.')
 _CONFIG = flags.DEFINE_string('config', 'configs/demo.py', 'shapes: the training config file.')
-_LIMIT = flags.DEFINE_integer('limit', None, 'shapes: at most this many questions.')
+_LIMIT = flags.DEFINE_integer('limit', None,
+                              'shapes: at most this many images (one question per turn).')
+_HISTORY = flags.DEFINE_bool(
+    'history', False, 'shapes: ask each turn after the earlier turns and their reference answers.')
 _OUT = flags.DEFINE_string('out', None, 'Output JSONL file.')
 flags.mark_flags_as_required(['format', 'out'])
 
@@ -33,7 +36,7 @@ def records():
   images = _IMAGES.value or os.path.join(os.path.dirname(os.path.abspath(_OUT.value)), 'images')
   if fmt == 'shapes':
     held_out = pipeline.make_sources(load_config_file(_CONFIG.value).data)[1]
-    return converters.shapes(held_out, images, _LIMIT.value)
+    return converters.shapes(held_out, images, _LIMIT.value, history=_HISTORY.value)
   if not questions:
     raise app.UsageError(f'--format={fmt} needs --questions')
   if fmt == 'vqav2':

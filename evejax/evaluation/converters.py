@@ -165,10 +165,12 @@ def _shapes_category(question: str) -> str:
   raise ValueError(f'not a shapes question: {question!r}')
 
 
-def shapes(source, image_out_dir: str, limit: int | None = None) -> Iterator[dict]:
+def shapes(source, image_out_dir: str, limit: int | None = None, *,
+           history: bool = False) -> Iterator[dict]:
   """The demo's held-out shapes questions (a ShapesDataset), images written as PNG files. Every
   turn of a multi-turn record becomes its own question about the image (each is answerable from
-  the image alone); `limit` counts records."""
+  the image alone); with `history`, asked after the record's earlier turns and their reference
+  answers (the training layout). `limit` counts records."""
   os.makedirs(image_out_dir, exist_ok=True)
   for index in range(len(source) if limit is None else min(limit, len(source))):
     record = source[index]
@@ -176,11 +178,13 @@ def shapes(source, image_out_dir: str, limit: int | None = None) -> Iterator[dic
     with open(path, 'wb') as f:
       f.write(record['image'])
     turns = record['conversations']
-    for turn, (human, gpt) in enumerate(zip(turns[::2], turns[1::2])):
-      question = human['value'].replace('<image>', '').strip()
+    pairs = [(human['value'].replace('<image>', '').strip(), gpt['value'])
+             for human, gpt in zip(turns[::2], turns[1::2])]
+    for turn, (question, answer) in enumerate(pairs):
       yield {'id': f'{record["id"]}-{turn}', 'question': question, 'metric': 'exact',
-             'image': os.path.abspath(path), 'answers': [gpt['value']],
-             'category': _shapes_category(question)}
+             'image': os.path.abspath(path), 'answers': [answer],
+             'category': _shapes_category(question),
+             **({'history': [list(p) for p in pairs[:turn]]} if history else {})}
 
 
 FORMATS = ('vqav2', 'gqa', 'textvqa', 'scienceqa_img', 'pope', 'mme', 'mmbench', 'shapes')

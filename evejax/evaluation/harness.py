@@ -38,8 +38,9 @@ def predict(assistant: Assistant, records: Sequence[dict], sampling: SamplingCon
   encoded = []
   for index, record in enumerate(records):
     try:
-      encoded.append((index, assistant.encode(record.get('prompt') or record['question'],
-                                              _load_image(record))))
+      encoded.append((index, assistant.encode(
+          record.get('prompt') or record['question'], _load_image(record),
+          history=[tuple(turn) for turn in record.get('history', [])])))
     except (OSError, ValueError) as e:
       results[index]['error'] = f'{type(e).__name__}: {e}'
       logging.warning('item %s: %s', record['id'], results[index]['error'])

@@ -18,6 +18,8 @@
 | `category` | no       | sub-benchmark (MME subtask, POPE split, ...); metrics are also reported  |
 |            |          | per category                                                             |
 | `group`    | `mme`    | items scored together (MME: the two questions about one image)           |
+| `history`  | no       | earlier turns as [question, answer] pairs, asked before `prompt` in one  |
+|            |          | conversation (the image goes in the first); default: none                |
 
 The converters in converters.py write this format from the benchmarks' own question files.
 """
@@ -44,6 +46,12 @@ def validate(record: dict, where: str) -> dict:
     raise ValueError(f'{where}: metric "choice" needs a non-empty "choices" list')
   if record['metric'] == 'mme' and 'group' not in record:
     raise ValueError(f'{where}: metric "mme" needs "group" (the image its question pair shares)')
+  history = record.get('history', [])
+  if not (isinstance(history, list) and all(
+      isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+      for turn in history)):
+    raise ValueError(f'{where}: "history" must be a list of [question, answer] string pairs, '
+                     f'got {history!r}')
   return record
 
 
