@@ -299,7 +299,7 @@ def test_harness_asks_after_the_history(tiny_assistant, tmp_path):
   record = {'id': 'follow-up', 'question': 'how many shapes are there?', 'metric': 'exact',
             'answers': ['one.'], 'image': str(tmp_path / 'ok.png'), 'history': history}
   sampling = SamplingConfig(max_new_tokens=4)
-  prompt = tiny_assistant.encode(record['question'], _png(), history=[tuple(history[0])])
+  prompt = tiny_assistant.encode(record['question'], _png(), history=history)
   assert len(prompt['tokens']) > len(tiny_assistant.encode(record['question'], _png())['tokens'])
   [prediction] = harness.predict(tiny_assistant, [record], sampling)
   assert prediction == {'id': 'follow-up',

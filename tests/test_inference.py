@@ -189,10 +189,15 @@ def test_sampling_config_rejects_bad_values():
       SamplingConfig(**bad)
 
 
+@pytest.fixture(scope='module')
+def shapes_tokenizer():
+  return train_bpe(ShapesDataset(50, seed=1).corpus(), 384)
+
+
 @pytest.mark.parametrize('template', ['chat', 'qwen2', 'vicuna_v1'])
-def test_multi_turn_prompt_is_the_training_layout(template):
+def test_multi_turn_prompt_is_the_training_layout(template, shapes_tokenizer):
   """Turn k's prompt is the training tokenisation of the conversation up to answer k."""
-  tokenizer = train_bpe(ShapesDataset(50, seed=1).corpus(), 384)
+  tokenizer = shapes_tokenizer
   turns = [('what color is the circle?', 'red.'), ('how many shapes are there?', 'two.'),
            ('what shape is at the top?', 'a circle.')]
   conversation = [{'from': role, 'value': text} for turn in turns

@@ -40,7 +40,7 @@ def predict(assistant: Assistant, records: Sequence[dict], sampling: SamplingCon
     try:
       encoded.append((index, assistant.encode(
           record.get('prompt') or record['question'], _load_image(record),
-          history=[tuple(turn) for turn in record.get('history', [])])))
+          history=record.get('history', ()))))
     except (OSError, ValueError) as e:
       results[index]['error'] = f'{type(e).__name__}: {e}'
       logging.warning('item %s: %s', record['id'], results[index]['error'])

@@ -20,7 +20,7 @@ from evejax.data.tokenizer import Tokenizer
 _SEQUENCE_KEYS = encode.SEQUENCE_KEYS + ('positions', 'segment_ids')  # per position, not per patch
 
 
-Turn = tuple[str, str]  # (question, answer) of an earlier exchange in the conversation
+Turn = Sequence[str]  # (question, answer) of an earlier exchange in the conversation
 
 
 def prompt_ids(question: str, tokenizer: Tokenizer, template: templates.Template, *,
