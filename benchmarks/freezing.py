@@ -9,9 +9,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
+from evejax.batch import BatchSpec
+from evejax.config import OptimConfig
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
 from evejax.sharding.synthetic import random_batch
@@ -28,17 +29,16 @@ RULES = {  # configs/eve_v2/common.py
 def measure(cfg: ModelConfig, trainable: str, rows: int, seq_len: int, repeats: int,
             stop: bool) -> dict:
   """`stop`: frozen parameters enter the loss as constants (the trainer's setting)."""
-  optim_cfg = ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=1, end_lr_ratio=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-      grad_clip=1.0, trainable=trainable, frozen='', groups={}))
+  optim_cfg = OptimConfig(lr=1e-4, warmup_steps=1, trainable=trainable)
   graphdef, state = nnx.split(EVE(cfg, rngs=nnx.Rngs(0)), nnx.Param)
   params = state.to_pure_dict()
   tx = optim.make_optimizer(optim_cfg, 100)
   opt_state = tx.init(params)
   step = make_train_step(graphdef, tx, optim.learning_rate_schedule(optim_cfg, 100),
                          trainable=optim.trainable_mask(optim_cfg, params) if stop else None)
-  batch = jax.tree.map(jnp.asarray, random_batch(cfg, rows, seq_len, seq_len // 4))
-  train_state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+  spec = BatchSpec.for_model(cfg, seq_len=seq_len, patch_slots=seq_len // 4)
+  batch = jax.tree.map(jnp.asarray, random_batch(spec, rows, cfg.vocab_size))
+  train_state = TrainState.create(params, opt_state)
   compiled = step.lower(train_state, batch).compile()
   flops = compiled.cost_analysis().get('flops', float('nan'))
   temp = compiled.memory_analysis().temp_size_in_bytes

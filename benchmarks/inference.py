@@ -17,7 +17,8 @@ from flax import nnx
 from configs.demo import get_config
 from evejax.data import pipeline
 from evejax.inference import Generator, SamplingConfig, encode_prompt
-from evejax.models import EVE, ModelConfig
+from evejax.config import TrainConfig
+from evejax.models import EVE
 
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8', '32'], 'Batch sizes to measure.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Decode steps timed per call.')
@@ -47,14 +48,13 @@ def time_decode(generator: Generator, prompts, sampling: SamplingConfig) -> floa
 
 def main(argv):
   del argv
-  config = get_config()
-  model_cfg = ModelConfig.from_dict(config.model)
+  config = TrainConfig.parse(get_config())
   train_source, held_out = pipeline.make_sources(config.data)
   preprocess = pipeline.make_preprocessor(
-      config.data, pipeline.load_tokenizer(config.data, train_source), model_cfg.vision_patch_size,
-      model_cfg.vision_merge)
-  graphdef, params = nnx.split(EVE(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-  generator = Generator(graphdef, nnx.to_pure_dict(params), pad_id=preprocess.tokenizer.pad_id)
+      config.data, pipeline.load_tokenizer(config.data, train_source), config.batch_spec())
+  graphdef, params = nnx.split(EVE(config.model, rngs=nnx.Rngs(0)), nnx.Param)
+  generator = Generator(graphdef, nnx.to_pure_dict(params), spec=preprocess.spec,
+                        pad_id=preprocess.tokenizer.pad_id)
 
   def prompt(index):
     record = held_out[index]

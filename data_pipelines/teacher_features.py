@@ -23,7 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from evejax.data import pipeline, records
-from evejax.models import ModelConfig, pal
+from evejax.config import TrainConfig
+from evejax.train import pal
 
 
 
@@ -53,29 +54,32 @@ class WithTeacherFeatures:
 def teacher_dataset(config, in_dir: str, out_dir: str, split: str, dtype: str = 'float16',
                     progress: bool = False) -> dict:
   """Writes `out_dir`/`split` with teacher features; returns its manifest."""
-  model_cfg = ModelConfig.from_dict(config.model)
+  cfg = TrainConfig.parse(config)
+  model_cfg = cfg.model
   if model_cfg.vision_tokenizer != 'v1' or not model_cfg.pal:
     raise ValueError('teacher features are for EVEv1 with PAL: the config needs '
                      "model.vision_tokenizer='v1' and model.pal=True")
   source = records.RecordSource(in_dir, split)
-  tokenizer = pipeline.load_tokenizer(config.data, source)
+  tokenizer = pipeline.load_tokenizer(cfg.data, source)
   if model_cfg.pal_pool > 1:
     raise ValueError('run this with the base-resolution config (model.pal_pool=1, e.g. 672 px): '
                      'its features are those an HD run (pal_pool=2, 1344 px) reads')
-  preprocess = pipeline.make_preprocessor(config.data, tokenizer, model_cfg.vision_patch_size,
-                                          model_cfg.vision_merge, valid_channel=True)
-  teacher = jax.jit(pal.online_teacher(config.pal, model_cfg))
+  # The training geometry; the features are computed here, not read from the records.
+  preprocess = pipeline.make_preprocessor(cfg.data, tokenizer,
+                                          cfg.batch_spec().replace(teacher_size=0))
+  teacher = jax.jit(pal.online_teacher(cfg.pal, model_cfg))
   # Shards are re-written when the input, the geometry or the teacher changes.
-  signature = repr((records.read_manifest(in_dir, split)['shards'], config.data.to_dict(),
-                    config.pal.to_dict(), dtype))
-  if config.pal.get('clip_weights'):
-    signature += records.file_sha256(config.pal.clip_weights)
+  pal_fields = dataclasses.asdict(cfg.pal)
+  signature = repr((records.read_manifest(in_dir, split)['shards'], dataclasses.asdict(cfg.data),
+                    pal_fields, dtype))
+  if cfg.pal.clip_weights:
+    signature += records.file_sha256(cfg.pal.clip_weights)
   key = hashlib.sha256(signature.encode()).hexdigest()
   return records.write_dataset(
       list(range(len(source))), WithTeacherFeatures(source, preprocess, teacher, dtype), out_dir,
       split, num_shards=len(records.read_manifest(in_dir, split)['shards']), num_workers=1,
       describe=lambda i: f'{key}|{i}', progress=progress,
-      info={**source.info, 'teacher_features': config.pal.to_dict()})
+      info={**source.info, 'teacher_features': pal_fields})
 
 
 def define_flags() -> dict[str, Any]:

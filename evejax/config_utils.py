@@ -1,7 +1,10 @@
-"""Helpers for `get_config(arg)` files (big_vision style)."""
+"""Helpers for `get_config(arg)` files (big_vision style) and for the typed config sections built
+from them (`from_mapping`)."""
 from __future__ import annotations
 
+import dataclasses
 import runpy
+import typing
 from typing import Any, Mapping
 
 import ml_collections
@@ -57,3 +60,41 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     parent, _, leaf = key.rpartition('.')
     (config[parent] if parent else config)[leaf] = value  # ConfigDict resolves dotted parents.
   return config
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _check_type(where: str, value, kind) -> Any:
+  """`value` as the scalar type `kind` (an int is a valid float), else a clear error."""
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    raise ValueError(f'{where}={value!r} must be of type {kind.__name__}')
+  return value
+
+
+def from_mapping(cls: type, values: Mapping[str, Any], where: str):
+  """The frozen dataclass `cls` from a (ConfigDict) mapping: unknown keys are an error naming the
+  valid ones, scalar fields are type-checked, dataclass-typed fields are built recursively and
+  absent fields keep their defaults (the one place those live)."""
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  if dataclasses.is_dataclass(values):
+    return values
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f'{where} has unknown keys {unknown}; valid keys: {sorted(fields)}')
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for name, value in values.items():
+    kind = hints[name]
+    if dataclasses.is_dataclass(kind):
+      value = from_mapping(kind, value, f'{where}.{name}')
+    elif kind in _SCALARS:
+      value = _check_type(f'{where}.{name}', value, kind)
+    elif isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    kwargs[name] = value
+  return cls(**kwargs)

@@ -29,7 +29,8 @@ from ml_collections import config_flags
 
 from evejax import sharding
 from evejax.config_utils import _coerce
-from evejax.data import images
+from evejax.batch import BatchSpec
+from evejax.config import TrainConfig
 from evejax.metrics import flops as flops_lib
 from evejax.models import EVE, ModelConfig
 from evejax.sharding.synthetic import batch_shapes
@@ -58,8 +59,7 @@ def parse_sizes(text: str) -> dict[str, Any]:
   return sizes
 
 
-def model_config(config, overrides: str):
-  cfg = ModelConfig.from_dict(config.model)
+def model_config(cfg: ModelConfig, overrides: str) -> ModelConfig:
   changes = {}
   for item in filter(None, overrides.split(',')):
     key, _, value = item.partition('=')
@@ -69,11 +69,11 @@ def model_config(config, overrides: str):
   return dataclasses.replace(cfg, **changes)
 
 
-def batch_geometry(config, cfg) -> tuple[int, int, int]:
-  seq_len = _SEQ_LEN.value or config.data.seq_len
-  patch_groups = _PATCH_GROUPS.value or config.data.get('row_patches', 0) or \
-      images.max_patch_groups(config.data.max_size, cfg.vision_token_pixels)
-  return config.batch_size, seq_len, patch_groups
+def batch_spec(config: TrainConfig) -> BatchSpec:
+  """The run's batch spec, with --seq_len / --patch_groups when given."""
+  spec = config.batch_spec()
+  return spec.replace(seq_len=_SEQ_LEN.value or spec.seq_len,
+                      patch_slots=_PATCH_GROUPS.value or spec.patch_slots)
 
 
 def per_device_bytes(tree) -> int:
@@ -90,21 +90,23 @@ def with_shardings(shapes, shardings):
                       shardings)
 
 
-def compile_step(config, cfg, mesh, batch_shape):
+def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
   """The compiled train step, and the abstract state and batch it was compiled for."""
-  rules = sharding.rules_from_config(config.get('sharding_rules', ()))
+  rules = sharding.rules_from_config(config.sharding_rules)
   sharding.activate_rules(rules)
   graphdef, params, _ = sharding.abstract_params(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh, rules)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   with jax.set_mesh(mesh):
     opt_shapes = jax.eval_shape(tx.init, params)
     opt_state = with_shardings(opt_shapes, sharding.like_params(opt_shapes, params, mesh))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    state = TrainState(step, params, opt_state)
-    batch = with_shardings(batch_shapes(cfg, *batch_shape),
-                           {k: sharding.batch_sharding(mesh) for k in batch_shapes(cfg, 1, 1, 1)})
+    replicated = NamedSharding(mesh, P())
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    state = TrainState(step, params, opt_state, rng)
+    shapes = batch_shapes(spec, config.batch_size)
+    batch = with_shardings(shapes, {k: sharding.batch_sharding(mesh) for k in shapes})
     train_step = make_train_step(graphdef, tx, optim.learning_rate_schedule(
-        config.optim, config.total_steps), microbatches=config.get('microbatches', 1))
+        config.optim, config.total_steps), microbatches=config.microbatches)
     compiled = train_step.lower(state, batch).compile()
   return compiled, state, batch
 
@@ -114,9 +116,10 @@ def xla_flops(compiled) -> float:
   return float((cost[0] if isinstance(cost, list) else cost).get('flops', 0.0))
 
 
-def plan(config, cfg, mesh, batch_shape, hbm_gib: float) -> dict[str, Any]:
+def plan(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec,
+         hbm_gib: float) -> dict[str, Any]:
   start = time.perf_counter()
-  compiled, state, batch = compile_step(config, cfg, mesh, batch_shape)
+  compiled, state, batch = compile_step(config, cfg, mesh, spec)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   params, opt_state = per_device_bytes(state.params), per_device_bytes(state.opt_state)
@@ -130,16 +133,16 @@ def plan(config, cfg, mesh, batch_shape, hbm_gib: float) -> dict[str, Any]:
     # XLA counts a while loop's body once: count the unrolled 1-layer program plus num_layers - 1
     # layers, one layer being the difference between the unrolled 2- and 1-layer programs.
     one, two = (xla_flops(compile_step(config, dataclasses.replace(
-        cfg, num_layers=n, scan_layers=False), mesh, batch_shape)[0]) for n in (1, 2))
+        cfg, num_layers=n, scan_layers=False), mesh, spec)[0]) for n in (1, 2))
     xla = (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
-  analytic = flops_lib.train_step_flops(cfg, *batch_shape)
+  analytic = flops_lib.train_step_flops(cfg, spec, config.batch_size)
   return dict(compile_s=compile_s, params=params, opt_state=opt_state, batch=batch_bytes,
               temporaries=memory.temp_size_in_bytes, total=total, hbm=hbm_gib * GiB,
               fits=total <= hbm_gib * GiB, xla_flops=xla, analytic_flops=analytic)
 
 
-def report(result: dict[str, Any], cfg, mesh, batch_shape) -> str:
-  rows, seq_len, patch_groups = batch_shape
+def report(result: dict[str, Any], cfg: ModelConfig, mesh, spec: BatchSpec, rows: int) -> str:
+  seq_len, patch_groups = spec.seq_len, spec.patch_slots
   lines = [
       f'Plan: {cfg.num_layers} layers, hidden {cfg.hidden_size}, routing {cfg.routing}, '
       f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
@@ -167,17 +170,18 @@ def main(argv):
   # Fake devices: set before the first JAX call creates the CPU backend.
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
-  config = _CONFIG.value
-  cfg = model_config(config, _MODEL.value)
+  config = TrainConfig.parse(_CONFIG.value)
+  config = dataclasses.replace(config, model=model_config(config.model, _MODEL.value))
+  cfg = config.model
   mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))
-  batch_shape = batch_geometry(config, cfg)
+  spec = batch_spec(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if batch_shape[0] % shards:
-    raise ValueError(f'batch_size {batch_shape[0]} does not split over the {shards} batch shards '
-                     f'(data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size to a '
-                     'multiple of it')
-  result = plan(config, cfg, mesh, batch_shape, _HBM.value)
-  print(report(result, cfg, mesh, batch_shape), flush=True)
+  if config.batch_size % shards:
+    raise ValueError(f'batch_size {config.batch_size} does not split over the {shards} batch '
+                     f'shards (data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size '
+                     'to a multiple of it')
+  result = plan(config, cfg, mesh, spec, _HBM.value)
+  print(report(result, cfg, mesh, spec, config.batch_size), flush=True)
 
 
 if __name__ == '__main__':

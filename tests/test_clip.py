@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from evejax.batch import BatchSpec
 from evejax.data import encode, images
 from evejax.models import clip
 from evejax.models.vision import CLIP_MEAN, CLIP_STD
@@ -88,7 +89,8 @@ def test_patch_features_of_a_full_canvas_image_equal_the_image_path(tmp_path):
   pixels = np.random.default_rng(1).integers(0, 256, (84, 84, 3), dtype=np.uint8)
   groups, _ = images.patchify(images.with_valid_channel(pixels, 28), 14, 2)
   ex = encode.encode_example([-200], [False], [(groups, (3, 3))])
-  row = encode.pack_row([ex], 16, 12, groups.shape[1:], image_keys=True)
+  row = encode.pack_row([ex], BatchSpec(seq_len=16, patch_slots=12, patch_size=14, merge=2,
+                                        channels=4, image_keys=True))
   got = model.patch_features(*(jnp.asarray(row[k])[None]
                                for k in ('patches', 'patch_image', 'patch_coords')))
   half = pixels.reshape(42, 2, 42, 2, 3).mean(axis=(1, 3)) / 255.0  # the 2x2 box-filtered image

@@ -35,7 +35,7 @@ def test_every_preset_builds_a_model_config():
     ModelConfig.from_dict(model_preset(name))
   cfg = ModelConfig.from_dict(model_preset('eve_v2_7b'))
   assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads, cfg.vocab_size) == (3584, 28, 4, 152064)
-  with pytest.raises(ValueError, match=r"Unknown model config keys \['hiden_size'\]"):
+  with pytest.raises(ValueError, match=r"model has unknown keys \['hiden_size'\]"):
     ModelConfig.from_dict({**model_preset('eve_v2_tiny'), 'hiden_size': 3})
 
 

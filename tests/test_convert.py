@@ -19,6 +19,7 @@ from flax import nnx
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
+from evejax.batch import BatchSpec  # noqa: E402
 from evejax import convert  # noqa: E402
 from evejax.convert import files, importer  # noqa: E402
 from evejax.convert.keymap import get_param  # noqa: E402
@@ -54,8 +55,7 @@ def hf_logits(model, ids=IDS) -> np.ndarray:
 
 def text_batch(cfg: ModelConfig, ids=IDS) -> dict:
   example = encode.encode_example(ids, [True] * len(ids), [])
-  patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * 3)
-  row = encode.pack_row([example], len(ids), 1, patch_shape)
+  row = encode.pack_row([example], BatchSpec.for_model(cfg, seq_len=len(ids), patch_slots=1))
   return {k: jnp.asarray(v)[None] for k, v in row.items()}
 
 
@@ -479,7 +479,7 @@ def test_check_tool_transformers_side_on_a_plain_llm(tmp_path):
   reader = files.CheckpointReader(folder)
   cfg = check.model_config(folder, reader, None)
   params = convert.import_checkpoint(folder, cfg, progress=False)
-  metrics = check.compare_logits(check.evejax_logits(cfg, params, IDS, None),
+  metrics = check.compare_logits(check.evejax_logits(cfg, check.image_spec(cfg, 448), params, IDS, None),
                                  check.torch_logits(folder, 'transformers', IDS, None))
   assert metrics['max_abs_diff'] < 1e-4 and metrics['top1_agreement'] == 1.0
   assert metrics['kl_divergence'] < 1e-8

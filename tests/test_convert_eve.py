@@ -11,6 +11,7 @@ from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from evejax.batch import BatchSpec  # noqa: E402
 from evejax import batch as bf  # noqa: E402
 from evejax import convert  # noqa: E402
 from evejax.convert import torch_reference  # noqa: E402
@@ -150,7 +151,8 @@ class TorchEVEv2(nn.Module):
 def evejax_inputs(cfg, pixels):
   groups, grid = images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)
   example = encode.encode_example(IDS, [True] * len(IDS), [(groups, grid)])
-  row = encode.pack_row([example], len(example['tokens']), len(groups), groups.shape[1:])
+  row = encode.pack_row([example], BatchSpec.for_model(cfg, seq_len=len(example['tokens']),
+                                                       patch_slots=len(groups)))
   return {k: jnp.asarray(v)[None] for k, v in row.items()}
 
 

@@ -12,6 +12,7 @@ transformers = pytest.importorskip('transformers')
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from evejax.batch import BatchSpec  # noqa: E402
 from evejax import batch as bf  # noqa: E402
 from evejax import convert  # noqa: E402
 from evejax.convert import files, importer  # noqa: E402
@@ -213,8 +214,8 @@ def test_evejax_matches_independent_torch_eve_v1_with_image(exported):
     want = model(IDS, pixels).numpy()
   groups, grid = images.patchify(images.with_valid_channel(pixels, 28), 14, 2)
   example = encode.encode_example(IDS, [True] * len(IDS), [(groups, grid)])
-  row = encode.pack_row([example], len(example['tokens']), len(groups), groups.shape[1:],
-                        image_keys=True)
+  row = encode.pack_row([example], BatchSpec.for_model(CFG, seq_len=len(example['tokens']),
+                                                       patch_slots=len(groups)))
   got = np.asarray(evejax_model(CFG, params)({k: v[None] for k, v in row.items()}))[0]
   assert got.shape == want.shape == (len(IDS) - 1 + 1 + 2 * 4, CFG.vocab_size)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

@@ -1,4 +1,5 @@
 """Embedded dataset, tokenizer, templates, resize policies, patchify and row encoding."""
+import dataclasses
 import io
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from PIL import Image
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.data import encode, images, pipeline, templates
 from evejax.data.shapes import COLORS, SHAPES, ShapesDataset
 from evejax.data.tokenizer import Tokenizer, train_bpe
@@ -154,20 +156,20 @@ def _png(width, height):
 
 
 def test_image_over_pixel_budget_is_an_error(tokenizer):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), patch_size=8, merge=2,
-                              max_size=64, seq_len=128, resize='none')
+  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
+      seq_len=128, patch_slots=81, patch_size=8, merge=2, max_size=64, resize='none'))
   record = {'image': _png(128, 128),
             'conversations': [{'from': 'human', 'value': '<image>\nhi'}, {'from': 'gpt', 'value': 'a'}]}
   with pytest.raises(ValueError, match='over the budget .* data.max_size=64'):
     pre(record)
-  resized = pipeline.Preprocessor(**{**pre.__dict__, 'resize': 'eve_v2_train'})(record)
+  resized = dataclasses.replace(pre, spec=pre.spec.replace(resize='eve_v2_train'))(record)
   assert (resized['token_kind'] == bf.PATCH).sum() == 16  # 64x64 px at 16 px per token
 
 
 def test_too_long_example_is_an_error(tokenizer, shapes):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), patch_size=8, merge=2,
-                              max_size=96, seq_len=20)
-  with pytest.raises(ValueError, match='does not fit .* data.seq_len=20'):
+  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
+      seq_len=20, patch_slots=49, patch_size=8, merge=2, max_size=96))
+  with pytest.raises(ValueError, match='too_long: .* do not fit a row of data.seq_len=20'):
     pre(shapes[0])
 
 
@@ -179,15 +181,14 @@ def test_corrupt_image_is_an_error():
 
 
 def test_pipeline_batches_have_static_shapes(tokenizer, shapes):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), patch_size=8, merge=2,
-                              max_size=96, seq_len=80)
-  spec = pipeline.packing.RowSpec(80, pre.max_patches, pre.patch_shape)
-  make = lambda: iter(pipeline.make_dataset(shapes, pre, spec, 4, seed=0, shuffle=True,
+  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
+      seq_len=80, patch_slots=49, patch_size=8, merge=2, max_size=96))
+  make = lambda: iter(pipeline.make_dataset(shapes, pre, 4, seed=0, shuffle=True,
                                             num_epochs=None, num_threads=1))
   it = make()
   first, second = next(it), next(it)
   assert set(first) == set(bf.KEYS)
-  assert first['patches'].shape == (4, pre.max_patches, 4, 192)
+  assert first['patches'].shape == (4, pre.spec.image_budget, 4, 192) == (4, 49, 4, 192)
   assert all(first[k].shape == (4, 80) for k in bf.KEYS if k != 'patches')
   assert not np.array_equal(first['tokens'], second['tokens'])
   again = next(make())

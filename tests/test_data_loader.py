@@ -1,10 +1,10 @@
 """The Grain loader over ArrayRecord shards: sharding, packing, exact resume, bad records, eval."""
+import dataclasses
 import io
 import json
 import os
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -12,9 +12,11 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
+from evejax.config import DataConfig, ShapesConfig, TrainConfig
 from evejax.data import bad_records, packing, pipeline, records, templates
 from evejax.data.tokenizer import train_bpe
-from evejax.models import layers
+from evejax.models import ModelConfig, layers
 
 NUM_RECORDS = 48
 PATCH, MERGE = 4, 2  # 8 px visual tokens.
@@ -50,12 +52,8 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def pre(tokenizer):
-  return pipeline.Preprocessor(tokenizer, templates.get_template('chat'), patch_size=PATCH,
-                               merge=MERGE, max_size=24, seq_len=64)
-
-
-def spec_for(pre, row_patches=24):
-  return packing.RowSpec(pre.seq_len, row_patches, pre.patch_shape)
+  return pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
+      seq_len=64, patch_slots=24, patch_size=PATCH, merge=MERGE, max_size=24))
 
 
 def answer_ids(batch, tokenizer):
@@ -76,7 +74,7 @@ def test_processes_read_disjoint_slices_that_cover_the_dataset(source, pre, toke
                                                                process_count):
   seen = []
   for process_index in range(process_count):
-    ds = pipeline.make_dataset(source, pre, spec_for(pre), 1, seed=7, shuffle=True, num_epochs=1,
+    ds = pipeline.make_dataset(source, pre, 1, seed=7, shuffle=True, num_epochs=1,
                                process_index=process_index, process_count=process_count,
                                pack_window=8, num_threads=1)
     mine = [i for batch in ds for i in answer_ids(batch, tokenizer)]
@@ -87,7 +85,7 @@ def test_processes_read_disjoint_slices_that_cover_the_dataset(source, pre, toke
 
 def test_shuffle_is_global_seeded_and_differs_per_epoch(source, pre, tokenizer):
   def order(seed, epochs):
-    ds = pipeline.make_dataset(source, pre, spec_for(pre), 1, seed=seed, shuffle=True,
+    ds = pipeline.make_dataset(source, pre, 1, seed=seed, shuffle=True,
                                num_epochs=epochs, pack_window=1, num_threads=1)
     return [i for batch in ds for i in answer_ids(batch, tokenizer)]
   two_epochs = order(0, 2)
@@ -109,11 +107,11 @@ def expected_mask(lengths, seq_len):
 
 def test_packed_rows_keep_examples_apart(source, pre, tokenizer):
   examples = [pre.encode(source[i]) for i in range(12)]
-  spec = spec_for(pre)
+  spec = pre.spec
   rows = packing.first_fit_decreasing(examples, spec)
   assert sum(map(len, rows)) == 12 and len(rows) < 12  # Several examples share a row.
   for group in rows:
-    row = pipeline.encode.pack_row(group, spec.seq_len, spec.max_patches, spec.patch_shape)
+    row = pipeline.encode.pack_row(group, spec)
     lengths = [len(ex['tokens']) for ex in group]
     mask = np.asarray(layers.attention_mask(row['segment_ids'][None]))[0, 0]
     np.testing.assert_array_equal(mask, expected_mask(lengths, spec.seq_len))
@@ -134,17 +132,17 @@ def test_packed_rows_keep_examples_apart(source, pre, tokenizer):
 
 def test_first_fit_respects_both_budgets(pre, source):
   examples = [pre.encode(source[i]) for i in range(NUM_RECORDS)]
-  spec = spec_for(pre, row_patches=10)
+  spec = pre.spec.replace(patch_slots=10)
   for group in packing.first_fit_decreasing(examples, spec):
     assert sum(len(ex['tokens']) for ex in group) <= spec.seq_len
-    assert sum(len(ex['patches']) for ex in group) <= spec.max_patches
+    assert sum(len(ex['patches']) for ex in group) <= spec.patch_slots
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_restored_iterator_continues_with_the_identical_batches(source, pre, num_workers):
   if num_workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
-  ds = pipeline.make_dataset(source, pre, spec_for(pre), 2, seed=3, shuffle=True,
+  ds = pipeline.make_dataset(source, pre, 2, seed=3, shuffle=True,
                              num_epochs=None, pack_window=8, num_threads=2,
                              num_workers=num_workers)
   uninterrupted = iter(ds)
@@ -196,12 +194,12 @@ def write_bad_dataset(directory):
 def test_bad_records_are_skipped_counted_and_quarantined(tmp_path, pre, tokenizer):
   source = write_bad_dataset(str(tmp_path))
   quarantine = str(tmp_path / 'quarantine.jsonl')
-  ds = pipeline.make_dataset(source, pre, spec_for(pre), 1, seed=0, shuffle=False, num_epochs=1,
+  ds = pipeline.make_dataset(source, pre, 1, seed=0, shuffle=False, num_epochs=1,
                              pack_window=4, num_threads=2,
                              policy=bad_records.Policy(0.5, 10, quarantine))
   seen = sorted(i for batch in ds for i in answer_ids(batch, tokenizer))
   assert seen == list(range(16))  # Every good record, once.
-  encoded = grain.MapDataset.range(len(source)).map(pipeline.SafeEncode(source, pre, spec_for(pre)))
+  encoded = grain.MapDataset.range(len(source)).map(pipeline.ReadAndEncode(source, pre))
   it = iter(bad_records.FilterBadRecords(encoded.to_iter_dataset(), bad_records.Policy(0.5, 10)))
   assert len(list(it)) == 16
   assert it.by_kind == {'unreadable_record': 1, 'bad_image': 2, 'bad_conversation': 1,
@@ -216,7 +214,7 @@ def test_bad_records_are_skipped_counted_and_quarantined(tmp_path, pre, tokenize
 
 def test_too_many_bad_records_stop_the_run(tmp_path, pre):
   source = write_bad_dataset(str(tmp_path))
-  ds = pipeline.make_dataset(source, pre, spec_for(pre), 1, seed=0, shuffle=False, num_epochs=1,
+  ds = pipeline.make_dataset(source, pre, 1, seed=0, shuffle=False, num_epochs=1,
                              pack_window=1, num_threads=1, policy=bad_records.Policy(0.1, 10))
   with pytest.raises(bad_records.TooManyBadRecords,
                      match=r'of 1[0-9] records .* over data.bad_records.max_fraction=0.1'):
@@ -234,9 +232,9 @@ def test_missing_shard_is_a_start_up_error(tmp_path):
 
 
 def test_eval_counts_every_supervised_token_once(source, pre):
-  data_cfg = ml_collections.ConfigDict(dict(pack_window=8, row_patches=24, num_threads=2))
+  data_cfg = DataConfig(pack_window=8, row_patches=24, num_threads=2)
   batches = list(pipeline.eval_batches(data_cfg, source, pre, 4))
-  assert all(b['tokens'].shape == (4, pre.seq_len) for b in batches)  # The last one is padded.
+  assert all(b['tokens'].shape == (4, pre.spec.seq_len) for b in batches)  # The last one is padded.
   want = sum(pre.encode(source[i])['loss_weights'].sum() for i in range(len(source)))
   assert sum(b['loss_weights'].sum() for b in batches) == want
   segments = sum(len(np.unique(r[r > 0])) for b in batches for r in b['segment_ids'])
@@ -244,9 +242,10 @@ def test_eval_counts_every_supervised_token_once(source, pre):
 
 
 def test_row_patches_below_one_image_is_a_config_error(pre):
-  data_cfg = ml_collections.ConfigDict(dict(row_patches=3))
+  config = TrainConfig(model=ModelConfig(vision_patch_size=PATCH, vision_merge=MERGE),
+                       data=DataConfig(max_size=24, row_patches=3))
   with pytest.raises(ValueError, match='data.row_patches=3 is below'):
-    pipeline.row_spec(data_cfg, pre)
+    config.batch_spec()
 
 
 @pytest.mark.slow  # ~40 s: a trainer start-up.
@@ -274,28 +273,29 @@ def test_training_cli_stops_on_bad_data_with_the_quarantine_list(tmp_path, token
 
 def test_demo_data_is_written_to_array_record_once_and_reads_back_identical(tmp_path):
   from evejax.data.shapes import ShapesDataset
-  shapes = dict(max_shapes=2, question_kinds='caption,count')
-  data_cfg = ml_collections.ConfigDict(dict(num_train=12, num_eval=5, seed=4, shapes=shapes,
-                                            cache_dir=str(tmp_path), source='shapes'))
+  shapes = ShapesConfig(max_shapes=2, question_kinds='caption,count')
+  data_cfg = DataConfig(num_train=12, num_eval=5, seed=4, shapes=shapes, cache_dir=str(tmp_path),
+                        source='shapes')
   train, held_out = pipeline.make_sources(data_cfg)
-  kw = dict(shapes, question_kinds=('caption', 'count'))
+  kw = dict(shapes.dataset_kwargs())
+  assert kw['question_kinds'] == ('caption', 'count')
   assert [train[i] for i in range(12)] == [ShapesDataset(12, 4, **kw)[i] for i in range(12)]
   assert held_out[3] == ShapesDataset(5, 4 + 1_000_003, **kw)[3]  # Another seed: unseen images.
   manifest = records.manifest_path(train.directory, 'train')
   written = os.stat(manifest).st_mtime_ns
   assert pipeline.make_sources(data_cfg)[0].directory == train.directory
   assert os.stat(manifest).st_mtime_ns == written  # Read back, not rewritten.
-  data_cfg.num_train = 13
-  assert pipeline.make_sources(data_cfg)[0].directory != train.directory
+  assert pipeline.make_sources(dataclasses.replace(data_cfg, num_train=13))[0].directory != \
+      train.directory
 
 
 def test_multi_process_eval_has_equal_batch_counts_and_every_example_once(source, pre):
-  data_cfg = ml_collections.ConfigDict(dict(pack_window=8, row_patches=24, num_threads=1))
+  data_cfg = DataConfig(pack_window=8, row_patches=24, num_threads=1)
   per_process = [list(pipeline.eval_batches(data_cfg, source, pre, 4, process_index=p,
                                             process_count=2)) for p in range(2)]
   assert len(per_process[0]) == len(per_process[1]) == -(-NUM_RECORDS // 2 // 2)
   batches = per_process[0] + per_process[1]
-  assert all(b['tokens'].shape == (2, pre.seq_len) for b in batches)
+  assert all(b['tokens'].shape == (2, pre.spec.seq_len) for b in batches)
   want = sum(pre.encode(source[i])['loss_weights'].sum() for i in range(len(source)))
   assert sum(b['loss_weights'].sum() for b in batches) == want
   assert sum(len(np.unique(r[r > 0])) for b in batches for r in b['segment_ids']) == NUM_RECORDS

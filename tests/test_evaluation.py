@@ -3,12 +3,12 @@ import base64
 import io
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
+from evejax.config import BenchmarkConfig, TrainConfig
 from evejax.data import pipeline
 from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import train_bpe
@@ -19,6 +19,7 @@ from evejax.inference import SamplingConfig
 from evejax.inference.assistant import Assistant
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
+from evejax.train.cadence import itstime
 
 
 @pytest.mark.parametrize('raw, normalized', [
@@ -314,10 +315,12 @@ def test_periodic_benchmark_scores_the_current_params(tiny_run, tiny_assistant, 
   config, graphdef, params, tokenizer = tiny_run
   records = list(converters.shapes(ShapesDataset(3, seed=9), str(tmp_path / 'images')))
   write_jsonl(str(tmp_path / 'bench.jsonl'), records)
-  bench_cfg = ml_collections.ConfigDict(dict(file=str(tmp_path / 'bench.jsonl'), every=50, limit=2,
-                                             batch_size=2, max_new_tokens=3))
-  periodic = PeriodicBenchmark(bench_cfg, config, graphdef, params, tokenizer)
-  assert [periodic.due(s, 120) for s in (49, 50, 100, 119, 120)] == [False, True, True, False, True]
+  bench_cfg = BenchmarkConfig(file=str(tmp_path / 'bench.jsonl'), every=50, limit=2,
+                              batch_size=2, max_new_tokens=3)
+  periodic = PeriodicBenchmark(bench_cfg, TrainConfig.parse(config), graphdef, params, tokenizer)
+  # The trainer runs it when due: every `every` steps and at the last one.
+  assert [itstime(s, bench_cfg.every, 120) for s in (49, 50, 100, 119, 120)] == [
+      False, True, True, False, True]
   sampling = SamplingConfig(max_new_tokens=3)
   expected = harness.score(records[:2], harness.predict(tiny_assistant, records[:2], sampling))
   assert periodic(params) == {f'bench/{k}': v for k, v in expected.items()}
@@ -343,7 +346,6 @@ def test_scanned_model_generates_with_unrolled_layers(tiny_run):
   prompt = assistant.encode('what color is the square?', _png())
   first = assistant.generator.generate([prompt], SamplingConfig(max_new_tokens=1))[0][0]
   preprocess = assistant.preprocess
-  row = encode.pack_row([prompt], preprocess.seq_len, preprocess.max_patches,
-                       preprocess.patch_shape)
+  row = encode.pack_row([prompt], preprocess.spec)
   logits = scanned({k: jax.numpy.asarray(v[None]) for k, v in row.items()})
   assert first == int(np.argmax(logits[0, len(prompt['tokens']) - 1]))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from evejax.batch import BatchSpec
 from evejax import batch as bf
 from evejax.data import encode, images
 from evejax.models import EVE, ModelConfig
@@ -110,11 +111,12 @@ def test_pack_row_numbers_images_and_cells_across_examples():
                               [patch(28, 56)])
   two = encode.encode_example([bf.IMAGE_TOKEN_INDEX, 2, bf.IMAGE_TOKEN_INDEX],
                               [False, True, False], [patch(56, 28), patch(28, 28)])
-  row = encode.pack_row([one, two], 32, 8, TINY.patch_shape, image_keys=True)
+  spec = BatchSpec.for_model(TINY, seq_len=32, patch_slots=8)
+  row = encode.pack_row([one, two], spec)
   np.testing.assert_array_equal(row['patch_image'], [1, 1, 2, 2, 3, 0, 0, 0])
   np.testing.assert_array_equal(row['patch_coords'],
                                 [[0, 0], [0, 1], [0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]])
-  plain = encode.pack_row([one, two], 32, 8, TINY.patch_shape)
+  plain = encode.pack_row([one, two], spec.replace(image_keys=False))
   assert 'patch_image' not in plain and 'patch_coords' not in plain
 
 
@@ -127,7 +129,7 @@ def test_visual_tokens_match_numpy_reference_for_two_images_in_a_row():
   example = encode.encode_example(
       [1, bf.IMAGE_TOKEN_INDEX, 3, bf.IMAGE_TOKEN_INDEX, 4], [False] * 5,
       [images.patchify(p, 14, 2) for p in padded])
-  row = encode.pack_row([example], 40, 12, TINY.patch_shape, image_keys=True)
+  row = encode.pack_row([example], BatchSpec.for_model(TINY, seq_len=40, patch_slots=12))
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
   embeds = np.asarray(model.embed(batch))[0]
   first = np_visual_tokens(model, padded[0][..., :3])  # 1 + 2 * 4 tokens at positions 1..9

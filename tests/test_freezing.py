@@ -1,10 +1,10 @@
 """Freezing and per-group learning rates (evejax/train/optim.py) against a NumPy AdamW."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from evejax.config import OptimConfig
 from evejax.train import optim
 
 PARAMS = {
@@ -17,10 +17,10 @@ PARAMS = {
 }
 
 
-def optim_cfg(**kw) -> ml_collections.ConfigDict:
+def optim_cfg(**kw) -> OptimConfig:
   base = dict(lr=1e-2, warmup_steps=2, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
               eps=1e-8, grad_clip=0.5, trainable='.*', frozen='', groups={})
-  return ml_collections.ConfigDict({**base, **kw})
+  return OptimConfig(**{**base, **kw})
 
 
 def names(tree) -> dict[str, object]:
@@ -134,6 +134,7 @@ def test_train_step_skips_frozen_weight_gradients():
 
   from evejax.models import EVE, ModelConfig
   from evejax.models.presets import model_preset
+  from evejax.batch import BatchSpec
   from evejax.sharding.synthetic import random_batch
   from evejax.train.step import TrainState, make_train_step
 
@@ -142,13 +143,13 @@ def test_train_step_skips_frozen_weight_gradients():
   params = state.to_pure_dict()
   ocfg = optim_cfg(trainable='^vision_tower/', warmup_steps=1, weight_decay=0.0)
   tx = optim.make_optimizer(ocfg, 10)
-  batch = jax.tree.map(jnp.asarray, random_batch(cfg, 4, 64, 16))
+  spec = BatchSpec.for_model(cfg, seq_len=64, patch_slots=16)
+  batch = jax.tree.map(jnp.asarray, random_batch(spec, 4, cfg.vocab_size))
   results, flops = [], []
   for trainable in (None, optim.trainable_mask(ocfg, params)):
     step = make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg, 10),
                            trainable=trainable)
-    train_state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
-                             tx.init(params))
+    train_state = TrainState.create(jax.tree.map(jnp.copy, params), tx.init(params))
     flops.append(step.lower(train_state, batch).compile().cost_analysis()['flops'])
     for _ in range(2):
       train_state, (_, step_metrics) = step(train_state, batch)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.data import encode, images, templates
 from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import train_bpe
@@ -21,7 +22,11 @@ from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
 from tests.conftest import TINY
 
-PATCH_SHAPE = (TINY['vision_merge'] ** 2, TINY['vision_patch_size'] ** 2 * 3)
+
+
+def prompt_spec(cfg: ModelConfig) -> BatchSpec:
+  """The model's batch format for prompts (the generator sets rows and slots per batch)."""
+  return BatchSpec.for_model(cfg, seq_len=0, patch_slots=0)
 
 
 def make_prompt(rng, text_before, text_after, image_hw):
@@ -41,9 +46,9 @@ def _training_forward(graphdef, params, batch):
   return nnx.merge(graphdef, params)(batch)
 
 
-def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32, patch_shape=PATCH_SHAPE,
-                    **pack_kw):
+def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32):
   """Reference: recompute the whole sequence through the training path for every new token."""
+  spec = BatchSpec.for_model(model.cfg, seq_len=seq_len, patch_slots=max_patches)
   graphdef, params = nnx.split(model)
   generated = []
   for _ in range(steps):
@@ -52,7 +57,7 @@ def uncached_greedy(model, prompt, steps, seq_len=64, max_patches=32, patch_shap
     example['tokens'] = np.concatenate([prompt['tokens'], generated]).astype(np.int32)
     for key in ('token_kind', 'patch_index', 'targets', 'loss_weights'):
       example[key] = np.concatenate([prompt[key], np.zeros(n_new, prompt[key].dtype)])
-    row = encode.pack_row([example], seq_len, max_patches, patch_shape, **pack_kw)
+    row = encode.pack_row([example], spec)
     logits = _training_forward(graphdef, params, {k: v[None] for k, v in row.items()})
     generated.append(int(np.argmax(logits[0, len(example['tokens']) - 1])))
   return generated
@@ -65,7 +70,8 @@ def model():
 
 def generator_for(model, **kw):
   graphdef, params = nnx.split(model, nnx.Param)
-  return Generator(graphdef, nnx.to_pure_dict(params), pad_id=0, length_multiple=8, **kw)
+  return Generator(graphdef, nnx.to_pure_dict(params), spec=prompt_spec(model.cfg), pad_id=0,
+                   length_multiple=8, **kw)
 
 
 @pytest.fixture(scope='module')
@@ -121,8 +127,10 @@ def test_decode_uses_text_weights(model, prompts):
 
   batch = [make_prompt(np.random.default_rng(1), 5, 0, None), prompts[0]]
   cfg = SamplingConfig(max_new_tokens=5)
-  base = Generator(graphdef, params, pad_id=0).generate(batch, cfg)
-  changed = Generator(graphdef, scaled_vision_copies(params), pad_id=0).generate(batch, cfg)
+  spec = prompt_spec(model.cfg)
+  base = Generator(graphdef, params, spec=spec, pad_id=0).generate(batch, cfg)
+  changed = Generator(graphdef, scaled_vision_copies(params), spec=spec, pad_id=0).generate(
+      batch, cfg)
   assert base[0] == changed[0]  # No visual token anywhere: the vision copies are never used.
   assert base[1] != changed[1]  # The image's tokens went through them at prefill.
 
@@ -218,7 +226,8 @@ def test_multi_turn_prompt_is_the_training_layout(template, shapes_tokenizer):
 
 
 def test_left_padded_batch_right_aligns_prompts(prompts):
-  batch = prompt_lib.left_padded_batch(prompts, 24, 16, PATCH_SHAPE)
+  batch = prompt_lib.left_padded_batch(prompts, BatchSpec.for_model(
+      ModelConfig(**TINY), seq_len=24, patch_slots=16))
   for row, prompt in enumerate(prompts):
     n = len(prompt['tokens'])
     np.testing.assert_array_equal(batch['tokens'][row, -n:], prompt['tokens'])
@@ -234,7 +243,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
     from evejax.inference import Generator, SamplingConfig
     from evejax.models import EVE, ModelConfig
     from tests.conftest import TINY
-    from tests.test_inference import make_prompt
+    from tests.test_inference import make_prompt, prompt_spec
     assert jax.device_count() == 8
     cfg = ModelConfig(**TINY)
     rng = np.random.default_rng(0)
@@ -245,9 +254,11 @@ SHARDED_SCRIPT = textwrap.dedent('''
     kernel = params['layers'][0]['self_attn']['q_proj']['kernel']
     assert len(kernel.sharding.device_set) == 8, kernel.sharding
     sampling = SamplingConfig(max_new_tokens=5)
-    sharded = Generator(graphdef, params, pad_id=0, mesh=mesh).generate(prompts, sampling)
+    spec = prompt_spec(cfg)
+    sharded = Generator(graphdef, params, spec=spec, pad_id=0, mesh=mesh).generate(prompts,
+                                                                                   sampling)
     local = jax.device_get(params)
-    single = Generator(graphdef, local, pad_id=0).generate(prompts, sampling)
+    single = Generator(graphdef, local, spec=spec, pad_id=0).generate(prompts, sampling)
     assert sharded == single, (sharded, single)
     print('OK', sharded)
 ''')
@@ -279,6 +290,4 @@ def test_cached_equals_uncached_for_eve_v1():
 
   v1_prompts = [v1_prompt(3, 4, (56, 84)), v1_prompt(1, 2, (50, 28))]  # 2x3 and 2x1 tokens
   cached = generator_for(model).generate(v1_prompts, SamplingConfig(max_new_tokens=4))
-  patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * 4)
-  assert cached == [uncached_greedy(model, p, 4, patch_shape=patch_shape, image_keys=True)
-                    for p in v1_prompts]
+  assert cached == [uncached_greedy(model, p, 4) for p in v1_prompts]

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.metrics import ProfileWindow, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
 from evejax.train.step import TrainState, make_train_step
@@ -17,6 +18,10 @@ from evejax.train.step import TrainState, make_train_step
 CFG = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
            num_kv_heads=2, head_dim=32, vision_patch_size=4, vision_merge=2, vision_hidden_size=64)
 ROWS, SEQ_LEN, PATCH_GROUPS = 2, 128, 32
+
+
+def spec_of(cfg: ModelConfig) -> BatchSpec:
+  return BatchSpec.for_model(cfg, seq_len=SEQ_LEN, patch_slots=PATCH_GROUPS)
 
 
 def dummy_batch(cfg: ModelConfig) -> dict:
@@ -39,23 +44,23 @@ def test_analytic_flops_match_xla_cost_analysis(moe_part):
   params, batch = nnx.to_pure_dict(state), dummy_batch(cfg)
   tx = optax.sgd(0.1)
   train_step = make_train_step(graphdef, tx, optax.constant_schedule(0.1))
-  train_state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  train_state = TrainState.create(params, tx.init(params))
   xla = train_step.lower(train_state, batch).compile().cost_analysis()['flops']
-  analytic = flops.train_step_flops(cfg, ROWS, SEQ_LEN, PATCH_GROUPS)
+  analytic = flops.train_step_flops(cfg, spec_of(cfg), ROWS)
   assert abs(analytic / xla - 1) < 0.10, (analytic, xla)
 
   forward = jax.jit(lambda p, b: nnx.merge(graphdef, nnx.State(p))(b))
   xla_forward = forward.lower(params, batch).compile().cost_analysis()['flops']
-  analytic_forward = sum(flops.forward_flops(cfg, ROWS, SEQ_LEN, PATCH_GROUPS).values())
+  analytic_forward = sum(flops.forward_flops(cfg, spec_of(cfg), ROWS).values())
   assert abs(analytic_forward / xla_forward - 1) < 0.10, (analytic_forward, xla_forward)
 
 
 def test_decomposition_doubles_only_the_decomposed_parts():
-  full = flops.forward_flops(ModelConfig(**CFG), ROWS, SEQ_LEN, PATCH_GROUPS)
-  dense = flops.forward_flops(ModelConfig(**CFG, moe_part=''), ROWS, SEQ_LEN, PATCH_GROUPS)
+  forward = lambda cfg: flops.forward_flops(cfg, spec_of(cfg), ROWS)
+  full = forward(ModelConfig(**CFG))
+  dense = forward(ModelConfig(**CFG, moe_part=''))
   assert full['decoder_linear'] == 2 * dense['decoder_linear']
-  one_branch = flops.forward_flops(ModelConfig(**CFG, routing='sorted'), ROWS, SEQ_LEN,
-                                   PATCH_GROUPS)
+  one_branch = forward(ModelConfig(**CFG, routing='sorted'))
   assert one_branch == dense  # `sorted` routing runs one branch per token.
   assert {k: v for k, v in full.items() if k != 'decoder_linear'} == \
          {k: v for k, v in dense.items() if k != 'decoder_linear'}

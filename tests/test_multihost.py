@@ -35,7 +35,7 @@ def test_incomplete_settings_are_rejected(monkeypatch):
   assert not sharding.distributed.initialize({})  # single process: nothing to join
   with pytest.raises(ValueError, match='Incomplete multi-process settings.*JAX_PROCESS_ID'):
     sharding.distributed.initialize({'coordinator_address': '127.0.0.1:1', 'num_processes': 2})
-  with pytest.raises(ValueError, match=r"Unknown config.distributed keys \['port'\]"):
+  with pytest.raises(ValueError, match=r"config.distributed has unknown keys \['port'\]"):
     sharding.distributed.initialize({'port': 1})
 
 

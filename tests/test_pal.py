@@ -8,16 +8,24 @@ import pytest
 from flax import nnx
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
+from evejax.config import PalConfig, TrainConfig
 from evejax.data import encode, images
-from evejax.models import EVE, pal as pal_lib
+from evejax.models import EVE
+from evejax.models import pal as pal_layer
+from evejax.train import pal as pal_lib
 from evejax.models.clip import CLIPVision, CLIPVisionConfig
 from tests.test_eve_v1 import TINY, np_layer_norm
 
 CFG = dataclasses.replace(TINY, pal=True, pal_layer_rate=1, pal_teacher_size=8, pal_heads=2)
 
 
+def row_spec(cfg, seq_len, patch_slots, **image):
+  return BatchSpec.for_model(cfg, seq_len=seq_len, patch_slots=patch_slots, **image)
+
+
 def test_tap_indices_are_the_reference_ones():
-  assert pal_lib.tap_indices(32, 4) == (32, 28, 24, 20, 16, 12, 8, 4, 0)
+  assert pal_layer.tap_indices(32, 4) == (32, 28, 24, 20, 16, 12, 8, 4, 0)
 
 
 def test_cosine_loss_matches_numpy_per_image_average():
@@ -37,7 +45,7 @@ def test_cosine_loss_matches_numpy_per_image_average():
 
 
 def test_pal_layer_matches_numpy():
-  layer = pal_lib.PatchAligningLayer(CFG, rngs=nnx.Rngs(0))
+  layer = pal_layer.PatchAligningLayer(CFG, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   tapped = [rng.normal(size=(3, CFG.hidden_size)).astype(np.float32) for _ in layer.taps]
   got = np.asarray(layer([jnp.asarray(t) for t in tapped]))
@@ -64,7 +72,7 @@ def _batch(seq_len=40):
   ex = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5, bf.IMAGE_TOKEN_INDEX, 6, 7],
                              [False, False, True, False, True, True],
                              [images.patchify(p, 14, 2) for p in pics])
-  row = encode.pack_row([ex], seq_len, 12, CFG.patch_shape, image_keys=True)
+  row = encode.pack_row([ex], row_spec(CFG, seq_len, 12))
   return {k: jnp.asarray(v)[None] for k, v in row.items()}
 
 
@@ -138,22 +146,22 @@ def test_offline_teacher_features_are_packed_per_group_and_checked():
       images.with_valid_channel(rng.integers(0, 256, (28, 56, 3), dtype=np.uint8), 28), 14, 2)
   ex = encode.encode_example([bf.IMAGE_TOKEN_INDEX, 3], [False, True], [(groups, grid)])
   ex['teacher_features'] = rng.normal(size=(2, 8)).astype(np.float32)
-  row = encode.pack_row([ex, ex], 16, 5, CFG.patch_shape, image_keys=True, teacher_size=8)
+  row = encode.pack_row([ex, ex], row_spec(CFG, 16, 5, teacher_size=8))
   np.testing.assert_array_equal(row['teacher_features'][:4],
                                 np.concatenate([ex['teacher_features']] * 2))
   assert not row['teacher_features'][4].any()
   ex['teacher_features'] = ex['teacher_features'][:1]
   with pytest.raises(ValueError, match=r'teacher_features field of shape \(2, 8\)'):
-    encode.pack_row([ex], 16, 5, CFG.patch_shape, image_keys=True, teacher_size=8)
+    encode.pack_row([ex], row_spec(CFG, 16, 5, teacher_size=8))
   with pytest.raises(ValueError, match="pal.teacher='online'"):
     pal_lib.offline_teacher({'patches': None})
 
 
 def _demo_v1_records(tmp_path, num: int) -> tuple:
   """configs/demo_v1.py over `num` demo images written as converted records, and that config."""
-  import runpy  # pylint: disable=import-outside-toplevel
+  from configs import demo_v1  # pylint: disable=import-outside-toplevel
   from evejax.data import records, shapes  # pylint: disable=import-outside-toplevel
-  config = runpy.run_path('configs/demo_v1.py')['get_config']()
+  config = demo_v1.get_config()
   kw = dict(config.data.shapes, question_kinds=('caption',), turns=1)
   dataset = shapes.ShapesDataset(num, 7, **kw)
   records.write_dataset(list(range(num)), dataset.__getitem__, str(tmp_path / 'plain'), 'train',
@@ -174,18 +182,16 @@ def test_offline_teacher_features_from_records_equal_the_online_teacher(tmp_path
                                    dtype='float32')
   source = records.RecordSource(config.data.path, 'train')
   assert source[0]['extras']['teacher_features'].shape[1] == config.pal.clip.hidden_size
-  model_cfg = dataclasses.replace(TINY, **{k: v for k, v in config.model.items()
-                                           if k in TINY.__dataclass_fields__})
-  width = pal_lib.offline_teacher_size(dict(config.pal, teacher='offline'), model_cfg)
-  assert width == model_cfg.pal_teacher_size
-  pre = pipeline.make_preprocessor(config.data, pipeline.load_tokenizer(config.data, source),
-                                   model_cfg.vision_patch_size, model_cfg.vision_merge,
-                                   valid_channel=True, teacher_size=width)
-  ds = pipeline.make_dataset(source, pre, pipeline.row_spec(config.data, pre), 2, seed=0,
-                             shuffle=False, num_epochs=1, pack_window=4)
+  cfg = TrainConfig.parse(config)
+  model_cfg = cfg.model
+  offline = dataclasses.replace(cfg, pal=dataclasses.replace(cfg.pal, teacher='offline'))
+  spec = offline.batch_spec()
+  assert spec.teacher_size == model_cfg.pal_teacher_size and spec.channels == 4
+  pre = pipeline.make_preprocessor(cfg.data, pipeline.load_tokenizer(cfg.data, source), spec)
+  ds = pipeline.make_dataset(source, pre, 2, seed=0, shuffle=False, num_epochs=1, pack_window=4)
   batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
   assert int(batch['segment_ids'].max()) > 1  # Several examples per row: offsets matter.
-  online = pal_lib.online_teacher(config.pal, model_cfg)(batch)
+  online = pal_lib.online_teacher(cfg.pal, model_cfg)(batch)
   used = np.asarray(batch['patch_image'] > 0)
   assert used.sum() > 50
   np.testing.assert_allclose(np.asarray(batch['teacher_features'])[used],
@@ -200,7 +206,7 @@ def test_offline_teacher_features_from_records_equal_the_online_teacher(tmp_path
              - offline_loss) > 1e-3
   # A record without features is a bad record named by shard and index, never a silent zero.
   plain = records.RecordSource(str(tmp_path / 'plain'), 'train')
-  bad = pipeline.SafeEncode(plain, pre, pipeline.row_spec(config.data, pre))(7)
+  bad = pipeline.ReadAndEncode(plain, pre)(7)
   assert (bad.kind, bad.shard, bad.index) == ('bad_teacher_features', plain.location(7)['shard'],
                                               plain.location(7)['index'])
   assert 'teacher_features field of shape' in bad.reason
@@ -217,7 +223,7 @@ def test_hd_pal_averages_2x2_token_blocks_like_numpy():
   assert grid == (4, 6)  # 160 px padded to 168: the last token column is partly padding
   ex = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5], [False, False, True], [(groups, grid)])
   cut = 2 + 1 + 2 * 7 + 4  # text, CLASS, two full rows of 6 + SPLIT, 4 tokens of row 3
-  row = encode.pack_row([ex], len(ex['tokens']), 24, cfg.patch_shape, image_keys=True)
+  row = encode.pack_row([ex], row_spec(cfg, len(ex['tokens']), 24))
   batch = {k: jnp.asarray(v[:cut] if v.shape[0] == len(ex['tokens']) else v)[None]
            for k, v in row.items()}
   model = EVE(cfg, rngs=nnx.Rngs(0))
@@ -240,7 +246,7 @@ def test_hd_pal_averages_2x2_token_blocks_like_numpy():
   assert len(cos) == 2  # blocks (0, 0) and (0, 1); row 1's blocks lost their bottom tokens
   np.testing.assert_allclose(float(loss), 1 - np.mean(cos), rtol=1e-4)
   with pytest.raises(ValueError, match='needs pal.teacher=offline'):
-    pal_lib.objective_from_config({'weight': 1.0, 'teacher': 'online', 'clip': {}}, cfg)
+    pal_lib.objective_from_config(PalConfig(weight=1.0, teacher='online'), cfg)
 
 
 def test_hd_offline_features_sit_at_block_anchors_and_sides_round_to_56px():

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from evejax.config import GuardConfig
 from evejax import batch as bf
 from evejax.models import EVE, ModelConfig
 from evejax.train.guard import NonFiniteError, NonFiniteGuard
@@ -39,11 +40,11 @@ def test_skip_mode_keeps_params_and_optimizer_state_on_a_non_finite_batch():
   tx = optax.adam(1e-2)
   step = make_train_step(graphdef, tx, optax.constant_schedule(1e-2), skip_nonfinite=True)
   copy = lambda tree: jax.tree.map(jnp.array, tree)
-  before = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  before = TrainState.create(params, tx.init(params))
   expected = copy((before.params, before.opt_state))
 
-  after, (token_metrics, _) = step(copy(before), tiny_batch(float('inf')))
-  assert not np.isfinite(float(token_metrics.loss.total))
+  after, (loss_metrics, _) = step(copy(before), tiny_batch(float('inf')))
+  assert not np.isfinite(float(loss_metrics[0].loss.total))
   assert int(after.step) == 1  # The step (and the data) moves on ...
   for got, want in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(got, want)  # ... the weights and moments do not.
@@ -53,7 +54,7 @@ def test_skip_mode_keeps_params_and_optimizer_state_on_a_non_finite_batch():
 
 
 def test_guard_stop_names_step_and_last_checkpoint():
-  guard = NonFiniteGuard('stop', max_skipped=10)
+  guard = NonFiniteGuard(GuardConfig('stop', max_skipped=10))
   assert guard.check(5, 1.0, 2.0, lambda: 'unused')
   with pytest.raises(NonFiniteError, match=r'non-finite gradients at step 6 .*'
                      r'Last good checkpoint: /w/checkpoints/4\.'):
@@ -61,14 +62,14 @@ def test_guard_stop_names_step_and_last_checkpoint():
 
 
 def test_guard_skip_counts_then_stops():
-  guard = NonFiniteGuard('skip', max_skipped=2)
+  guard = NonFiniteGuard(GuardConfig('skip', max_skipped=2))
   assert not guard.check(3, float('nan'), 1.0, lambda: 'none')
   assert not guard.check(4, float('nan'), 1.0, lambda: 'none')
   assert guard.skipped == 2
   with pytest.raises(NonFiniteError, match='after skipping 2 steps: non-finite loss at step 5'):
     guard.check(5, float('nan'), 1.0, lambda: 'none')
   with pytest.raises(ValueError, match="guard.nonfinite='ignore'"):
-    NonFiniteGuard('ignore', 1)
+    GuardConfig('ignore', 1)
 
 
 @pytest.mark.slow  # ~20 s; the jitted skip and the guard are tested above in-process.

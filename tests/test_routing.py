@@ -10,6 +10,7 @@ from flax import nnx
 from evejax.models import EVE, layers
 from evejax.models.decoder import DecoderLayer
 from evejax.models.routing import route
+from evejax.batch import BatchSpec
 from evejax.sharding.synthetic import random_batch
 from test_sharding import tiny_config
 
@@ -37,7 +38,8 @@ def test_decomposed_model_forward_and_grads_agree():
   tiny_cfg = tiny_config()
   select = EVE(tiny_cfg, rngs=nnx.Rngs(0))
   routed = EVE(dataclasses.replace(tiny_cfg, routing='sorted'), rngs=nnx.Rngs(0))
-  batch = {k: jnp.asarray(v) for k, v in random_batch(tiny_cfg, 4, 24, 6, seed=1).items()}
+  batch = {k: jnp.asarray(v) for k, v in random_batch(
+      BatchSpec.for_model(tiny_cfg, seq_len=24, patch_slots=6), 4, tiny_cfg.vocab_size, seed=1).items()}
 
   def loss(model):
     logits = model(batch)

@@ -130,11 +130,11 @@ def train_two_steps(cfg, mesh, init_params, batches, microbatches=1):
   tx = optax.sgd(0.5)
   step = make_train_step(graphdef, tx, lambda s: 0.5, microbatches=microbatches)
   with jax.set_mesh(mesh):
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = TrainState.create(params, tx.init(params))
     losses = []
     for batch in batches:
-      state, (token_metrics, _) = step(state, sharding.shard_batch(batch, mesh))
-      losses.append(float(token_metrics.loss.compute()))
+      state, (loss_metrics, _) = step(state, sharding.shard_batch(batch, mesh))
+      losses.append(float(loss_metrics[0].loss.compute()))
   per_device = sum(s.data.size for p in jax.tree.leaves(state.params)
                    for s in p.addressable_shards if s.device == mesh.devices.flat[0])
   total = sum(p.size for p in jax.tree.leaves(state.params))
@@ -148,7 +148,9 @@ def reference_setup(cfg, num_batches=2, rows=8, seq_len=32):
   from evejax.models import EVE
   from evejax.sharding.synthetic import random_batch
   params = nnx.to_pure_dict(nnx.state(EVE(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-  batches = [random_batch(cfg, rows, seq_len, 6, seed=i) for i in range(num_batches)]
+  from evejax.batch import BatchSpec
+  spec = BatchSpec.for_model(cfg, seq_len=seq_len, patch_slots=6)
+  batches = [random_batch(spec, rows, cfg.vocab_size, seed=i) for i in range(num_batches)]
   return jax.device_get(params), batches
 
 

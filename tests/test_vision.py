@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from evejax.batch import BatchSpec
 from evejax import batch as bf
 from evejax.data import encode, images
 from evejax.models import EVE
@@ -61,7 +62,7 @@ def test_tokenizer_and_splice_match_numpy(tiny_cfg):
   groups, grid = images.patchify(pixels, tiny_cfg.vision_patch_size, tiny_cfg.vision_merge)
   ids = [5, 6, bf.IMAGE_TOKEN_INDEX, 7, 8, 9]
   example = encode.encode_example(ids, [False] * 3 + [True] * 3, [(groups, grid)])
-  row = encode.pack_row([example], 24, 8, groups.shape[1:])
+  row = encode.pack_row([example], BatchSpec.for_model(tiny_cfg, seq_len=24, patch_slots=8))
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
   got = np.asarray(model.embed(batch))[0]
 

@@ -15,14 +15,12 @@ penultimate layer, is frozen and never a trainable parameter:
                    openai/clip-vit-large-patch14-336.
 size=tiny builds on configs/demo_v1.py: the tiny EVEv1 with a small random frozen CLIP teacher.
 """
-import os
-import runpy
-
+from configs import demo_v1
+from configs.eve_v2 import common as v2
+from evejax.config_utils import parse_arg
 from evejax.models.presets import PRESETS
 
-_V2 = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'eve_v2', 'common.py'))
-ARGS = dict(_V2['ARGS'], teacher='', clip_weights='')  # teacher '': offline at 7b, online tiny
+ARGS = dict(v2.ARGS, teacher='', clip_weights='')  # teacher '': offline at 7b, online tiny
 STAGES = ('prealign', 'pretrain', 'finetune', 'finetune_hd')
 INIT = {'prealign': 'llm', 'pretrain': 'prealign', 'finetune': 'pretrain',
         'finetune_hd': 'pretrain'}
@@ -56,24 +54,24 @@ def _pal_7b(arg) -> dict:
     raise ValueError('EVEv1 at size=7b needs its PAL teacher: clip_weights=<local safetensors of '
                      'openai/clip-vit-large-patch14-336>, or teacher=offline with precomputed '
                      "features in the records' extras")
-  return dict(weight=1.0, teacher=teacher, seed=0, clip_weights=arg.clip_weights, clip={})
+  return dict(weight=1.0, teacher=teacher, seed=0, clip_weights=arg.clip_weights)
 
 
 def stage_config(stage: str, arg: str | None):
   """The config of one training stage of the EVEv1 recipe."""
   if stage not in _STAGE:
     raise ValueError(f'Unknown EVEv1 training stage {stage!r}; available: {sorted(_STAGE)}')
-  parsed = _V2['parse_arg'](arg, **ARGS)
+  parsed = parse_arg(arg, **ARGS)
   tiny = parsed.size == 'tiny'
   # Tiny prealign starts from a random LLM: there is no pretrained one at that size.
   init_stage = '' if tiny and stage == STAGES[0] else INIT[stage]
-  config = _V2['build_stage_config'](
+  config = v2.build_stage_config(
       _STAGE[stage], stage, arg, init_stage=init_stage, model_7b=dict(PRESETS['eve_v1_7b']),
-      tiny_demo='demo_v1.py', args=ARGS)
+      tiny_base=demo_v1.get_config, args=ARGS)
   if tiny:
     config.pal.teacher = parsed.teacher or config.pal.teacher
   else:
-    config.pal = _pal_7b(parsed)
+    config.pal.update(_pal_7b(parsed))
     # The reference's EVEv1 processor: long side = max_size, the 4th channel marks valid pixels.
     config.data.resize = 'eve_v1'
     # 1344 px = 2x the teacher's grid: PAL pools 2x2 token blocks, sides round to 56 px, and

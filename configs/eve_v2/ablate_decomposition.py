@@ -6,14 +6,11 @@ norms, attention, MLP, all three or none, each from the same stage-0 + copy weig
       --workdir=DIR/ablate --mode=run          # then --mode=results for the table
 Copies a variant lacks are dropped when its init_from loads (see init_from_report.json).
 """
-import os
-import runpy
-
-_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py'))
+from configs.eve_v2 import common
 
 
 def get_config(arg=None):
-  return _COMMON['stage_config']('stage1_0', arg)
+  return common.stage_config('stage1_0', arg)
 
 
 def sweep(add):

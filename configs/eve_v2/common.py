@@ -16,10 +16,12 @@ Arguments (`--config=configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2,data_
   steps      tiny: training steps per stage.
 """
 import os
-import runpy
+from typing import Callable
 
 import ml_collections
 
+from configs import demo
+from evejax.config import default_config
 from evejax.config_utils import parse_arg
 from evejax.models.presets import model_preset
 
@@ -61,71 +63,54 @@ def stage_dir(root: str, stage: str) -> str:
   return os.path.join(root, stage) if root and stage else ''
 
 
-def _tiny_base(demo: str) -> ml_collections.ConfigDict:
-  """A CPU demo config (configs/{demo}): data, mesh and logging the tiny recipe shares."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), demo)
-  return runpy.run_path(path)['get_config']()
-
-
-def _data_7b(arg, spec: dict) -> dict:
-  path = os.path.join(arg.data_root, spec['dataset']) if arg.data_root else ''
-  return dict(source='records', path=path, train_split='train', eval_split='eval',
-              tokenizer=arg.tokenizer, template=spec['template'], seq_len=spec['seq_len'],
-              max_size=spec['max_size'], resize='eve_v2_train', blank_images=False,
-              pack_window=1, row_patches=0,  # The reference packs nothing: one example per row.
-              num_threads=16, num_workers=4, prefetch=4, cache_dir='')
-
-
 def _cluster_base(model: dict, arg, spec: dict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = dict(model, scan_layers=True, remat='full')  # Reference: gradient checkpointing.
-  config.data = _data_7b(arg, spec)
+  config = default_config()
+  config.model.update(model)
+  config.model.update(scan_layers=True, remat='full')  # Reference: gradient checkpointing.
+  config.data.update(
+      source='records', path=os.path.join(arg.data_root, spec['dataset']) if arg.data_root else '',
+      train_split='train', eval_split='eval', tokenizer=arg.tokenizer, template=spec['template'],
+      seq_len=spec['seq_len'], max_size=spec['max_size'], resize='eve_v2_train',
+      pack_window=1, row_patches=0,  # The reference packs nothing: one example per row.
+      num_threads=16, num_workers=4)
   config.batch_size = spec['batch']
   config.total_steps = spec['examples'] // spec['batch']  # One epoch.
-  config.optim = dict(lr=spec['lr'], warmup_steps=0, end_lr_ratio=0.0, weight_decay=0.0, b1=0.9,
-                      b2=0.999, eps=1e-8,
-                      grad_clip=1.0)  # HF default; under DeepSpeed probably none (§5).
+  # grad_clip 1.0: the HF default; under DeepSpeed probably none (§5).
+  config.optim.update(lr=spec['lr'], end_lr_ratio=0.0, grad_clip=1.0)
   config.mesh = dict(data=1, fsdp=-1, tensor=1)  # Fully sharded, like ZeRO-3.
   config.log_every = 50
   config.eval_every = spec.get('save_every', SAVE_EVERY)
-  config.checkpoint = dict(every=spec.get('save_every', SAVE_EVERY), keep_last=2, keep_every=0,
-                           async_save=True)
-  config.guard = dict(nonfinite='stop', max_skipped=10)
-  config.metrics = dict(peak_flops=0.0)
-  config.profile_steps = 0
-  config.profile_first_step = 10
+  config.checkpoint.update(every=spec.get('save_every', SAVE_EVERY), keep_last=2)
   # Multi-host: launch/ sets JAX_* (SLURM) or passes --config.distributed.auto=True (TPU).
-  config.distributed = dict(coordinator_address='', num_processes=0, process_id=-1, auto=False)
   return config
 
 
-def _tiny(arg, spec: dict, tiny_model: dict, demo: str) -> ml_collections.ConfigDict:
-  config = _tiny_base(demo)
+def _tiny(arg, spec: dict, tiny_model: dict,
+          tiny_base: Callable[[], ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  config = tiny_base()
   config.model.update(tiny_model)
   config.total_steps = arg.steps
   config.optim.lr = spec['lr'] * TINY_LR_SCALE
   config.data.template = 'plain' if spec['template'] == 'plain' else 'chat'
   if spec['template'] == 'plain':  # Pretraining: one (image, caption) pair per example.
     config.data.shapes.question_kinds = 'caption'
-    if 'turns' in config.data.shapes:
-      config.data.shapes.turns = 1
+    config.data.shapes.turns = 1
   config.checkpoint.every = arg.steps  # Only the stage's final weights.
   return config
 
 
 def build_stage_config(spec: dict, stage: str, arg: str | None, *, init_stage: str,
                        model_7b: dict, tiny_model: dict | None = None,
-                       tiny_demo: str = 'demo.py', args: dict | None = None,
-                       ) -> ml_collections.ConfigDict:
+                       tiny_base: Callable[[], ml_collections.ConfigDict] = demo.get_config,
+                       args: dict | None = None) -> ml_collections.ConfigDict:
   """One stage's config from its table row `spec` (EVEv1 shares this builder). `init_stage`: the
   stage whose output it starts from ('' = none at tiny size, where no pretrained LLM exists);
-  `tiny_demo`: the CPU demo config the tiny size builds on; `args`: the accepted arguments."""
+  `tiny_base`: the CPU demo config the tiny size builds on; `args`: the accepted arguments."""
   arg = parse_arg(arg, **(args or ARGS))
   if arg.size not in ('7b', 'tiny'):
     raise ValueError(f"size={arg.size!r}: use '7b' or 'tiny'")
   tiny = arg.size == 'tiny'
-  config = (_tiny(arg, spec, tiny_model or {}, tiny_demo) if tiny else
+  config = (_tiny(arg, spec, tiny_model or {}, tiny_base) if tiny else
             _cluster_base(model_7b, arg, spec))
   config.model.update(spec.get('model', {}))
   config.optim.warmup_steps = max(1, round(spec.get('warmup_ratio', WARMUP_RATIO) *

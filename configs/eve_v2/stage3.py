@@ -4,11 +4,8 @@
       --workdir=DIR/stage3
 Arguments and the stage table: configs/eve_v2/common.py.
 """
-import os
-import runpy
-
-_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py'))
+from configs.eve_v2 import common
 
 
 def get_config(arg=None):
-  return _COMMON['stage_config']('stage3', arg)
+  return common.stage_config('stage3', arg)

@@ -50,6 +50,12 @@ def _non_empty(state: Mapping[str, PyTree]) -> list[str]:
   return [name for name in STATE_ITEMS if jax.tree.leaves(state[name])]
 
 
+def _items(state) -> dict[str, PyTree]:
+  """A TrainState as the checkpoint's items (STATE_ITEMS)."""
+  return {'params': state.params, 'opt_state': state.opt_state,
+          'progress': {'step': state.step, 'rng': state.rng}}
+
+
 def abstract_like(tree: PyTree) -> PyTree:
   """ShapeDtypeStructs carrying each array's sharding: a restore target that allocates nothing."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -117,21 +123,23 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: Mapping[str, PyTree], data_iterator, metadata: Mapping[str, Any],
+  def save(self, step: int, state, data_iterator, metadata: Mapping[str, Any],
            *, force: bool = False) -> bool:
-    """Starts an (async) save of `state` (STATE_ITEMS) when the interval is due or `force`."""
-    args = {name: ocp.args.StandardSave(state[name]) for name in _non_empty(state)}
+    """Starts an (async) save of the TrainState `state` when the interval is due or `force`."""
+    items = _items(state)
+    args = {name: ocp.args.StandardSave(items[name]) for name in _non_empty(items)}
     args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     args['metadata'] = ocp.args.JsonSave(dict(metadata))
     return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, target: Mapping[str, PyTree], data_iterator) -> tuple[int, dict, dict]:
-    """Restores the newest readable checkpoint into `target`'s shapes and shardings.
+  def restore(self, state, data_iterator) -> tuple[int, Any, dict]:
+    """Restores the newest readable checkpoint into the TrainState `state`'s shapes and shardings.
 
     An unreadable checkpoint (truncated or missing files) is reported, moved aside to
     `{step}.unreadable-{time}` and the previous one is tried. The data iterator's state is then
-    set in place. Returns (step, state, metadata).
+    set in place. Returns (step, restored TrainState, metadata).
     """
+    target = _items(state)
     failures = []
     for step in reversed(self.all_steps()):
       try:
@@ -147,8 +155,11 @@ class Checkpointer:
         self._move_aside(step, error)
         continue
       self._restore_data(step, data_iterator)
-      state = {name: restored[name] if name in args else target[name] for name in STATE_ITEMS}
-      return step, state, dict(restored['metadata'])
+      items = {name: restored[name] if name in args else target[name] for name in STATE_ITEMS}
+      progress = items['progress']
+      return step, state.replace(step=progress['step'], rng=progress['rng'],
+                                 params=items['params'], opt_state=items['opt_state']), dict(
+                                     restored['metadata'])
     raise CheckpointError(
         f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
         '. Remove the directory (or use another --workdir) to start from scratch.')

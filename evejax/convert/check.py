@@ -20,6 +20,7 @@ from absl import app, flags
 from flax import nnx
 
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.config_utils import load_config_file
 from evejax.convert import checkpoints, importer
 from evejax.convert.files import CheckpointReader
@@ -93,25 +94,29 @@ def prompt_ids(prompt: str, tokenizer_dir: str) -> list[int]:
   return ids
 
 
-def load_pixels(path: str | None, cfg: ModelConfig, max_size: int) -> np.ndarray:
-  """RGB uint8 (H, W, 3), resized by the EVEv2 training rule; a fixed random image if no path."""
+def image_spec(cfg: ModelConfig, max_size: int) -> BatchSpec:
+  """The model's batch format for one image resized by the EVEv2 training rule (the row's length
+  and patch slots are set per input)."""
+  return BatchSpec.for_model(cfg, seq_len=0, patch_slots=0, max_size=max_size,
+                             resize='eve_v2_train')
+
+
+def load_pixels(path: str | None, spec: BatchSpec) -> np.ndarray:
+  """RGB uint8 (H, W, 3), resized per `spec`; a fixed random image if no path."""
   if path is None:  # a non-square grid, so a row/column mix-up shows
-    t, n = cfg.vision_token_pixels, max(max_size // cfg.vision_token_pixels, 1)
+    t, n = spec.token_pixels, max(spec.max_size // spec.token_pixels, 1)
     return np.random.default_rng(0).integers(0, 256, (n * t, max(n * 3 // 4, 1) * t, 3), np.uint8)
   with open(path, 'rb') as f:
     image = images.decode_image(f.read())
-  return np.asarray(images.resize(image, max_size, cfg.vision_token_pixels, 'eve_v2_train'))
+  return np.asarray(images.resize(image, spec))
 
 
-def evejax_logits(cfg: ModelConfig, params, ids: list[int],
+def evejax_logits(cfg: ModelConfig, spec: BatchSpec, params, ids: list[int],
                   pixels: np.ndarray | None) -> np.ndarray:
-  image_list = []
-  if pixels is not None:
-    image_list = [images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)]
+  image_list = [] if pixels is None else [images.patch_groups(pixels, spec)]
   example = encode.encode_example(ids, [False] * len(ids), image_list)
-  patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * 3)
-  max_patches = max(1, sum(len(g) for g, _ in image_list))
-  row = encode.pack_row([example], len(example['tokens']), max_patches, patch_shape)
+  row = encode.pack_row([example], spec.replace(
+      seq_len=len(example['tokens']), patch_slots=max(1, sum(len(g) for g, _ in image_list))))
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   forward = jax.jit(lambda p, b: nnx.merge(graphdef, nnx.State(p))(b))
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
@@ -143,7 +148,8 @@ def main(argv):
   else:
     prompt = _PROMPT.value if has_vision else _PROMPT.value.replace(bf.IMAGE_PLACEHOLDER, '')
     ids = prompt_ids(prompt, _TOKENIZER.value or hf_dir)
-  pixels = load_pixels(_IMAGE.value, cfg, _MAX_SIZE.value) if bf.IMAGE_TOKEN_INDEX in ids else None
+  spec = image_spec(cfg, _MAX_SIZE.value)
+  pixels = load_pixels(_IMAGE.value, spec) if bf.IMAGE_TOKEN_INDEX in ids else None
   impl = _TORCH.value
   if impl == 'auto':
     impl = 'transformers' if pixels is None and not has_vision else 'reference'
@@ -151,7 +157,7 @@ def main(argv):
     params, cfg = checkpoints.load_params(_PARAMS.value, cfg if _CONFIG.value else None)
   else:
     params = importer.import_checkpoint(hf_dir, cfg)
-  got = evejax_logits(cfg, params, ids, pixels)
+  got = evejax_logits(cfg, spec, params, ids, pixels)
   del params
   want = torch_logits(hf_dir, impl, ids, pixels)
   metrics = compare_logits(got, want, _TOP_K.value)

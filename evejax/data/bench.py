@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
+from evejax.config import TrainConfig
 from evejax.data import pipeline, records
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config (data, '
@@ -88,10 +89,9 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
   imports excluded)."""
   data = config.data
   ds = pipeline.make_dataset(
-      source, preprocess, pipeline.row_spec(data, preprocess), batch_size, seed=0,
-      shuffle=False, num_epochs=1, pack_window=pipeline.option(data, 'pack_window'),
-      num_threads=pipeline.option(data, 'num_threads'), num_workers=workers,
-      prefetch=pipeline.option(data, 'prefetch'))
+      source, preprocess, batch_size, seed=0, shuffle=False, num_epochs=1,
+      pack_window=data.pack_window, num_threads=data.num_threads, num_workers=workers,
+      prefetch=data.prefetch)
   counts = np.zeros(3)  # images, non-pad tokens, positions
 
   def add(batch):
@@ -112,19 +112,18 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = TrainConfig.parse(_CONFIG.value)
   batch_size = _BATCH_SIZE.value or config.batch_size
   with tempfile.TemporaryDirectory() as workdir:
     source = Subset(make_source(config, workdir), _NUM_IMAGES.value)
     tokenizer = pipeline.load_tokenizer(config.data, source)
-    preprocess = pipeline.make_preprocessor(config.data, tokenizer, config.model.vision_patch_size,
-                                            config.model.vision_merge)
+    preprocess = pipeline.make_preprocessor(config.data, tokenizer, config.batch_spec())
     bare_decode(Subset(source, 50))  # Warm the page cache.
     bare = bare_decode(source)
     sizes = [Image.open(io.BytesIO(source[i]['image'])).size for i in range(min(50, len(source)))]
     print(f'\n{_DATASET.value}: {len(source)} images (e.g. {sizes[0][0]}x{sizes[0][1]} px), '
           f'data.max_size={config.data.max_size} ({config.data.resize}), seq_len='
-          f'{config.data.seq_len}, pack_window={pipeline.option(config.data, "pack_window")}, '
+          f'{config.data.seq_len}, pack_window={config.data.pack_window}, '
           f'batch {batch_size}, {os.cpu_count()} CPU cores')
     print(f'| {"pipeline":<28} | {"images/s":>9} | {"tokens/s":>9} | {"vs bare":>7} | '
           f'{"non-pad":>7} |')

@@ -7,7 +7,8 @@ import numpy as np
 
 from evejax import batch as bf
 
-SEQUENCE_KEYS = ('tokens', 'token_kind', 'patch_index', 'targets', 'loss_weights')
+# The per-position arrays an encoded example carries (`pack_row` adds positions and segment ids).
+EXAMPLE_KEYS = ('tokens', 'token_kind', 'patch_index', 'targets', 'loss_weights')
 
 
 def visual_token_layout(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +34,7 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
     supervised: per id, whether it is a caption/answer token the loss should predict.
     images: per image, its patch groups (N, S, F) and grid (rows, cols), as from `patchify`.
   Returns:
-    the sequence arrays of SEQUENCE_KEYS (length n), `patches` (sum of N, S, F), and per patch
+    the sequence arrays of EXAMPLE_KEYS (length n), `patches` (sum of N, S, F), and per patch
     group its image number `patch_image` (1, 2, ...) and grid cell `patch_coords` (row, col).
   """
   placeholders = sum(1 for i in ids if i == bf.IMAGE_TOKEN_INDEX)
@@ -69,22 +70,14 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
   }
 
 
-def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patches: int,
-             patch_shape: tuple[int, int], *, image_keys: bool = False,
-             teacher_size: int = 0) -> dict[str, np.ndarray]:
-  """Lays examples end to end in one row of `seq_len` positions; segment ids keep them apart.
+def pack_row(examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec) -> dict[str, np.ndarray]:
+  """Lays examples end to end in one row of `spec`; segment ids keep them apart.
 
-  `image_keys`: also the EVEv1 keys `patch_image` and `patch_coords` (batch.V1_KEYS).
-  `teacher_size` > 0: also `teacher_features` (offline PAL), from each example's field of that name.
+  The EVEv1 keys (`spec.image_keys`) and offline teacher features (`spec.teacher_size`) are filled
+  from each example's fields of those names.
   """
-  row = {k: np.zeros(seq_len, np.float32 if k == 'loss_weights' else np.int32)
-         for k in SEQUENCE_KEYS + ('positions', 'segment_ids')}
-  row['patches'] = np.zeros((max_patches, *patch_shape), np.uint8)
-  if image_keys:
-    row['patch_image'] = np.zeros(max_patches, np.int32)
-    row['patch_coords'] = np.zeros((max_patches, 2), np.int32)
-  if teacher_size:
-    row['teacher_features'] = np.zeros((max_patches, teacher_size), np.float32)
+  row = spec.zeros()
+  seq_len, max_patches = spec.seq_len, spec.patch_slots
   start = patch_start = images_before = 0
   for segment, ex in enumerate(examples, start=1):
     n = len(ex['tokens'])
@@ -97,7 +90,7 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patche
       raise ValueError(f'{n_patches} visual tokens do not fit the {max_patches - patch_start} '
                        'patch slots left in the row; raise data.max_size')
     span = slice(start, start + n)
-    for key in SEQUENCE_KEYS:
+    for key in EXAMPLE_KEYS:
       row[key][span] = ex[key]
     row['patch_index'][span] += np.where(ex['token_kind'] == bf.PATCH, patch_start, 0)
     row['positions'][span] = np.arange(n)
@@ -105,12 +98,12 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], seq_len: int, max_patche
     if n_patches:
       groups = slice(patch_start, patch_start + n_patches)
       row['patches'][groups] = ex['patches']
-      if image_keys:
+      if spec.image_keys:
         row['patch_image'][groups] = ex['patch_image'] + images_before
         row['patch_coords'][groups] = ex['patch_coords']
         images_before += int(ex['patch_image'].max())
-      if teacher_size:
-        row['teacher_features'][groups] = teacher_features(ex, n_patches, teacher_size)
+      if spec.teacher_size:
+        row['teacher_features'][groups] = teacher_features(ex, n_patches, spec.teacher_size)
     start, patch_start = start + n, patch_start + n_patches
   return row
 

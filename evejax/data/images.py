@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+  from evejax.batch import BatchSpec
 
 RESIZE_POLICIES = ('eve_v2_train', 'eve_v2_infer', 'eve_v1', 'pad', 'none')
 # EVEv1 fills padding with int(255 * CLIP mean) per channel; the valid-pixel channel marks it.
@@ -60,19 +64,28 @@ def target_size(width: int, height: int, max_size: int, multiple: int, policy: s
   raise ValueError(f'Unknown data.resize {policy!r}; available: {RESIZE_POLICIES}')
 
 
-def resize(image: Image.Image, max_size: int, multiple: int, policy: str) -> Image.Image:
-  size = target_size(image.width, image.height, max_size, multiple, policy)
+def resize(image: Image.Image, spec: BatchSpec) -> Image.Image:
+  """`image` resized by the spec's policy, budget and multiple (HD: whole pal_pool blocks)."""
+  size = target_size(image.width, image.height, spec.max_size, spec.resize_multiple, spec.resize)
   return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
-def max_patch_groups(max_size: int, token_pixels: int) -> int:
-  """Visual-token budget of one image: the grid of a max_size x max_size image plus a rounding row
-  and column (the train policy rounds sides to the nearest multiple)."""
-  return (max_size // token_pixels + 1) ** 2
+def patch_groups(pixels: np.ndarray, spec: BatchSpec) -> tuple[np.ndarray, tuple[int, int]]:
+  """Resized RGB pixels (H, W, 3) -> the spec's patch groups (N, S, F) and grid (rows, cols), with
+  the valid-pixel channel when the spec has 4 channels (EVEv1)."""
+  if spec.channels == 4:
+    pixels = with_valid_channel(pixels, spec.token_pixels)
+  groups, grid = patchify(pixels, spec.patch_size, spec.merge)
+  if len(groups) > spec.image_budget:
+    raise ValueError(f'image of {pixels.shape[1]}x{pixels.shape[0]} px needs {len(groups)} visual '
+                     f'tokens, over the budget of {spec.image_budget} for data.max_size='
+                     f"{spec.max_size}; resize it with data.resize='eve_v2_train' or raise "
+                     'data.max_size')
+  return groups, grid
 
 
 def patchify(pixels: np.ndarray, patch: int, merge: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """(H, W, 3) uint8 -> patch groups (rows*cols, merge**2, patch**2*3) and the grid (rows, cols).
+  """(H, W, C) uint8 -> patch groups (rows*cols, merge**2, patch**2*C) and the grid (rows, cols).
 
   Group order is row-major over visual tokens; inside a group sub-patches are row-major and each
   sub-patch is flattened (y, x, channel), matching the reference convolution kernels.

@@ -8,41 +8,26 @@ the window and skips what was emitted: the next row is identical to an uninterru
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
+from evejax.batch import BatchSpec
 from evejax.data import encode
 
 Example = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class RowSpec:
-  """The fixed shape of a packed row."""
-  seq_len: int
-  max_patches: int  # Patch-group slots of the whole row.
-  patch_shape: tuple[int, int]
-  image_keys: bool = False  # EVEv1's per-group image keys (batch.V1_KEYS)
-  teacher_size: int = 0  # > 0: each group's precomputed teacher features (offline PAL)
-
-  def pack(self, examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`examples` laid end to end in one row of this shape (`encode.pack_row`)."""
-    return encode.pack_row(examples, self.seq_len, self.max_patches, self.patch_shape,
-                           image_keys=self.image_keys, teacher_size=self.teacher_size)
 
 
 def num_patches(example: Example) -> int:
   return 0 if example['patches'] is None else len(example['patches'])
 
 
-def fits(example: Example, spec: RowSpec) -> bool:
-  return len(example['tokens']) <= spec.seq_len and num_patches(example) <= spec.max_patches
+def fits(example: Example, spec: BatchSpec) -> bool:
+  return len(example['tokens']) <= spec.seq_len and num_patches(example) <= spec.patch_slots
 
 
-def first_fit_decreasing(examples: list[Example], spec: RowSpec) -> list[list[Example]]:
+def first_fit_decreasing(examples: list[Example], spec: BatchSpec) -> list[list[Example]]:
   """Groups examples into rows; each example must fit an empty row. Deterministic."""
   order = sorted(range(len(examples)), key=lambda i: -len(examples[i]['tokens']))  # Stable.
   rows: list[list[Example]] = []
@@ -58,13 +43,13 @@ def first_fit_decreasing(examples: list[Example], spec: RowSpec) -> list[list[Ex
         break
     else:
       rows.append([ex])
-      room.append([spec.seq_len - need[0], spec.max_patches - need[1]])
+      room.append([spec.seq_len - need[0], spec.patch_slots - need[1]])
   return rows
 
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, spec: RowSpec, window: int):
+  def __init__(self, parent: grain.DatasetIterator, spec: BatchSpec, window: int):
     super().__init__(parent)
     self._spec, self._window = spec, window
     self._window_start = parent.get_state()
@@ -89,7 +74,7 @@ class _PackIterator(grain.DatasetIterator):
         raise StopIteration
     row = self._rows[self._emitted]
     self._emitted += 1
-    return self._spec.pack(row)
+    return encode.pack_row(row, self._spec)
 
   def get_state(self) -> dict[str, Any]:
     return {'window_start': self._window_start, 'emitted': self._emitted}
@@ -108,7 +93,7 @@ class PackIterDataset(grain.IterDataset):
   `window=1` is one example per row (no packing).
   """
 
-  def __init__(self, parent: grain.IterDataset, spec: RowSpec, window: int):
+  def __init__(self, parent: grain.IterDataset, spec: BatchSpec, window: int):
     super().__init__(parent)
     if window < 1:
       raise ValueError(f'data.pack_window must be >= 1 (1 = no packing), got {window}')
@@ -125,12 +110,6 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
     return batch
   return {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
           for k, v in batch.items()}
-
-
-def empty_batch(spec: RowSpec, batch_size: int) -> dict[str, np.ndarray]:
-  """Rows with no example (segment 0, no loss weight)."""
-  row = spec.pack([])
-  return {k: np.stack([v] * batch_size) for k, v in row.items()}
 
 
 class _FillIterator(grain.DatasetIterator):
@@ -163,9 +142,9 @@ class FillToCount(grain.IterDataset):
   packed rows a process's share needs depends on its examples.
   """
 
-  def __init__(self, parent: grain.IterDataset, spec: RowSpec, batch_size: int, count: int):
+  def __init__(self, parent: grain.IterDataset, spec: BatchSpec, batch_size: int, count: int):
     super().__init__(parent)
-    self._empty, self._count = empty_batch(spec, batch_size), count
+    self._empty, self._count = spec.zeros(batch_size), count
 
   def __iter__(self) -> _FillIterator:
     return _FillIterator(self._parent.__iter__(), self._empty, self._count)

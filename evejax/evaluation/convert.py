@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from evejax.config import TrainConfig
 from evejax.config_utils import load_config_file
 from evejax.data import pipeline
 from evejax.evaluation import converters
@@ -35,7 +36,7 @@ def records():
   fmt, questions = _FORMAT.value, _QUESTIONS.value
   images = _IMAGES.value or os.path.join(os.path.dirname(os.path.abspath(_OUT.value)), 'images')
   if fmt == 'shapes':
-    held_out = pipeline.make_sources(load_config_file(_CONFIG.value).data)[1]
+    held_out = pipeline.make_sources(TrainConfig.parse(load_config_file(_CONFIG.value)).data)[1]
     return converters.shapes(held_out, images, _LIMIT.value, history=_HISTORY.value)
   if not questions:
     raise app.UsageError(f'--format={fmt} needs --questions')

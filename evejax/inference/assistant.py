@@ -21,12 +21,13 @@ from jax.sharding import Mesh
 from evejax import sharding
 from evejax.checkpoint.init_from import resolve_params_dir
 from evejax.checkpoint.manager import CheckpointError
-from evejax.data import pipeline
+from evejax.config import TrainConfig
+from evejax.data import pipeline, templates
 from evejax.data.tokenizer import Tokenizer
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.generator import Generator
 from evejax.inference.sampling import SamplingConfig
-from evejax.models import EVE, ModelConfig, stack
+from evejax.models import EVE, stack
 
 
 def _read_metadata(step_dir: str) -> dict:
@@ -38,10 +39,10 @@ def _read_metadata(step_dir: str) -> dict:
     return json.load(f)
 
 
-def _find_tokenizer(config: ml_collections.ConfigDict, step_dir: str) -> Tokenizer:
+def _find_tokenizer(cfg: TrainConfig, step_dir: str) -> Tokenizer:
   """The run's `data.tokenizer`, else the tokenizer.json the trainer saved in the workdir."""
-  if config.data.get('tokenizer'):
-    return Tokenizer.load(config.data.tokenizer)
+  if cfg.data.tokenizer:
+    return Tokenizer.load(cfg.data.tokenizer)
   workdir = os.path.dirname(os.path.dirname(step_dir))  # {workdir}/checkpoints/{step}
   if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
     raise FileNotFoundError(f'No tokenizer.json in {workdir}, the workdir of checkpoint '
@@ -57,34 +58,31 @@ def load_checkpoint(path: str, mesh: Mesh | None = None):
   """
   params_dir = resolve_params_dir(path)
   step_dir = os.path.dirname(params_dir)
-  config = ml_collections.ConfigDict(_read_metadata(step_dir)['config'])
-  model_cfg = ModelConfig.from_dict(config.model)
+  cfg = TrainConfig.parse(_read_metadata(step_dir)['config'])
   mesh = mesh or sharding.make_mesh({'data': -1})
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EVE(model_cfg, rngs=nnx.Rngs(0))),
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EVE(cfg.model, rngs=nnx.Rngs(0))),
                                  nnx.Param)
   shardings = sharding.param_shardings(abstract, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
   params = ocp.StandardCheckpointer().restore(params_dir, target)
-  return config, graphdef, params, _find_tokenizer(config, step_dir)
+  return cfg, graphdef, params, _find_tokenizer(cfg, step_dir)
 
 
-def unrolled(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dict):
+def unrolled(cfg: TrainConfig, graphdef: nnx.GraphDef, params: dict):
   """Generation writes one KV cache per layer, so it runs the layers unrolled: a model trained
   with `model.scan_layers` gets the unrolled graph and its stacked parameters split per layer."""
-  if not config.model.get('scan_layers'):
-    return config, graphdef, params
-  params = unrolled_params(config, params)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.scan_layers = False
-  model_cfg = ModelConfig.from_dict(config.model)
-  graphdef = nnx.split(nnx.eval_shape(lambda: EVE(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-  return config, graphdef, params
+  if not cfg.model.scan_layers:
+    return cfg, graphdef, params
+  params = unrolled_params(cfg, params)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+  graphdef = nnx.split(nnx.eval_shape(lambda: EVE(cfg.model, rngs=nnx.Rngs(0))), nnx.Param)[0]
+  return cfg, graphdef, params
 
 
-def unrolled_params(config: ml_collections.ConfigDict, params: dict) -> dict:
+def unrolled_params(cfg: TrainConfig, params: dict) -> dict:
   """`params` with stacked layers (a `model.scan_layers` run) split into `layers.N` entries."""
-  if not config.model.get('scan_layers'):
+  if not cfg.model.scan_layers:
     return params
   return {**params, 'layers': stack.unstack_params(params['layers'])}
 
@@ -96,30 +94,27 @@ class Assistant:
   max_length: int
 
   @classmethod
-  def from_params(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: dict,
-                  tokenizer: Tokenizer, *, mesh: Mesh | None = None, max_length: int | None = None,
-                  resize: str | None = None) -> Assistant:
-    """`max_length` defaults to the training `data.seq_len`; `resize` to the training policy."""
-    config, graphdef, params = unrolled(config, graphdef, params)
-    model_cfg = ModelConfig.from_dict(config.model)
-    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    if resize:
-      data_cfg.resize = resize
-    # EVEv1 images carry the valid-pixel channel (evejax/batch.py).
-    v1 = {'valid_channel': True} if getattr(model_cfg, 'vision_tokenizer', 'v2') == 'v1' else {}
-    preprocess = pipeline.make_preprocessor(data_cfg, tokenizer, model_cfg.vision_patch_size,
-                                            model_cfg.vision_merge, blank_images=False, **v1)
-    max_length = max_length or config.data.seq_len
-    generator = Generator(graphdef, params, pad_id=tokenizer.pad_id, max_length=max_length,
-                          mesh=mesh)
+  def from_params(cls, config: ml_collections.ConfigDict | TrainConfig, graphdef: nnx.GraphDef,
+                  params: dict, tokenizer: Tokenizer, *, mesh: Mesh | None = None,
+                  max_length: int | None = None, resize: str | None = None) -> Assistant:
+    """`max_length` defaults to the training `data.seq_len`; `resize` to the training policy.
+
+    Images are encoded with the training run's BatchSpec (geometry, channels, resize multiple),
+    without the training-only parts: offline teacher features and blanked pixels."""
+    cfg, graphdef, params = unrolled(TrainConfig.parse(config), graphdef, params)
+    spec = cfg.batch_spec().replace(teacher_size=0, resize=resize or cfg.data.resize)
+    preprocess = pipeline.Preprocessor(tokenizer, templates.get_template(cfg.data.template), spec)
+    max_length = max_length or cfg.data.seq_len
+    generator = Generator(graphdef, params, spec=spec, pad_id=tokenizer.pad_id,
+                          max_length=max_length, mesh=mesh)
     return cls(generator, preprocess, max_length)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, mesh: Mesh | None = None, **kw) -> Assistant:
     """`mesh` defaults to all devices on the data axis (batch rows split, weights replicated)."""
     mesh = mesh or sharding.make_mesh({'data': -1})
-    config, graphdef, params, tokenizer = load_checkpoint(path, mesh)
-    return cls.from_params(config, graphdef, params, tokenizer, mesh=mesh, **kw)
+    cfg, graphdef, params, tokenizer = load_checkpoint(path, mesh)
+    return cls.from_params(cfg, graphdef, params, tokenizer, mesh=mesh, **kw)
 
   @property
   def tokenizer(self) -> Tokenizer:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from evejax import batch as bf
 from evejax import sharding
+from evejax.batch import BatchSpec
 from evejax.sharding.mesh import BATCH_AXES
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.sampling import SamplingConfig, next_token
@@ -55,20 +56,16 @@ def _round_up(value: int, multiple: int) -> int:
 class Generator:
   """Batched generation for a model given as (graphdef, pure-dict params), optionally on a mesh."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, pad_id: int,
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, spec: BatchSpec, pad_id: int,
                max_length: int | None = None, mesh: Mesh | None = None, length_multiple: int = 32,
                patch_multiple: int = 16):
-    """`max_length` caps prompt + generated tokens per row (the context the model trained on)."""
+    """`spec`: the batch format of the prompts (its seq_len and patch_slots are set per batch, to
+    multiples of `length_multiple` and `patch_multiple`). `max_length` caps prompt + generated
+    tokens per row (the context the model trained on)."""
     self.graphdef, self.params, self.pad_id, self.mesh = graphdef, params, pad_id, mesh
-    self.max_length, self.length_multiple, self.patch_multiple = (max_length, length_multiple,
-                                                                  patch_multiple)
-    model = nnx.merge(graphdef, nnx.State(params))
-    cfg = model.cfg
-    # EVEv1's patch groups carry a 4th (valid-pixel) channel and per-group image numbers.
-    self.v1 = getattr(cfg, 'vision_tokenizer', 'v2') == 'v1'
-    channels = 4 if self.v1 else 3
-    self.patch_shape = (cfg.vision_merge ** 2, cfg.vision_patch_size ** 2 * channels)
-    self.num_kv_heads = cfg.num_kv_heads
+    self.spec, self.max_length = spec, max_length
+    self.length_multiple, self.patch_multiple = length_multiple, patch_multiple
+    self.num_kv_heads = nnx.merge(graphdef, nnx.State(params)).cfg.num_kv_heads
 
     def with_cache():
       model = nnx.merge(graphdef, nnx.State(params))
@@ -173,8 +170,8 @@ class Generator:
     length = _round_up(max(len(p['tokens']) for p in prompts), self.length_multiple)
     max_patches = _round_up(max(0 if p['patches'] is None else len(p['patches']) for p in prompts),
                             self.patch_multiple)
-    batch = prompt_lib.left_padded_batch(prompts, length, max_patches, self.patch_shape,
-                                         image_keys=self.v1)
+    batch = prompt_lib.left_padded_batch(
+        prompts, self.spec.replace(seq_len=length, patch_slots=max_patches, teacher_size=0))
     with self._mesh_context():
       if self.mesh is not None:
         batch = sharding.shard_batch(batch, self.mesh)

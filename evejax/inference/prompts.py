@@ -17,9 +17,6 @@ from evejax.data import encode, templates
 from evejax.data.pipeline import Preprocessor
 from evejax.data.tokenizer import Tokenizer
 
-_SEQUENCE_KEYS = encode.SEQUENCE_KEYS + ('positions', 'segment_ids')  # per position, not per patch
-
-
 Turn = Sequence[str]  # (question, answer) of an earlier exchange in the conversation
 
 
@@ -63,15 +60,12 @@ def encode_prompt(preprocess: Preprocessor, question: str, image: bytes | None =
   return prompt
 
 
-def left_padded_batch(prompts: Sequence[dict[str, np.ndarray]], length: int, max_patches: int,
-                      patch_shape: tuple[int, int], *,
-                      image_keys: bool = False) -> dict[str, np.ndarray]:
-  """Prompts right-aligned in rows of `length` slots (segment id 0 on the padding on the left).
-  `image_keys`: also the per-patch-group EVEv1 keys (batch.V1_KEYS)."""
-  kw = {'image_keys': True} if image_keys else {}
+def left_padded_batch(prompts: Sequence[dict[str, np.ndarray]],
+                      spec: bf.BatchSpec) -> dict[str, np.ndarray]:
+  """Prompts right-aligned in rows of `spec` (segment id 0 on the padding on the left)."""
   rows = []
   for prompt in prompts:
-    row = encode.pack_row([prompt], length, max_patches, patch_shape, **kw)
-    pad = length - len(prompt['tokens'])
-    rows.append({k: np.roll(v, pad) if k in _SEQUENCE_KEYS else v for k, v in row.items()})
+    row = encode.pack_row([prompt], spec)
+    pad = spec.seq_len - len(prompt['tokens'])
+    rows.append({k: np.roll(v, pad) if k in bf.SEQUENCE_KEYS else v for k, v in row.items()})
   return {k: np.stack([row[k] for row in rows]) for k in rows[0]}

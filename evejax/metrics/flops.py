@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 
+from evejax.batch import BatchSpec
 from evejax.models.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, matched as a substring of `jax.Device.device_kind`
@@ -36,13 +37,15 @@ def _branches(cfg: ModelConfig, part: str) -> int:
   return 2 if cfg.decomposes(part) and cfg.routing == 'select' else 1
 
 
-def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_patch_groups: int) -> dict:
-  """Forward FLOPs of one batch, by part (B rows of L positions and P patch-group slots)."""
+def forward_flops(cfg: ModelConfig, spec: BatchSpec, batch_size: int) -> dict:
+  """Forward FLOPs of `batch_size` rows of `spec` (L positions, P patch-group slots), by part."""
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  seq_len = spec.seq_len
   tokens = batch_size * seq_len
-  group = cfg.vision_merge ** 2
-  patch_in, vision_hidden = cfg.vision_patch_size ** 2 * 3, cfg.vision_hidden_size
-  patch_groups = batch_size * num_patch_groups
+  group = spec.merge ** 2
+  # The RGB channels enter the patch matmul; EVEv1's valid-pixel channel does not.
+  patch_in, vision_hidden = spec.patch_size ** 2 * 3, cfg.vision_hidden_size
+  patch_groups = batch_size * spec.patch_slots
   projections = 2 * d * (2 * n * h + 2 * k * h)  # q, o and k, v
   mlp = 2 * 3 * d * cfg.intermediate_size
   per_token_layer = (projections * _branches(cfg, 'self_attn') + mlp * _branches(cfg, 'mlp'))
@@ -55,10 +58,9 @@ def forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_patch_gro
   }
 
 
-def train_step_flops(cfg: ModelConfig, batch_size: int, seq_len: int,
-                     num_patch_groups: int) -> float:
-  """FLOPs of one forward + backward pass over a batch of the given shape."""
-  forward = forward_flops(cfg, batch_size, seq_len, num_patch_groups)
+def train_step_flops(cfg: ModelConfig, spec: BatchSpec, batch_size: int) -> float:
+  """FLOPs of one forward + backward pass over `batch_size` rows of `spec`."""
+  forward = forward_flops(cfg, spec, batch_size)
   return 3 * sum(forward.values()) - forward['vision_patch']  # No gradient w.r.t. the pixels.
 
 

@@ -6,6 +6,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from evejax.config_utils import from_mapping
+
 DECOMPOSABLE_PARTS = ('layernorm', 'self_attn', 'mlp')
 
 
@@ -81,11 +83,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, cfg: Mapping[str, Any]) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-      raise ValueError(f'Unknown model config keys {unknown}; valid keys: {sorted(known)}')
-    return cls(**dict(cfg))
+    return from_mapping(cls, cfg, 'model')
 
   @property
   def decomposed_parts(self) -> tuple[str, ...]:
@@ -103,11 +101,6 @@ class ModelConfig:
   def vision_channels(self) -> int:
     """Channels per pixel in `patches`: RGB, plus the valid-pixel channel for v1."""
     return 4 if self.vision_tokenizer == 'v1' else 3
-
-  @property
-  def patch_shape(self) -> tuple[int, int]:
-    """(S, F) of the batch's `patches` for this model."""
-    return self.vision_merge ** 2, self.vision_patch_size ** 2 * self.vision_channels
 
   @property
   def jnp_dtype(self):

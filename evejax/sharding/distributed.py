@@ -18,34 +18,37 @@ which Orbax coordinates.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 from absl import logging
 
+from evejax.config_utils import from_mapping
 
-def _setting(cfg: Mapping[str, Any], key: str, env: str, empty):
-  value = cfg.get(key, empty)
+if TYPE_CHECKING:
+  from evejax.config import DistributedConfig
+
+
+def _setting(value, env: str, empty):
   if value == empty:
     value = os.environ.get(env, empty)
   return type(empty)(value) if value != empty else empty
 
 
-def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
-  """Joins the distributed system when configured; returns whether this run is multi-process."""
-  cfg = dict(cfg or {})
-  unknown = set(cfg) - {'coordinator_address', 'num_processes', 'process_id', 'auto'}
-  if unknown:
-    raise ValueError(f'Unknown config.distributed keys {sorted(unknown)}; valid: '
-                     "coordinator_address, num_processes, process_id, auto")
+def initialize(cfg: DistributedConfig | Mapping[str, Any] | None = None) -> bool:
+  """Joins the distributed system when configured (the `distributed` section, or a mapping of its
+  fields); returns whether this run is multi-process."""
+  # Imported here: evejax.config imports the models, which import this package.
+  from evejax.config import DistributedConfig  # pylint: disable=import-outside-toplevel
+  cfg = from_mapping(DistributedConfig, cfg or {}, 'config.distributed')
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
-  if cfg.get('auto', False):
+  if cfg.auto:
     jax.distributed.initialize()
     return jax.process_count() > 1
-  address = _setting(cfg, 'coordinator_address', 'JAX_COORDINATOR_ADDRESS', '')
-  num_processes = _setting(cfg, 'num_processes', 'JAX_NUM_PROCESSES', 0)
-  process_id = _setting(cfg, 'process_id', 'JAX_PROCESS_ID', -1)
+  address = _setting(cfg.coordinator_address, 'JAX_COORDINATOR_ADDRESS', '')
+  num_processes = _setting(cfg.num_processes, 'JAX_NUM_PROCESSES', 0)
+  process_id = _setting(cfg.process_id, 'JAX_PROCESS_ID', -1)
   if not address and num_processes <= 1:
     return False  # a single process: nothing to join
   if not address or num_processes < 1 or not 0 <= process_id < num_processes:

@@ -36,8 +36,12 @@ def main(argv):
     sys.exit(f'{type(error).__name__}: {error}')
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.
-  print(f"Held-out caption/answer token accuracy: {final['eval/accuracy']:.4f} "
-        f"(loss {final['eval/loss']:.4f})", flush=True)
+  if 'eval/accuracy' in final:
+    print(f"Held-out caption/answer token accuracy: {final['eval/accuracy']:.4f} "
+          f"(loss {final['eval/loss']:.4f})", flush=True)
+  else:
+    print(f"Trained (no held-out split); final train loss {final.get('train/loss', float('nan')):.4f}",
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from absl import logging
 
-MODES = ('stop', 'skip')
+if TYPE_CHECKING:
+  from evejax.config import GuardConfig
 
 
 class NonFiniteError(RuntimeError):
@@ -17,10 +18,8 @@ class NonFiniteGuard:
   """`stop`: raise naming the step and the last good checkpoint. `skip`: the jitted step already
   left the weights unchanged; count it, and stop once more than `max_skipped` steps were skipped."""
 
-  def __init__(self, mode: str, max_skipped: int):
-    if mode not in MODES:
-      raise ValueError(f'guard.nonfinite={mode!r}; use one of {MODES}')
-    self.mode, self.max_skipped, self.skipped = mode, max_skipped, 0
+  def __init__(self, cfg: GuardConfig):
+    self.mode, self.max_skipped, self.skipped = cfg.nonfinite, cfg.max_skipped, 0
 
   def check(self, step: int, loss_sum: float, grad_norm: float,
             last_checkpoint: Callable[[], str]) -> bool:
@@ -52,7 +51,7 @@ class GuardedWindow:
     self._pending = self._accumulated = None
 
   def add(self, step: int, step_metrics) -> None:
-    """`step_metrics`: the train step's (TokenMetrics, StepMetrics); checks the previous step."""
+    """`step_metrics`: the train step's (loss metrics, StepMetrics); checks the previous step."""
     self.settle()
     self._pending = (step, step_metrics)
 
@@ -60,12 +59,12 @@ class GuardedWindow:
     """Waits for the pending step; stops or skips it per the guard, else adds it to the window."""
     if self._pending is None:
       return
-    (step, step_metrics), self._pending = self._pending, None
-    token_metrics, update_metrics = step_metrics
-    if self.guard.check(step, float(token_metrics.loss.total),
+    (step, (loss_metrics, update_metrics)), self._pending = self._pending, None
+    if self.guard.check(step, float(loss_metrics[0].loss.total),
                         float(update_metrics.grad_norm.compute()), self._last_checkpoint):
-      self._accumulated = step_metrics if self._accumulated is None else tuple(
-          a.merge(b) for a, b in zip(self._accumulated, step_metrics))
+      collections = (*loss_metrics, update_metrics)
+      self._accumulated = collections if self._accumulated is None else tuple(
+          a.merge(b) for a, b in zip(self._accumulated, collections))
 
   def compute(self) -> dict[str, float]:
     """The window's averages (none when all its steps were skipped); then starts a new window."""

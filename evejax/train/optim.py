@@ -14,18 +14,21 @@ Every group runs the same schedule shape (warmup, cosine decay) scaled to its ow
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:
+  from evejax.config import OptimConfig
 
 PyTree = Any
 BASE = 'base'  # Trainable parameters in no named group.
 FROZEN = 'frozen'
 
 
-def learning_rate_schedule(optim_cfg, total_steps: int, peak: float | None = None
+def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int, peak: float | None = None
                            ) -> optax.Schedule:
   """Warmup + cosine decay to `peak` (default optim.lr, the base group's)."""
   peak = optim_cfg.lr if peak is None else peak
@@ -44,24 +47,20 @@ def param_name(key_path) -> str:
   return jax.tree_util.keystr(key_path, simple=True, separator='/')
 
 
-def _groups(optim_cfg) -> dict[str, dict]:
-  groups = {name: dict(g) for name, g in dict(optim_cfg.get('groups', None) or {}).items()}
-  for name, group in groups.items():
+def _groups(optim_cfg: OptimConfig) -> Mapping[str, Mapping[str, Any]]:
+  for name in optim_cfg.groups:
     if name in (BASE, FROZEN):
       raise ValueError(f'optim.groups.{name}: {BASE!r} and {FROZEN!r} are reserved group names')
-    if set(group) != {'pattern', 'lr'}:
-      raise ValueError(f'optim.groups.{name} = {group}: give exactly pattern=REGEX and lr=PEAK_LR')
-  return groups
+  return optim_cfg.groups
 
 
-def param_labels(optim_cfg, params: PyTree) -> PyTree:
+def param_labels(optim_cfg: OptimConfig, params: PyTree) -> PyTree:
   """The group of every parameter (a tree of names like `params`): a named group, BASE or FROZEN.
 
   Raises if a rule matches nothing (a typo would otherwise silently train or freeze the wrong set)
   or a parameter falls in two groups."""
-  trainable = re.compile(optim_cfg.get('trainable', '.*'))
-  frozen = optim_cfg.get('frozen', '')
-  frozen = re.compile(frozen) if frozen else None
+  trainable = re.compile(optim_cfg.trainable)
+  frozen = re.compile(optim_cfg.frozen) if optim_cfg.frozen else None
   groups = {name: re.compile(g['pattern']) for name, g in _groups(optim_cfg).items()}
   names = [param_name(path) for path, _ in jax.tree.leaves_with_path(params)]
 
@@ -76,7 +75,7 @@ def param_labels(optim_cfg, params: PyTree) -> PyTree:
   labels = [label(name) for name in names]
   if all(lab == FROZEN for lab in labels):
     raise ValueError(f'optim.trainable={trainable.pattern!r} and optim.frozen='
-                     f'{optim_cfg.get("frozen", "")!r} leave no trainable parameter; parameters '
+                     f'{optim_cfg.frozen!r} leave no trainable parameter; parameters '
                      f'look like {names[:3]}')
   for group, rule in groups.items():
     if group not in labels:
@@ -85,11 +84,11 @@ def param_labels(optim_cfg, params: PyTree) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
-def trainable_mask(optim_cfg, params: PyTree) -> PyTree:
+def trainable_mask(optim_cfg: OptimConfig, params: PyTree) -> PyTree:
   return jax.tree.map(lambda label: label != FROZEN, param_labels(optim_cfg, params))
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
   """Frozen parameters get zero updates and hold no state (optax.masked leaves them out)."""
 
   def adamw(peak: float) -> optax.GradientTransformation:
@@ -110,7 +109,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def group_summary(optim_cfg, params: PyTree) -> str:
+def group_summary(optim_cfg: OptimConfig, params: PyTree) -> str:
   """A table of parameter counts per group (trainable groups first, then frozen)."""
   labels = jax.tree.leaves(param_labels(optim_cfg, params))
   sizes = [int(p.size) for p in jax.tree.leaves(params)]

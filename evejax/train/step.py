@@ -8,21 +8,32 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics
 from flax import nnx
 
-from evejax.models.pal import PalObjective
 from evejax.train import losses
+from evejax.train.pal import PalObjective
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: Array
+  """Everything a checkpoint stores of the model side of a run."""
+  step: Array  # () int32: steps done
   params: Any  # pure dict of parameter arrays
   opt_state: Any
+  rng: Array  # (2,) uint32: the run's base key data, for stochastic ops (none in the recipes yet)
+
+  @classmethod
+  def create(cls, params, opt_state, seed: int = 0) -> 'TrainState':
+    """Step 0 and the base key of `seed`, as host arrays: place them where the run needs them. From
+    host memory because a device array put on a mesh that spans other processes' devices yields a
+    global array Orbax cannot save when each process has one device (jax 0.10)."""
+    return cls(step=np.zeros((), np.int32), params=params, opt_state=opt_state,
+               rng=np.asarray(jax.random.key_data(jax.random.key(seed))))
 
 
 @flax.struct.dataclass
@@ -33,9 +44,12 @@ class TokenMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
-class PalTokenMetrics(TokenMetrics):
-  """TokenMetrics plus the EVEv1 patch-aligning loss (unweighted), when PAL is on."""
+class PalMetrics(metrics.Collection):
+  """The EVEv1 patch-aligning loss (unweighted), when PAL is on."""
   pal_loss: metrics.Average.from_output('pal')
+
+
+LossMetrics = tuple[metrics.Collection, ...]  # TokenMetrics first, then PalMetrics with PAL
 
 
 @flax.struct.dataclass
@@ -45,20 +59,19 @@ class StepMetrics(metrics.Collection):
   learning_rate: metrics.LastValue.from_output('learning_rate')
 
 
-def _token_metrics(graphdef: nnx.GraphDef, params, batch,
-                   pal: Optional[PalObjective] = None) -> tuple[Array, TokenMetrics]:
+def _loss_metrics(graphdef: nnx.GraphDef, params, batch,
+                  pal: Optional[PalObjective] = None) -> tuple[Array, LossMetrics]:
   """Cross-entropy on supervised tokens, plus `pal.weight` x the PAL loss when `pal` is given."""
   model = nnx.merge(graphdef, nnx.State(params))
-  weights = batch['loss_weights']
+  weights = batch['loss_weights']  # [B, L]
   logits, pal_loss = (model(batch), None) if pal is None else pal(model, batch)
   nll, correct = losses.token_losses(logits, batch['targets'], weights)
   loss = losses.weighted_mean(nll, weights)
-  token_metrics = TokenMetrics.single_from_model_output(nll=nll, correct=correct, mask=weights > 0)
+  collected = (TokenMetrics.single_from_model_output(nll=nll, correct=correct, mask=weights > 0),)
   if pal is None:
-    return loss, token_metrics
-  return loss + pal.weight * pal_loss, PalTokenMetrics(
-      _reduction_counter=token_metrics._reduction_counter, loss=token_metrics.loss, accuracy=token_metrics.accuracy,
-      pal_loss=metrics.Average.from_model_output(pal_loss))
+    return loss, collected
+  return loss + pal.weight * pal_loss, collected + (PalMetrics.single_from_model_output(
+      pal=pal_loss),)
 
 
 def _frozen_as_constants(params, trainable):
@@ -74,11 +87,11 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int,
   """Loss, token metrics and gradients of the whole batch. With `microbatches` > 1 a `lax.scan`
   over batch slices accumulates them (the same result, a fraction of the activation memory)."""
   grad_fn = jax.value_and_grad(
-      lambda p, b: _token_metrics(graphdef, _frozen_as_constants(p, trainable), b, pal),
+      lambda p, b: _loss_metrics(graphdef, _frozen_as_constants(p, trainable), b, pal),
       has_aux=True)
   if microbatches == 1:
-    (loss, token_metrics), grads = grad_fn(params, batch)
-    return loss, token_metrics, grads
+    (loss, loss_metrics), grads = grad_fn(params, batch)
+    return loss, loss_metrics, grads
   rows = batch['tokens'].shape[0]
   if rows % microbatches:
     raise ValueError(f'batch_size {rows} is not a multiple of microbatches={microbatches}')
@@ -88,16 +101,16 @@ def _loss_and_grads(graphdef: nnx.GraphDef, params, batch, microbatches: int,
   total_weight = jnp.maximum(batch['loss_weights'].sum(), 1.0)
 
   def accumulate(carry, micro):
-    (loss, token_metrics), grads = grad_fn(params, micro)
+    (loss, loss_metrics), grads = grad_fn(params, micro)
     # Each microbatch loss is its own weighted mean: rescale it to its share of the whole batch.
     share = jnp.maximum(micro['loss_weights'].sum(), 1.0) / total_weight
     loss_sum, grad_sum = carry
     grad_sum = jax.tree.map(lambda acc, g: acc + share * g, grad_sum, grads)
-    return (loss_sum + share * loss, grad_sum), token_metrics
+    return (loss_sum + share * loss, grad_sum), loss_metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (loss, grads), stacked_metrics = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), split)
-  return loss, stacked_metrics.reduce(), grads
+  return loss, tuple(m.reduce() for m in stacked_metrics), grads
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -107,10 +120,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
   unchanged (the step counter still advances, past the bad batch). `microbatches`: gradient
   accumulation over that many slices of each batch inside the step. `pal`: EVEv1's patch-aligning
-  term added to the loss (evejax/models/pal.py); None leaves the loss pure cross-entropy."""
-  def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[TokenMetrics, StepMetrics]]:
-    loss, token_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches, pal,
-                                                 trainable)
+  term added to the loss (evejax/train/pal.py); None leaves the loss pure cross-entropy."""
+  def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[LossMetrics, StepMetrics]]:
+    loss, loss_metrics, grads = _loss_and_grads(graphdef, state.params, batch, microbatches, pal,
+                                                trainable)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -121,13 +134,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     step_metrics = StepMetrics.single_from_model_output(
         grad_norm=grad_norm, param_norm=optax.global_norm(params),
         learning_rate=schedule(state.step))
-    return TrainState(state.step + 1, params, opt_state), (token_metrics, step_metrics)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), (
+        loss_metrics, step_metrics)
 
   return jax.jit(train_step, donate_argnums=0)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, pal: Optional[PalObjective] = None) -> Callable:
-  def eval_step(params, batch) -> TokenMetrics:
-    return _token_metrics(graphdef, params, batch, pal)[1]
+  def eval_step(params, batch) -> LossMetrics:
+    return _loss_metrics(graphdef, params, batch, pal)[1]
 
   return jax.jit(eval_step)

@@ -1,0 +1,7 @@
+"""When periodic work is due in the training loop (big_vision's `itstime`)."""
+from __future__ import annotations
+
+
+def itstime(step: int, every: int, total_steps: int, *, last: bool = True) -> bool:
+  """Whether `step` (1-based) is a multiple of `every` (0 = never), or the last step when `last`."""
+  return (last and step == total_steps) or (every > 0 and step % every == 0)
