@@ -191,7 +191,9 @@ def online_teacher(pal_cfg: Mapping, model_cfg: ModelConfig) -> TeacherFn:
                      f'model.pal_teacher_size={model_cfg.pal_teacher_size}')
   teacher = clip.CLIPVision(clip_cfg, rngs=nnx.Rngs(pal_cfg.get('seed', 0)))
   if pal_cfg.get('clip_weights'):
-    clip.load_hf_safetensors(teacher, pal_cfg['clip_weights'])
+    # evejax.convert imports evejax.models (whose EVE imports this module): import it here.
+    from evejax.convert.importer import load_clip  # pylint: disable=import-outside-toplevel
+    load_clip(teacher, pal_cfg['clip_weights'])
   graphdef, state = nnx.split(teacher)
 
   def features(batch: Mapping[str, Array]) -> Array:
