@@ -1,13 +1,15 @@
 """The Flax CLIP ViT teacher against a NumPy ViT and transformers' CLIPVisionModel (loaded from
-safetensors)."""
+safetensors through the one CLIP key map, evejax/convert/keymap.py)."""
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from evejax.batch import BatchSpec
+from evejax.convert import importer, keymap
 from evejax.data import encode, images
 from evejax.models import clip
 from evejax.models.vision import CLIP_MEAN, CLIP_STD
@@ -34,7 +36,7 @@ def test_matches_transformers_clip_vision_model(tmp_path):
   import torch
   hf, path = _hf_model_file(tmp_path)
   model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
-  clip.load_hf_safetensors(model, path)
+  importer.load_clip(model, path)
   pixels = np.random.default_rng(0).normal(size=(2, 42, 42, 3)).astype(np.float32)
   with torch.no_grad():
     expected = hf(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
@@ -43,6 +45,43 @@ def test_matches_transformers_clip_vision_model(tmp_path):
   assert len(got) == len(expected) == CFG.num_layers + 1
   for ours, theirs in zip(got, expected):
     assert np.abs(np.asarray(ours) - theirs.numpy()).max() <= 1e-5
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_hf_state_dict_to_evejax_and_back_through_the_key_map(tmp_path):
+  """HF tensors -> evejax (load_clip) -> HF layout (the specs' keys and `to_torch_layout`) gives
+  back transformers' CLIPVisionModel state dict: the same keys, shapes and bits."""
+  hf, path = _hf_model_file(tmp_path)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  expected = {key: state[name] for key, name in keymap.clip_official_keys(state, 'hf').items()}
+  model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
+  importer.load_clip(model, path)
+  params = _params(model)
+  back = {s.key: keymap.to_torch_layout(s, np.asarray(keymap.get_param(params, s)))
+          for s in keymap.clip_tensor_specs(CFG)}
+  assert back.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_a_clip_model_file_loads_its_vision_tower(tmp_path):
+  """CLIPModel files hold the tower under `vision_model.`, beside the text tower's tensors."""
+  hf, path = _hf_model_file(tmp_path)  # skips the test without torch / transformers
+  import torch
+  from safetensors.torch import save_file
+  state = hf.state_dict()
+  tower = {key: state[name].contiguous()
+           for key, name in keymap.clip_official_keys(state, 'hf').items()}
+  text = {'text_model.encoder.layers.0.mlp.fc1.weight': torch.zeros(4, 2),
+          'logit_scale': torch.zeros(())}
+  save_file({**tower, **text}, str(tmp_path / 'clip_model.safetensors'))
+  vision_only, clip_model = (clip.CLIPVision(CFG, rngs=nnx.Rngs(i)) for i in (1, 2))
+  importer.load_clip(vision_only, path)
+  importer.load_clip(clip_model, str(tmp_path / 'clip_model.safetensors'))
+  jax.tree.map(np.testing.assert_array_equal, _params(vision_only), _params(clip_model))
 
 
 def _np_layer_norm(x, norm, eps):
@@ -105,4 +144,4 @@ def test_loading_a_file_of_another_size_names_the_key(tmp_path):
                                                 num_heads=4, image_size=42, patch_size=14),
                           rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='encoder.layers.3'):
-    clip.load_hf_safetensors(wrong, path)
+    importer.load_clip(wrong, path)

@@ -126,16 +126,9 @@ def teacher_tensors(clip_weights: str) -> list[CopiedTensor]:
   """EVEv1's CLIP teacher from a HF CLIPVisionModel / CLIPModel safetensors file, under both
   prefixes of the official checkpoints (keymap.TEACHER_PREFIXES)."""
   file = SafetensorsFile(clip_weights)
-  # CLIPModel files (and older CLIPVisionModel ones) prefix the tower; transformers 5 saves a
-  # CLIPVisionModel without `vision_model.`. The official checkpoints always have it.
-  vision = {k: k for k in file.entries if k.startswith('vision_model.')}
-  if not vision and any(k.startswith('encoder.layers.') for k in file.entries):
-    vision = {f'vision_model.{k}': k for k in file.entries}
-  if not vision:
-    raise ValueError(f'{clip_weights} holds no CLIP vision tower: pass the safetensors file of '
-                     f'{EVE_V1_TEACHER} (CLIPVisionModel or CLIPModel)')
+  tower = keymap.clip_official_keys(file.entries, clip_weights)
   return [CopiedTensor(prefix + key, file, source) for prefix in keymap.TEACHER_PREFIXES
-          for key, source in sorted(vision.items())]
+          for key, source in sorted(tower.items())]
 
 
 def generation_config(hf_config: Mapping[str, Any]) -> dict:

@@ -10,7 +10,8 @@ What the source lacks is filled the way the reference recipes do it:
   copied from the LLM weights of the same name (`vision_copies='copy'`, the reference's repeat_moe
   step) or freshly initialised (`vision_copies='init'`).
 Anything else missing, any extra tensor and any shape mismatch is an error that lists them all.
-EVEv1's CLIP teacher (keymap.TEACHER_PREFIXES) is no evejax parameter and is not read.
+EVEv1's CLIP teacher (keymap.TEACHER_PREFIXES) is no evejax parameter and is not read; `load_clip`
+reads a HF CLIP file into the teacher that PAL runs in evejax (evejax/models/clip.py).
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
 from evejax.convert import keymap
-from evejax.convert.files import CheckpointReader
+from evejax.convert.files import CheckpointReader, SafetensorsFile
 from evejax.models import EVE, ModelConfig
+from evejax.models.clip import CLIPVision
 
 VISION_COPY_MODES = ('copy', 'init')
 LLM_MODEL_TYPES = {'qwen2': 'qwen2', 'eve-qwen2': 'qwen2', 'llama': 'llama', 'eve': 'llama'}
@@ -263,3 +266,24 @@ def with_vision_copies(params: Mapping, cfg: ModelConfig) -> dict:
     return value
 
   return jax.tree_util.tree_map_with_path(fill, keymap.abstract_params(cfg))
+
+
+def load_clip(model: CLIPVision, path: str) -> None:
+  """Copies a local HF `CLIPVisionModel` / `CLIPModel` safetensors file into `model` (text-tower
+  tensors are ignored). A missing tensor or a shape mismatch raises, naming the key and `path`."""
+  file = SafetensorsFile(path)
+  file_keys = keymap.clip_official_keys(file.entries, path)
+  state = nnx.state(model, nnx.Param)
+  flat = {}
+  for spec in keymap.clip_tensor_specs(model.cfg, nnx.to_pure_dict(state)):
+    if spec.key not in file_keys:
+      raise ValueError(f'{path}: missing {spec.key!r}; is this a CLIP ViT with '
+                       f'{model.cfg.num_layers} layers (pal.clip config)?')
+    stored = file.shape(file_keys[spec.key])
+    if stored != spec.shape:
+      raise ValueError(f'{path}: {spec.key!r} has shape {stored}, the pal.clip config expects '
+                       f'{spec.shape}; fix pal.clip to match the file')
+    value = keymap.from_torch_layout(spec, file.read(file_keys[spec.key]))
+    flat[spec.path] = jnp.asarray(value, spec.dtype)
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+  nnx.update(model, state)

@@ -11,6 +11,12 @@ projector `vision_tower/mm_projector/fc1|fc2` is `model.mm_projector.0|2`; the P
 `model.vision_tower_compressor`. Its CLIP teacher is no evejax parameter: the exporter copies it
 from a CLIP file (`TEACHER_PREFIXES`) and the importer leaves it out.
 
+The CLIP ViT (evejax/models/clip.py; the PAL teacher when it runs in evejax) has the HF
+`CLIPVisionModel` layout: `clip_tensor_specs` names its tensors as the official checkpoints store
+them below `TEACHER_PREFIXES` (`vision_model.` + the HF attribute path), and `clip_official_keys`
+finds those tensors in any HF CLIP file. The importer's `load_clip` and the exporter's teacher copy
+both go through them.
+
 Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The vision convolutions have
 kernel == stride, so evejax holds them as Linear kernels over the patch flattened in
 (ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
@@ -18,13 +24,14 @@ kernel == stride, so evejax holds them as Linear kernels over the patch flattene
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
 from evejax.models import EVE, ModelConfig
+from evejax.models.clip import CLIPVision, CLIPVisionConfig
 
 # evejax module name -> reference module name.
 MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2',
@@ -44,6 +51,9 @@ VISION_SIDE_PREFIXES = (VISION_PREFIX, 'model.mm_projector.', 'model.vision_towe
 # EVEv1's frozen CLIP teacher, stored twice (one shared module) in the official checkpoints.
 TEACHER_PREFIXES = ('model.vision_clip.backbone.',
                     'model.vision_tower_compressor.clip_layer.backbone.')
+# The CLIP vision tower inside a CLIPModel, and inside the official checkpoints' teacher.
+CLIP_TOWER = 'vision_model.'
+CLIP_EMBEDDINGS = ('class_embedding', 'patch_embedding', 'position_embedding')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +88,14 @@ class TensorSpec:
 
 
 
+def _abstract(build: Callable[[nnx.Rngs], nnx.Module]) -> dict:
+  """The parameter tree of the module `build` makes, as ShapeDtypeStructs (nothing is allocated)."""
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param))
+
+
 def abstract_params(cfg: ModelConfig) -> dict:
   """The evejax parameter tree of `cfg` as ShapeDtypeStructs (nothing is allocated)."""
-  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  return _abstract(lambda rngs: EVE(cfg, rngs=rngs))
 
 
 def llm_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -123,13 +138,45 @@ def _rename(modules: list[str], i: int) -> str:
   return MODULE_RENAMES.get(name, name)
 
 
-def _torch_shape(kind: str, shape: tuple[int, ...], cfg: ModelConfig, key: str) -> tuple[int, ...]:
+def _clip_key(path: tuple[Any, ...]) -> tuple[str, str]:
+  """A CLIPVision parameter path -> (HF key below `CLIP_TOWER`, layout kind)."""
+  *modules, leaf = [str(p) for p in path]
+  if leaf == 'class_embedding':  # a bare nn.Parameter in HF
+    return f'{CLIP_TOWER}embeddings.class_embedding', 'same'
+  if leaf == 'position_embedding':  # an nn.Embedding in HF: the table is its `weight`
+    modules, leaf = [leaf], 'weight'
+  if modules[0] in CLIP_EMBEDDINGS:
+    modules.insert(0, 'embeddings')
+  elif modules[0] == 'layers':
+    modules.insert(0, 'encoder')
+  kind = 'same'
+  if leaf == 'kernel':
+    kind = 'conv' if modules[-1] == 'patch_embedding' else 'linear'
+  return CLIP_TOWER + '.'.join(modules + ['bias' if leaf == 'bias' else 'weight']), kind
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...], conv_side: int) -> tuple[int, ...]:
   if kind == 'linear':
     return shape[::-1]
   if kind == 'conv':
-    side = cfg.vision_merge if key.endswith('patch_embedding.2.weight') else cfg.vision_patch_size
-    return (shape[1], shape[0] // (side * side), side, side)
+    return (shape[1], shape[0] // (conv_side * conv_side), conv_side, conv_side)
   return shape
+
+
+def _specs(params: Mapping, official_key: Callable[[tuple[Any, ...], int | None], tuple[str, str]],
+           conv_side: Callable[[str], int]) -> list[TensorSpec]:
+  """The TensorSpecs of a parameter tree: `official_key(path, layer)` names each tensor and its
+  layout kind, `conv_side(key)` is the kernel side of a conv tensor."""
+  specs = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = tuple(k.key for k in key_path)
+    layers = range(leaf.shape[0]) if _is_stacked(path) else [None]
+    for layer in layers:
+      shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
+      key, kind = official_key(path, layer)
+      specs.append(TensorSpec(path, layer, key, kind, _torch_shape(kind, shape, conv_side(key)),
+                              shape, np.dtype(leaf.dtype)))
+  return specs
 
 
 def tensor_specs(cfg: ModelConfig, params: Mapping | None = None) -> list[TensorSpec]:
@@ -138,16 +185,37 @@ def tensor_specs(cfg: ModelConfig, params: Mapping | None = None) -> list[Tensor
   `params` (arrays or ShapeDtypeStructs) defaults to the tree `EVE(cfg)` builds.
   """
   params = abstract_params(cfg) if params is None else params
-  specs = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = tuple(k.key for k in key_path)
-    layers = range(leaf.shape[0]) if _is_stacked(path) else [None]
-    for layer in layers:
-      shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
-      key, kind = _official_key(path, layer)
-      specs.append(TensorSpec(path, layer, key, kind, _torch_shape(kind, shape, cfg, key), shape,
-                              np.dtype(leaf.dtype)))
-  return specs
+
+  def conv_side(key: str) -> int:
+    return cfg.vision_merge if key.endswith('patch_embedding.2.weight') else cfg.vision_patch_size
+
+  return _specs(params, _official_key, conv_side)
+
+
+def clip_tensor_specs(cfg: CLIPVisionConfig, params: Mapping | None = None) -> list[TensorSpec]:
+  """Every tensor of the HF CLIP vision tower of `cfg`, keyed as the official EVEv1 checkpoints
+  store it below `TEACHER_PREFIXES` (`CLIP_TOWER` + the HF `CLIPVisionModel` key).
+
+  `params` (arrays or ShapeDtypeStructs) defaults to the tree `CLIPVision(cfg)` builds; its layers
+  are never stacked, so every spec's `layer` is None.
+  """
+  params = _abstract(lambda rngs: CLIPVision(cfg, rngs=rngs)) if params is None else params
+  return _specs(params, lambda path, _: _clip_key(path), lambda _: cfg.patch_size)
+
+
+def clip_official_keys(file_keys: Iterable[str], source: str) -> dict[str, str]:
+  """The CLIP vision tower in a HF CLIP file: official key (as `clip_tensor_specs` names it) ->
+  the file's key. CLIPModel files (and older CLIPVisionModel ones) prefix the tower with
+  `CLIP_TOWER`, transformers 5 saves a CLIPVisionModel without it; text-tower tensors are left out.
+  Raises when `source` (the file, for the message) holds no vision tower."""
+  file_keys = list(file_keys)
+  tower = {k: k for k in file_keys if k.startswith(CLIP_TOWER)}
+  if not tower and any(k.startswith('encoder.layers.') for k in file_keys):
+    tower = {CLIP_TOWER + k: k for k in file_keys}
+  if not tower:
+    raise ValueError(f'{source} holds no CLIP vision tower: expected the safetensors file of a HF '
+                     'CLIPVisionModel or CLIPModel')
+  return tower
 
 
 def to_torch_layout(spec: TensorSpec, value: np.ndarray) -> np.ndarray:

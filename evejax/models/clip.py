@@ -1,9 +1,9 @@
 """A CLIP ViT vision encoder in Flax NNX with the HF `CLIPVisionModel` parameter layout: EVEv1's
 frozen PAL teacher (openai/clip-vit-large-patch14-336 in the reference, penultimate layer).
 
-HF key `[vision_model.]X.weight` maps to attribute path X here with `kernel` (Linear: transposed;
-patch conv: (c, 3, p, p) -> (p*p*3, c) in (y, x, channel) order), LayerNorm `weight` -> `scale`,
-and `position_embedding.weight` -> `position_embedding`. `load_hf_safetensors` reads a local file.
+The attribute paths are HF's, so the key map to HF files is short; it lives with the other key
+maps in evejax/convert/keymap.py (`clip_tensor_specs`), and `evejax.convert.importer.load_clip`
+reads a local HF safetensors file into this module.
 
 Two entry points: `__call__` on pixel images (the HF computation), and `patch_features` on the
 patch groups of the batch format (evejax/batch.py), where each 28x28 px group of the EVE image,
@@ -14,11 +14,9 @@ embeddings), but only its own patches enter attention: the canvas padding is lef
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from evejax.models import layers
@@ -155,66 +153,3 @@ class CLIPVision(nnx.Module):
     cell = patch_coords + jnp.maximum(self.cfg.grid - extent, 0) // 2
     cell = jnp.clip(cell, 0, self.cfg.grid - 1)
     return 1 + cell[..., 0] * self.cfg.grid + cell[..., 1]
-
-
-def hf_key_map(cfg: CLIPVisionConfig) -> dict[str, tuple[tuple[Any, ...], str]]:
-  """HF key (without `vision_model.`) -> (nnx state path, how to convert the tensor)."""
-  keys = {
-      'embeddings.class_embedding': (('class_embedding',), 'copy'),
-      'embeddings.patch_embedding.weight': (('patch_embedding', 'kernel'), 'conv'),
-      'embeddings.position_embedding.weight': (('position_embedding',), 'copy'),
-  }
-
-  def norm(hf: str, path: tuple) -> None:
-    keys[f'{hf}.weight'] = (path + ('scale',), 'copy')
-    keys[f'{hf}.bias'] = (path + ('bias',), 'copy')
-
-  def linear(hf: str, path: tuple) -> None:
-    keys[f'{hf}.weight'] = (path + ('kernel',), 'transpose')
-    keys[f'{hf}.bias'] = (path + ('bias',), 'copy')
-
-  norm('pre_layrnorm', ('pre_layrnorm',))
-  norm('post_layernorm', ('post_layernorm',))
-  for i in range(cfg.num_layers):
-    hf, ours = f'encoder.layers.{i}', ('layers', i)
-    for name in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
-      linear(f'{hf}.self_attn.{name}', ours + ('self_attn', name))
-    linear(f'{hf}.mlp.fc1', ours + ('mlp', 'fc1'))
-    linear(f'{hf}.mlp.fc2', ours + ('mlp', 'fc2'))
-    norm(f'{hf}.layer_norm1', ours + ('layer_norm1',))
-    norm(f'{hf}.layer_norm2', ours + ('layer_norm2',))
-  return keys
-
-
-def _convert(tensor: np.ndarray, how: str) -> np.ndarray:
-  if how == 'transpose':
-    return tensor.T
-  if how == 'conv':  # (c, 3, p, p) -> (p, p, 3, c) -> (p*p*3, c)
-    return tensor.transpose(2, 3, 1, 0).reshape(-1, tensor.shape[0])
-  return tensor
-
-
-def load_hf_state(model: CLIPVision, tensors: Mapping[str, np.ndarray], source: str) -> None:
-  """Copies HF CLIPVisionModel (or CLIPModel) tensors into `model`; text-tower keys are ignored.
-  Missing keys or shape mismatches raise, naming the key and `source`."""
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  # Files saved from CLIPModel / older transformers prefix the tower with `vision_model.`.
-  tensors = {k.removeprefix('vision_model.'): v for k, v in tensors.items()}
-  for full, (path, how) in hf_key_map(model.cfg).items():
-    if full not in tensors:
-      raise ValueError(f'{source}: missing {full!r}; is this a CLIP ViT with '
-                       f'{model.cfg.num_layers} layers (pal.clip config)?')
-    value = _convert(np.asarray(tensors[full], np.float32), how)
-    target = flat[path]
-    if value.shape != target.shape:
-      raise ValueError(f'{source}: {full!r} has shape {tensors[full].shape}, the pal.clip config '
-                       f'expects {target.shape} after conversion; fix pal.clip to match the file')
-    target.set_value(jnp.asarray(value))
-  nnx.update(model, nnx.from_flat_state(flat))
-
-
-def load_hf_safetensors(model: CLIPVision, path: str) -> None:
-  """Loads a local `model.safetensors` of HF `CLIPVisionModel` / `CLIPModel` into `model`."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  load_hf_state(model, load_file(path), path)

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from evejax.sharding.mesh import BATCH_AXES
+
 Array = jax.Array
 Op = Callable[[Array], Array]
 
 MODES = ('select', 'sorted')
-BATCH_AXES = ('data', 'fsdp')  # evejax.sharding.mesh.BATCH_AXES (not imported: no cycle).
 # The last window, where both branches run, holds max(tokens / 64, 32) tokens: <= ~3% extra FLOPs at
 # training sizes, and few (compile-time) levels for small inputs.
 LAST_WINDOW_FRACTION = 64

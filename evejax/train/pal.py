@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from evejax import batch as batch_format
+from evejax.convert.importer import load_clip
 from evejax.models.config import ModelConfig
 from evejax.models.vision_v1 import image_extent, split_channels
 
@@ -146,7 +147,7 @@ def online_teacher(pal: PalConfig, model_cfg: ModelConfig) -> TeacherFn:
                      f'model.pal_teacher_size={model_cfg.pal_teacher_size}')
   teacher = clip.CLIPVision(pal.clip, rngs=nnx.Rngs(pal.seed))
   if pal.clip_weights:
-    clip.load_hf_safetensors(teacher, pal.clip_weights)
+    load_clip(teacher, pal.clip_weights)
   graphdef, state = nnx.split(teacher)
 
   def features(batch: Mapping[str, Array]) -> Array:
