@@ -20,9 +20,13 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class TrainState:
+  """What a checkpoint restores for an exact resume (with the data-iterator state)."""
   step: Array
   params: Any  # pure dict of parameter arrays
   opt_state: Any
+  # The run's base key as raw uint32 key data (`jax.random.key_data`), for stochastic ops; None
+  # where nothing random is drawn (step tests, memory planning).
+  rng: Optional[Array] = None
 
 
 @flax.struct.dataclass
@@ -121,7 +125,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     step_metrics = StepMetrics.single_from_model_output(
         grad_norm=grad_norm, param_norm=optax.global_norm(params),
         learning_rate=schedule(state.step))
-    return TrainState(state.step + 1, params, opt_state), (token_metrics, step_metrics)
+    return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+            (token_metrics, step_metrics))
 
   return jax.jit(train_step, donate_argnums=0)
 

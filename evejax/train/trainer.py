@@ -14,6 +14,7 @@ from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evejax import checkpoint, sharding
+from evejax.checkpoint import store
 from evejax.data import pipeline
 from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
 from evejax.models import EVE, ModelConfig
@@ -97,15 +98,12 @@ def _progress_values(scalars: dict[str, float]) -> dict[str, float]:
 
 
 def _restore_or_start(config, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState,
-                      rng: jax.Array, train_iter) -> tuple[TrainState, jax.Array]:
+                      train_iter) -> TrainState:
   """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
   if ckpt.latest_step() is not None:
-    target = {'params': state.params, 'opt_state': state.opt_state,
-              'progress': {'step': state.step, 'rng': rng}}
-    step, restored, _ = ckpt.restore(target, train_iter)
+    step, state, _ = ckpt.restore(state, train_iter)
     logging.info('Resumed from checkpoint %s/%d', ckpt.directory, step)
-    progress = restored['progress']
-    return TrainState(progress['step'], restored['params'], restored['opt_state']), progress['rng']
+    return state
   init_from = _option(config, 'init_from')
   if init_from:
     params, report = checkpoint.load_params(init_from, state.params)
@@ -113,7 +111,7 @@ def _restore_or_start(config, workdir: str, ckpt: checkpoint.Checkpointer, state
       with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
         json.dump({'init_from': init_from, **report}, f, indent=1)
     state = state.replace(params=params)
-  return state, rng
+  return state
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -122,6 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   Returns the final metrics; `preempted` is set when a SIGTERM ended the run early.
   """
   sharding.distributed.initialize(_option(config, 'distributed'))  # before any other JAX call
+  if jax.process_index() == 0:  # First: even a run that fails to start leaves its config.
+    store.write_run_config(workdir, json.loads(config.to_json_best_effort()))
   model_cfg = ModelConfig.from_dict(config.model)
   train_source, eval_source = pipeline.make_sources(config.data)
   tokenizer = pipeline.load_tokenizer(config.data, train_source)
@@ -154,14 +154,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info('Parameter groups (config.optim trainable/frozen/groups):\n%s',
                optim.group_summary(config.optim, params))
   replicated = NamedSharding(mesh, P())
-  with jax.set_mesh(mesh):
-    state = TrainState(step=jax.device_put(np.zeros((), np.int32), replicated), params=params,
-                       opt_state=jax.jit(tx.init, out_shardings=sharding.like_params(
-                           jax.eval_shape(tx.init, params), params, mesh))(params))
   # The run's base key, checkpointed with the state for stochastic ops (none in the recipes yet).
   # From host memory: a device array put on a mesh that spans other processes' devices yields a
   # global array Orbax cannot save when each process has one device (jax 0.10).
   rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(config.seed))), replicated)
+  with jax.set_mesh(mesh):
+    state = TrainState(step=jax.device_put(np.zeros((), np.int32), replicated), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=sharding.like_params(
+                           jax.eval_shape(tx.init, params), params, mesh))(params), rng=rng)
   guard_cfg = _option(config, 'guard')
   guard = NonFiniteGuard(guard_cfg.nonfinite, guard_cfg.max_skipped)
   pal = pal_lib.objective_from_config(config.get('pal'), model_cfg)  # EVEv1 only; None = off
@@ -182,14 +182,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_iter = pipeline.make_train_iterator(config.data, train_source, preprocess,
                                             config.batch_size, **hosts)
   ckpt_cfg = _option(config, 'checkpoint')
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), **ckpt_cfg)
-  state, rng = _restore_or_start(config, workdir, ckpt, state, rng, train_iter)
+  ckpt = checkpoint.Checkpointer(store.checkpoints_dir(workdir), **ckpt_cfg)
+  state = _restore_or_start(config, workdir, ckpt, state, train_iter)
   metadata = _checkpoint_metadata(config, params, mesh)
 
   def save(step: int, force: bool = False) -> None:
-    state_items = {'params': state.params, 'opt_state': state.opt_state,
-                   'progress': {'step': state.step, 'rng': rng}}
-    ckpt.save(step, state_items, train_iter, metadata, force=force)
+    ckpt.save(step, state, train_iter, metadata, force=force)
 
   writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(total_steps)
