@@ -12,19 +12,19 @@ import pytest
 from absl import logging
 
 from evejax.checkpoint import CheckpointError, Checkpointer, load_params
+from evejax.train.step import TrainState
 
 
-def make_state(seed: int, num_layers: int = 2) -> dict:
-  """A train-state-shaped tree; `layers` has int keys like the pure dict of an nnx.List."""
+def make_state(seed: int, num_layers: int = 2) -> TrainState:
+  """A train state of a small model; `layers` has int keys like the pure dict of an nnx.List."""
   rng = np.random.default_rng(seed)
   layers = {i: {'kernel': jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
                 'scale': jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
             for i in range(num_layers)}
   params = {'embed': jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), 'layers': layers}
   opt_state = ({'count': jnp.asarray(seed, jnp.int32), 'mu': jax.tree.map(jnp.ones_like, params)},)
-  progress = {'step': jnp.asarray(seed, jnp.int32),
-              'rng': jax.random.key_data(jax.random.key(seed))}
-  return {'params': params, 'opt_state': opt_state, 'progress': progress}
+  return TrainState(step=jnp.asarray(seed, jnp.int32), params=params, opt_state=opt_state,
+                    rng=jax.random.key_data(jax.random.key(seed)))
 
 
 def data_iterator():
@@ -67,7 +67,7 @@ def test_round_trip_is_exact_and_resumes_the_data_iterator(tmp_path):
       make_state(0), iterator)
   assert step == 3 and metadata == {'step': 3}
   assert_trees_equal(state, make_state(3))
-  assert isinstance(next(iter(state['params']['layers'])), int)  # nnx.List keys survive.
+  assert isinstance(next(iter(state.params['layers'])), int)  # nnx.List keys survive.
   np.testing.assert_array_equal(next(iterator), next(expected_next))
   ckpt.close()
 
@@ -135,8 +135,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 def test_resume_with_the_other_layer_layout_is_a_clear_error(tmp_path):
   save_steps(str(tmp_path), [1])
   target = make_state(0)
-  layers = target['params']['layers']
-  target['params']['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), layers[0], layers[1])
+  layers = target.params['layers']
+  target.params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), layers[0], layers[1])
   with pytest.raises(CheckpointError, match='stores the layers per_layer, the model stacked'):
     Checkpointer(str(tmp_path), every=1, keep_last=3).restore(target, data_iterator())
 
@@ -147,21 +147,21 @@ def test_resume_with_the_other_layer_layout_is_a_clear_error(tmp_path):
 ])
 def test_init_from_loads_matching_weights_and_reports(tmp_path, num_layers, new, dropped):
   save_steps(str(tmp_path / 'checkpoints'), [5])
-  fresh = make_state(99, num_layers)['params']
+  fresh = make_state(99, num_layers).params
   params, report = load_params(str(tmp_path), fresh)  # A workdir: its newest checkpoint.
-  saved = make_state(5)['params']
+  saved = make_state(5).params
   assert report['new'] == new and report['dropped'] == dropped
   assert len(report['loaded']) == 1 + 2 * min(num_layers, 2)
   np.testing.assert_array_equal(params['embed'], saved['embed'])
   for i in range(num_layers):
-    source = saved if i < 2 else make_state(99, num_layers)['params']
+    source = saved if i < 2 else make_state(99, num_layers).params
     np.testing.assert_array_equal(params['layers'][i]['kernel'], source['layers'][i]['kernel'])
   assert jax.tree.structure(params) == jax.tree.structure(fresh)
 
 
 def test_init_from_rejects_other_shapes(tmp_path):
   save_steps(str(tmp_path), [1])
-  params = make_state(0)['params']
+  params = make_state(0).params
   params['embed'] = jnp.zeros((12, 4))
   with pytest.raises(CheckpointError, match=r'embed: checkpoint \(10, 4\) vs model \(12, 4\)'):
     load_params(str(tmp_path / '1'), params)
@@ -169,17 +169,19 @@ def test_init_from_rejects_other_shapes(tmp_path):
 
 @pytest.mark.parametrize('saved_layout', ['per_layer', 'stacked'])
 def test_init_from_converts_between_per_layer_and_stacked_layers(tmp_path, saved_layout):
-  per_layer = make_state(5)['params']
+  per_layer = make_state(5).params
   stacked = dict(per_layer, layers=jax.tree.map(lambda *xs: jnp.stack(xs),
                                                 per_layer['layers'][0], per_layer['layers'][1]))
   saved, model = (per_layer, stacked) if saved_layout == 'per_layer' else (stacked, per_layer)
   ckpt = Checkpointer(str(tmp_path), every=1, keep_last=1)
-  ckpt.save(1, {'params': saved, 'opt_state': {}, 'progress': {}}, data_iterator(), {})
+  ckpt.save(1, TrainState.create(saved, {}).replace(step=jnp.asarray(1, jnp.int32)),
+            data_iterator(), {})
   ckpt.wait()
   fresh = jax.tree.map(jnp.zeros_like, model)
   params, report = load_params(str(tmp_path), fresh)
   assert report['new'] == [] and report['dropped'] == []
   assert_trees_equal(params, model)
   # Empty items (plain SGD has no optimizer state) are skipped on save and passed through.
-  target = {'params': saved, 'opt_state': (), 'progress': {}}
-  assert_trees_equal(ckpt.restore(target, data_iterator())[1], target)
+  target = jax.device_put(TrainState.create(saved, ()))  # Restore targets carry shardings.
+  restored = ckpt.restore(target, data_iterator())[1]
+  assert_trees_equal(restored, target.replace(step=jnp.asarray(1, jnp.int32)))

@@ -23,6 +23,7 @@ SETUP = textwrap.dedent('''
     from evejax import sharding
     from evejax.checkpoint import Checkpointer
     from evejax.models import EVE, ModelConfig
+    from evejax.train.step import TrainState
 
     def train_state(cfg, mesh_sizes, seed):
       """Params and AdamW state with non-zero moments, placed on the given mesh."""
@@ -33,9 +34,9 @@ SETUP = textwrap.dedent('''
         opt_state = jax.jit(tx.init)(params)
         opt_state = jax.jit(lambda g, s, p: tx.update(g, s, p)[1])(params, opt_state, params)
       replicated = NamedSharding(mesh, P())
-      progress = {'step': jax.device_put(jnp.asarray(seed, jnp.int32), replicated),
-                  'rng': jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)}
-      return {'params': params, 'opt_state': opt_state, 'progress': progress}
+      return TrainState(step=jax.device_put(jnp.asarray(seed, jnp.int32), replicated),
+                        params=params, opt_state=opt_state,
+                        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
 
     def data_iterator():
       return iter(grain.MapDataset.range(64).batch(2).to_iter_dataset())
@@ -60,7 +61,7 @@ WORKER = SETUP + textwrap.dedent('''
       for got, want, tgt in zip(jax.tree.leaves(restored), leaves, jax.tree.leaves(target)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(tgt.sharding, got.ndim), (got.sharding, tgt.sharding)
-      sharded = [x for x in jax.tree.leaves(restored['params'])
+      sharded = [x for x in jax.tree.leaves(restored.params)
                  if not x.sharding.is_fully_replicated]
       print(sizes, 'restored;', len(sharded), 'sharded parameter arrays')
 ''')

@@ -489,7 +489,7 @@ def test_evejax_checkpoint_round_trip_full_and_lazy(tmp_path):
   """save_params -> load_params / lazy_params (one tensor at a time) give the same bits and config;
   the output is a `params` item that init_from (evejax.checkpoint) resolves."""
   # pylint: disable=import-outside-toplevel
-  from evejax.checkpoint.init_from import resolve_params_dir
+  from evejax.checkpoint.store import resolve_params_dir
   from evejax.convert import checkpoints
   cfg = tiny_eve_cfg(param_dtype='bfloat16')
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(cfg))

@@ -11,6 +11,7 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import optax
 from absl import app, flags
 from flax import nnx
@@ -19,6 +20,7 @@ from evejax import sharding
 from evejax.checkpoint import Checkpointer
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
+from evejax.train.step import TrainState
 
 SIZES = {
     'tiny': model_preset('eve_v2_tiny'),
@@ -32,11 +34,11 @@ _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], f'Model sizes from {sorte
 _DIR = flags.DEFINE_string('dir', '/tmp/evejax_ckpt_bench', 'Scratch directory (deleted).')
 
 
-def train_state(cfg: ModelConfig, mesh) -> dict:
+def train_state(cfg: ModelConfig, mesh) -> TrainState:
   _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(optax.adamw(1e-3).init)(params)
-  return {'params': params, 'opt_state': opt_state, 'progress': {}}
+  return TrainState.create(params, opt_state)
 
 
 def directory_bytes(path: str) -> int:
@@ -61,7 +63,7 @@ def measure(name: str, mesh) -> dict:
   restore = time.perf_counter() - start
   size = directory_bytes(os.path.join(directory, '1'))
   shutil.rmtree(directory)
-  return dict(size=name, params=sum(x.size for x in jax.tree.leaves(state['params'])),
+  return dict(size=name, params=sum(x.size for x in jax.tree.leaves(state.params)),
               mb=size / 2**20, blocking=blocking, total=total, restore=restore)
 
 

@@ -1,7 +1,6 @@
 """`init_from`: start a new run (the next training stage) from another run's weights only."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -10,27 +9,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from evejax.checkpoint.manager import (PER_LAYER, CheckpointError, abstract_like, compare_params,
-                                      layer_layout, param_shapes, saved_param_shapes)
+from evejax.checkpoint.manager import (PER_LAYER, abstract_like, compare_params, layer_layout,
+                                      param_shapes, saved_param_shapes)
+from evejax.checkpoint.store import CheckpointError, resolve_params_dir
 
 PyTree = Any
-
-
-def resolve_params_dir(path: str) -> str:
-  """The `params` item for a step directory, a checkpoint directory (newest step) or a workdir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'params')):
-    return os.path.join(path, 'params')
-  root = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) \
-      else path
-  if not os.path.isdir(root):
-    raise CheckpointError(f'init_from={path} does not exist')
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step()
-  if step is None:
-    raise CheckpointError(f'init_from={path} holds no complete checkpoint: give a workdir, its '
-                          f'checkpoints/ directory or one step directory (…/checkpoints/STEP)')
-  return os.path.join(root, str(step), 'params')
 
 
 def _nested(flat: dict[str, Any]) -> dict:
@@ -74,7 +57,10 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
   A checkpoint with the other layer layout (per-layer vs stacked, `model.scan_layers`) is
   converted on the host, then placed.
   """
-  params_dir = resolve_params_dir(path)
+  try:
+    params_dir = resolve_params_dir(path)
+  except CheckpointError as error:  # Name the setting that gave the path.
+    raise CheckpointError(f'init_from={path}: {error}') from None
   saved = saved_param_shapes(params_dir)
   names, leaves = list(param_shapes(params)), jax.tree.leaves(params)
   by_name = dict(zip(names, leaves))

@@ -1,13 +1,5 @@
-"""Orbax checkpoints of a training run: parameters, optimizer state, step, RNG, data-iterator state.
-
-One checkpoint is a step directory with one Orbax item per part, so each can be read on its own
-(`init_from` reads only `params`):
-
-  {directory}/{step}/params      parameter pytree (pure dict)
-  {directory}/{step}/opt_state   optimizer state pytree
-  {directory}/{step}/progress    {'step': int32, 'rng': uint32 key data}
-  {directory}/{step}/data        the Grain iterator state (JSON)
-  {directory}/{step}/metadata    config and layer layout (JSON)
+"""Orbax checkpoints of a training run: its `TrainState` (parameters, optimizer state, step, RNG),
+the data-iterator state and metadata, one step directory per save in the layout of `store`.
 
 Orbax writes each step into a temporary directory and renames it when complete (and marks it with
 `commit_success.txt`), so a save killed half-way is never listed as a step. Restores read into the
@@ -19,7 +11,7 @@ import logging as std_logging
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import grain
 import jax
@@ -27,8 +19,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from evejax.checkpoint import store
+from evejax.checkpoint.store import CheckpointError
+
+if TYPE_CHECKING:  # Only for annotations: the training step's imports are not needed here.
+  from evejax.train.step import TrainState
+
 PyTree = Any
-STATE_ITEMS = ('params', 'opt_state', 'progress')
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
@@ -41,19 +38,15 @@ class _OrbaxInfoFilter(std_logging.Filter):
 _ORBAX_INFO_FILTER = _OrbaxInfoFilter()
 
 
-class CheckpointError(RuntimeError):
-  """No usable checkpoint, or one that does not fit the model being trained."""
+def _state_items(state: TrainState) -> dict[str, PyTree]:
+  """The state's trees by their item (store.STATE_ITEMS) in a step directory."""
+  return {store.PARAMS: state.params, store.OPT_STATE: state.opt_state,
+          store.PROGRESS: {'step': state.step, 'rng': state.rng}}
 
 
-def _non_empty(state: Mapping[str, PyTree]) -> list[str]:
-  """STATE_ITEMS that hold arrays: Orbax refuses empty trees (e.g. plain SGD's optimizer state)."""
-  return [name for name in STATE_ITEMS if jax.tree.leaves(state[name])]
-
-
-def _items(state) -> dict[str, PyTree]:
-  """A TrainState as the checkpoint's items (STATE_ITEMS)."""
-  return {'params': state.params, 'opt_state': state.opt_state,
-          'progress': {'step': state.step, 'rng': state.rng}}
+def _non_empty(items: Mapping[str, PyTree]) -> list[str]:
+  """Items that hold arrays: Orbax refuses empty trees (e.g. plain SGD's optimizer state)."""
+  return [name for name in store.STATE_ITEMS if jax.tree.leaves(items[name])]
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -118,36 +111,36 @@ class Checkpointer:
 
   def describe_latest(self) -> str:
     step = self.latest_step()
-    return 'none' if step is None else f'{self.directory}/{step}'
+    return 'none' if step is None else store.step_dir(self.directory, step)
 
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state, data_iterator, metadata: Mapping[str, Any],
-           *, force: bool = False) -> bool:
-    """Starts an (async) save of the TrainState `state` when the interval is due or `force`."""
-    items = _items(state)
+  def save(self, step: int, state: TrainState, data_iterator, metadata: Mapping[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts an (async) save of `state` when the interval is due or `force`."""
+    items = _state_items(state)
     args = {name: ocp.args.StandardSave(items[name]) for name in _non_empty(items)}
-    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    args['metadata'] = ocp.args.JsonSave(dict(metadata))
+    args[store.DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    args[store.METADATA] = ocp.args.JsonSave(dict(metadata))
     return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, state, data_iterator) -> tuple[int, Any, dict]:
-    """Restores the newest readable checkpoint into the TrainState `state`'s shapes and shardings.
+  def restore(self, target: TrainState, data_iterator) -> tuple[int, TrainState, dict]:
+    """Restores the newest readable checkpoint into `target`'s shapes and shardings.
 
     An unreadable checkpoint (truncated or missing files) is reported, moved aside to
     `{step}.unreadable-{time}` and the previous one is tried. The data iterator's state is then
     set in place. Returns (step, restored TrainState, metadata).
     """
-    target = _items(state)
     failures = []
+    target_items = _state_items(target)
     for step in reversed(self.all_steps()):
       try:
-        self._check_params(step, target['params'])
-        args = {name: ocp.args.StandardRestore(abstract_like(target[name]))
-                for name in _non_empty(target)}
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore(), **args))
+        self._check_params(step, target.params)
+        args = {name: ocp.args.StandardRestore(abstract_like(target_items[name]))
+                for name in _non_empty(target_items)}
+        args[store.METADATA] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except CheckpointError:
         raise
       except Exception as error:  # Orbax/TensorStore raise many types for damaged files.
@@ -155,52 +148,55 @@ class Checkpointer:
         self._move_aside(step, error)
         continue
       self._restore_data(step, data_iterator)
-      items = {name: restored[name] if name in args else target[name] for name in STATE_ITEMS}
-      progress = items['progress']
-      return step, state.replace(step=progress['step'], rng=progress['rng'],
-                                 params=items['params'], opt_state=items['opt_state']), dict(
-                                     restored['metadata'])
+      items = {name: restored[name] if name in args else target_items[name]
+               for name in store.STATE_ITEMS}
+      progress = items[store.PROGRESS]
+      state = target.replace(params=items[store.PARAMS], opt_state=items[store.OPT_STATE],
+                             step=progress['step'], rng=progress['rng'])
+      return step, state, dict(restored[store.METADATA])
     raise CheckpointError(
         f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
         '. Remove the directory (or use another --workdir) to start from scratch.')
 
   def _move_aside(self, step: int, error: Exception) -> None:
-    aside = f'{self.directory}/{step}.unreadable-{int(time.time())}'
-    logging.error('Checkpoint %s/%d is unreadable (%s: %s). Moved it to %s; trying the previous '
-                  'checkpoint.', self.directory, step, type(error).__name__, str(error)[:500],
-                  aside)
+    step_dir = store.step_dir(self.directory, step)
+    aside = f'{step_dir}.unreadable-{int(time.time())}'
+    logging.error('Checkpoint %s is unreadable (%s: %s). Moved it to %s; trying the previous '
+                  'checkpoint.', step_dir, type(error).__name__, str(error)[:500], aside)
     if jax.process_index() == 0:
-      os.rename(f'{self.directory}/{step}', aside)
+      os.rename(step_dir, aside)
     multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')
     self._manager.reload()
 
   def _restore_data(self, step: int, data_iterator) -> None:
     """A failure here is not a damaged model state: stop rather than fall back and lose steps."""
+    step_dir = store.step_dir(self.directory, step)
     try:
       self._manager.restore(step, args=ocp.args.Composite(
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+          **{store.DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
     except Exception as error:
       raise CheckpointError(
-          f'The data-iterator state in {self.directory}/{step}/data cannot be restored '
+          f'The data-iterator state in {store.item_dir(step_dir, store.DATA)} cannot be restored '
           f'({type(error).__name__}: {error}). It is damaged, or the data config changed since '
           'the run started: resume with the same data settings, or start a new --workdir with '
-          f'--config.init_from={self.directory}/{step}.') from error
+          f'--config.init_from={step_dir}.') from error
 
   def _check_params(self, step: int, target_params: PyTree) -> None:
-    saved = saved_param_shapes(os.path.join(self.directory, str(step), 'params'))
+    step_dir = store.step_dir(self.directory, step)
+    saved = saved_param_shapes(store.item_dir(step_dir, store.PARAMS))
     diff = compare_params(saved, param_shapes(target_params))
     saved_layout, layout = layer_layout(saved), layer_layout(param_shapes(target_params))
     if saved_layout != layout:
       raise CheckpointError(
-          f'Checkpoint {self.directory}/{step} stores the layers {saved_layout}, the model '
-          f'{layout} (model.scan_layers): resume with the setting the run started with, or start '
-          f'a new --workdir with --config.init_from={self.directory}/{step} (converts them).')
+          f'Checkpoint {step_dir} stores the layers {saved_layout}, the model {layout} '
+          '(model.scan_layers): resume with the setting the run started with, or start a new '
+          f'--workdir with --config.init_from={step_dir} (converts them).')
     if diff['new'] or diff['dropped'] or diff['mismatched']:
       raise CheckpointError(
-          f'Checkpoint {self.directory}/{step} holds parameters of another model: '
+          f'Checkpoint {step_dir} holds parameters of another model: '
           f'missing from it {diff["new"][:10]}, not in the model {diff["dropped"][:10]}, '
           f'other shapes {diff["mismatched"][:10]}. Use a fresh --workdir, and '
-          f'--config.init_from={self.directory}/{step} to start from these weights.')
+          f'--config.init_from={step_dir} to start from these weights.')
 
   def wait(self) -> None:
     """Blocks until the pending async save is on disk."""

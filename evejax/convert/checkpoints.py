@@ -1,16 +1,12 @@
-"""evejax checkpoints on the conversion side, in the layout of evejax.checkpoint (issue 6):
-
-  {dir}/params     Orbax parameter pytree (what `--config.init_from={dir}` reads)
-  {dir}/metadata   JSON: {'config': {'model': ...}, 'converted_from': ...}
-
-Training step directories (`{workdir}/checkpoints/{step}`) have the same two items, so `export`
-reads either.
+"""evejax checkpoints on the conversion side: imported parameters saved as an import output
+(evejax.checkpoint.store; what `--config.init_from={dir}` and `export` read) with Orbax's host
+copies batched to bound the memory, and parameters read back, whole or one tensor at a time, from
+an import output or a training run alike.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Mapping
 
 import jax
@@ -20,7 +16,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import types as orbax_serialization
 
-from evejax.checkpoint.init_from import resolve_params_dir
+from evejax.checkpoint import store
 from evejax.convert import keymap
 from evejax.models import ModelConfig
 
@@ -59,8 +55,6 @@ def _batched_host_copies():
 
 def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) -> None:
   """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
-  directory = os.path.abspath(directory)
-  metadata = {'config': {'model': dataclasses.asdict(cfg)}, 'converted_from': source}
   # Orbax needs the largest array to fit within the limit.
   limit_gb = max([CONCURRENT_GB] + [1.05 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
   params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb,
@@ -68,25 +62,9 @@ def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) 
   # import_checkpoint gives jax arrays on the CPU; numpy leaves are copied into jax arrays, because
   # Orbax buffers numpy leaves whole.
   with _batched_host_copies():
-    ocp.Checkpointer(params_handler).save(
-        os.path.join(directory, 'params'),
-        args=ocp.args.PyTreeSave(jax.tree.map(jax.device_put, params)))
-  ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(os.path.join(directory, 'metadata'),
-                                                     args=ocp.args.JsonSave(metadata))
-
-
-def saved_model_config(params_dir: str) -> ModelConfig:
-  """The model config stored beside a `params` item (import output or training step)."""
-  metadata_dir = os.path.join(os.path.dirname(params_dir), 'metadata')
-  if not os.path.isdir(metadata_dir):
-    raise FileNotFoundError(f'No metadata beside {params_dir} to read the model config from; '
-                            'pass --config')
-  metadata = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      metadata_dir, args=ocp.args.JsonRestore())
-  model = metadata.get('config', {}).get('model')
-  if model is None:
-    raise ValueError(f'{metadata_dir} has no config.model; pass --config')
-  return ModelConfig.from_dict(model)
+    store.write_params_folder(directory, jax.tree.map(jax.device_put, params),
+                              {'model': dataclasses.asdict(cfg)}, params_handler=params_handler,
+                              converted_from=source)
 
 
 def _restore(params_dir: str, target: Mapping) -> dict:
@@ -98,11 +76,16 @@ def _restore(params_dir: str, target: Mapping) -> dict:
       item=target, restore_args=restore_args, partial_restore=True))
 
 
+def _params_dir_and_config(path: str, cfg: ModelConfig | None) -> tuple[str, ModelConfig]:
+  """The `params` item that `path` names, and `cfg` or else the model config saved with it."""
+  folder = store.resolve_checkpoint(path)
+  return store.item_dir(folder, store.PARAMS), cfg or store.saved_model_config(folder)
+
+
 def load_params(path: str, cfg: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
   """All parameters (jax arrays on the host CPU) of an import output, a workdir, a checkpoints
   directory (newest step) or a step directory; `cfg` defaults to the one saved with them."""
-  params_dir = resolve_params_dir(path)
-  cfg = cfg or saved_model_config(params_dir)
+  params_dir, cfg = _params_dir_and_config(path, cfg)
   return _restore(params_dir, keymap.abstract_params(cfg)), cfg
 
 
@@ -139,6 +122,5 @@ class LazyParams(Mapping):
 
 def lazy_params(path: str, cfg: ModelConfig | None = None) -> tuple[LazyParams, ModelConfig]:
   """Like `load_params`, but tensors are read on access, one at a time."""
-  params_dir = resolve_params_dir(path)
-  cfg = cfg or saved_model_config(params_dir)
+  params_dir, cfg = _params_dir_and_config(path, cfg)
   return LazyParams(params_dir, keymap.abstract_params(cfg)), cfg

@@ -7,7 +7,6 @@ image preprocessing are the training run's, so questions look exactly like train
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Sequence
 
@@ -19,8 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from evejax import sharding
-from evejax.checkpoint.init_from import resolve_params_dir
-from evejax.checkpoint.manager import CheckpointError
+from evejax.checkpoint import store
 from evejax.config import TrainConfig
 from evejax.data import pipeline, templates
 from evejax.data.tokenizer import Tokenizer
@@ -30,24 +28,15 @@ from evejax.inference.sampling import SamplingConfig
 from evejax.models import EVE, stack
 
 
-def _read_metadata(step_dir: str) -> dict:
-  path = os.path.join(step_dir, 'metadata', 'metadata')
-  if not os.path.exists(path):
-    raise CheckpointError(f'{step_dir} has no metadata/metadata (the training config); was it '
-                          'written by python -m evejax.train?')
-  with open(path) as f:
-    return json.load(f)
-
-
 def _find_tokenizer(cfg: TrainConfig, step_dir: str) -> Tokenizer:
   """The run's `data.tokenizer`, else the tokenizer.json the trainer saved in the workdir."""
   if cfg.data.tokenizer:
     return Tokenizer.load(cfg.data.tokenizer)
-  workdir = os.path.dirname(os.path.dirname(step_dir))  # {workdir}/checkpoints/{step}
-  if not os.path.exists(os.path.join(workdir, 'tokenizer.json')):
-    raise FileNotFoundError(f'No tokenizer.json in {workdir}, the workdir of checkpoint '
-                            f'{step_dir}; the trainer writes it there')
-  return Tokenizer.load(workdir)
+  path = store.tokenizer_file(store.workdir_of(step_dir))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No tokenizer at {path}, in the workdir of checkpoint {step_dir}; '
+                            'the trainer writes it there')
+  return Tokenizer.load(path)
 
 
 def load_checkpoint(path: str, mesh: Mesh | None = None):
@@ -56,16 +45,15 @@ def load_checkpoint(path: str, mesh: Mesh | None = None):
   `path`: a workdir, its checkpoints/ folder (newest step) or one step folder. Parameters are read
   straight into their sharded layout (nothing is initialised first).
   """
-  params_dir = resolve_params_dir(path)
-  step_dir = os.path.dirname(params_dir)
-  cfg = TrainConfig.parse(_read_metadata(step_dir)['config'])
+  step_dir = store.resolve_checkpoint(path)
+  cfg = TrainConfig.parse(store.saved_config(step_dir))
   mesh = mesh or sharding.make_mesh({'data': -1})
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EVE(cfg.model, rngs=nnx.Rngs(0))),
                                  nnx.Param)
   shardings = sharding.param_shardings(abstract, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
-  params = ocp.StandardCheckpointer().restore(params_dir, target)
+  params = ocp.StandardCheckpointer().restore(store.item_dir(step_dir, store.PARAMS), target)
   return cfg, graphdef, params, _find_tokenizer(cfg, step_dir)
 
 

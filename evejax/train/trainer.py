@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evejax import checkpoint, sharding
 from evejax.batch import BatchSpec
+from evejax.checkpoint import store
 from evejax.config import TrainConfig
 from evejax.data import pipeline
 from evejax.evaluation.periodic import PeriodicBenchmark
@@ -98,6 +99,8 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   """
   cfg = TrainConfig.parse(config)  # The one place the raw config is read.
   sharding.distributed.initialize(cfg.distributed)  # before any other JAX call
+  if jax.process_index() == 0:  # First: even a run that fails to start leaves its config.
+    store.write_run_config(workdir, cfg.to_dict())
   train_source, eval_source = pipeline.make_sources(cfg.data)
   tokenizer = pipeline.load_tokenizer(cfg.data, train_source)
   if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -150,7 +153,7 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
 
   train_iter = pipeline.make_train_iterator(cfg.data, train_source, preprocess, cfg.batch_size,
                                             **hosts)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  ckpt = checkpoint.Checkpointer(store.checkpoints_dir(workdir),
                                  **dataclasses.asdict(cfg.checkpoint))
   state = _restore_or_start(cfg.init_from, workdir, ckpt, state, train_iter)
   metadata = _checkpoint_metadata(cfg, params, mesh)
