@@ -1,9 +1,13 @@
 """Configs: big_vision-style arguments, unknown keys rejected with a clear message."""
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from evejax import batch as bf
+from evejax.config import (BenchmarkConfig, CheckpointConfig, GuardConfig, ShapesConfig,
+                           TrainConfig, default_config)
 from evejax.config_utils import parse_arg
 from evejax.models import ModelConfig
 from evejax.models.presets import PRESETS, model_preset
@@ -53,3 +57,44 @@ def test_cli_rejects_unknown_override(tmp_path):
   assert result.returncode != 0
   assert "config.optim has no key 'learning_rate'" in result.stderr
   assert "'lr'" in result.stderr  # The valid keys are listed.
+
+
+def test_typed_sections_parse_once_with_defaults_types_and_unknown_keys():
+  config = load_config()
+  cfg = TrainConfig.parse(config)
+  # What the demo sets, and what it leaves at the one home of the defaults (evejax/config.py).
+  assert (cfg.optim.lr, cfg.data.pack_window, cfg.checkpoint.every) == (5e-4, 128, 200)
+  assert cfg.guard == GuardConfig() and cfg.benchmark == BenchmarkConfig()
+  assert isinstance(cfg.data.shapes, ShapesConfig) and cfg.data.shapes.turns == 3
+  # default_config() lists every field, so any of them can be overridden from the command line.
+  assert TrainConfig.parse(default_config()) == TrainConfig()
+  assert set(default_config().checkpoint) == {f.name for f in dataclasses.fields(
+      CheckpointConfig)}
+  assert TrainConfig.parse({'optim': {'lr': 1}}).optim.lr == 1.0  # An int is a valid float ...
+  with pytest.raises(ValueError, match=r"config.data.seq_len='long' must be of type int"):
+    TrainConfig.parse({'data': {'seq_len': 'long'}})  # ... a string is not an int.
+  with pytest.raises(ValueError, match=r"config.guard has unknown keys \['mode'\]; valid keys: "
+                                       r"\['max_skipped', 'nonfinite'\]"):
+    TrainConfig.parse({'guard': {'mode': 'skip'}})
+  with pytest.raises(ValueError, match=r"guard.nonfinite='ignore'; use one of \('stop', 'skip'\)"):
+    TrainConfig.parse({'guard': {'nonfinite': 'ignore'}})
+  with pytest.raises(ValueError, match='total_steps=0 must be >= 1'):
+    TrainConfig.parse({'total_steps': 0})
+  with pytest.raises(ValueError, match='pal.weight > 0 needs model.pal=True'):
+    TrainConfig.parse({'pal': {'weight': 1.0}, 'model': {'pal': False}})
+
+
+def test_batch_spec_is_built_from_model_and_data_once():
+  cfg = TrainConfig.parse(load_config())
+  spec = cfg.batch_spec()
+  assert (spec.seq_len, spec.patch_slots, spec.patch_shape) == (256, 96, (4, 16 * 16 * 3))
+  assert set(spec.zeros(2)) == set(bf.KEYS) and spec.zeros(2)['patches'].shape == (2, 96, 4, 768)
+  v1 = TrainConfig.parse({'model': model_preset('eve_v1_tiny'),
+                          'pal': {'weight': 1.0, 'teacher': 'offline'},
+                          'data': {'max_size': 168, 'resize': 'eve_v1'}})
+  spec = v1.batch_spec()
+  assert spec.patch_shape == (4, 14 * 14 * 4) and spec.image_keys  # The valid-pixel channel.
+  assert spec.teacher_size == 64 and spec.patch_slots == (168 // 28 + 1) ** 2
+  assert set(spec.zeros()) == set(bf.KEYS) | set(bf.V1_KEYS) | {'teacher_features'}
+  with pytest.raises(ValueError, match="data.resize='pad' needs the valid-pixel channel"):
+    TrainConfig.parse({'data': {'resize': 'pad'}}).batch_spec()
