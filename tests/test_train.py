@@ -66,3 +66,23 @@ def test_tensorboard_events_match_jsonl(short_run):
   assert [s for s, _ in got] == [s for s, _ in want]
   assert all(abs(a - b) < 1e-5 * max(1, abs(b)) for (_, a), (_, b) in zip(got, want))
   assert {'eval/accuracy', 'train/learning_rate', 'train/grad_norm', 'compile_time_s'} <= set(scalars)
+
+
+def test_a_dataset_without_a_held_out_split_trains(tmp_path, caplog):
+  """Converted records with only a train split: the run trains and says it skips evaluation."""
+  from configs import demo
+  from evejax.data import records
+  from evejax.data.shapes import ShapesDataset
+  from evejax.train.trainer import train
+  dataset = ShapesDataset(16, seed=2)
+  records.write_dataset(list(range(16)), dataset.__getitem__, str(tmp_path / 'data'), 'train',
+                        info={'corpus': dataset.corpus()})
+  config = demo.get_config()
+  config.data.update(source='records', path=str(tmp_path / 'data'), pack_window=4)
+  config.model.num_layers = 1
+  config.update(total_steps=2, log_every=1, batch_size=2)
+  final = train(config, str(tmp_path / 'run'))
+  assert final['train/loss'] > 0 and not any(k.startswith('eval/') for k in final)
+  assert "has no split 'eval'" in caplog.text and 'without held-out evaluation' in caplog.text
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    assert [json.loads(line)['step'] for line in f if 'train/loss' in line] == [1, 2]
