@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from configs.demo import get_config
+from evejax.config_utils import load_config_file
 from evejax.data import pipeline
 from evejax.inference import Generator, SamplingConfig, encode_prompt
 from evejax.models import EVE, ModelConfig
@@ -47,7 +47,7 @@ def time_decode(generator: Generator, prompts, sampling: SamplingConfig) -> floa
 
 def main(argv):
   del argv
-  config = get_config()
+  config = load_config_file('configs/demo.py')  # This checkout's, or the installed package's.
   model_cfg = ModelConfig.from_dict(config.model)
   train_source, held_out = pipeline.make_sources(config.data)
   preprocess = pipeline.make_preprocessor(

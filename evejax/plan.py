@@ -2,7 +2,10 @@
 report what each device holds, the step's FLOPs, and whether it fits a given HBM per chip.
 
   python -m evejax.plan --config=configs/eve_v2/stage2.py:size=7b --mesh=fsdp=-1 --devices=256
-      [--hbm_gib=95] [--model=routing=sorted,remat=full] [--config.batch_size=512]
+      [--hbm_gib=95] [--config.model.routing=sorted --config.model.remat=full]
+      [--config.batch_size=512]
+
+`--config.model.X=Y` sets any ModelConfig field, also one the config file leaves at its default.
 
 Nothing is allocated: parameters, optimizer state and the batch are abstract (shapes + shardings),
 and `jax.jit(...).lower(...).compile()` runs XLA's SPMD partitioner and buffer assignment for the
@@ -25,10 +28,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from evejax import sharding
-from evejax.config_utils import _coerce
+from evejax import cli, sharding
+from evejax.config_utils import load_config_file
 from evejax.data import images
 from evejax.metrics import flops as flops_lib
 from evejax.models import EVE, ModelConfig
@@ -36,13 +38,21 @@ from evejax.sharding.synthetic import batch_shapes
 from evejax.train import optim
 from evejax.train.step import TrainState, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.')
+
+def load_config(spec: str):
+  """The config of a get_config(arg) file with every ModelConfig field in its `model` (defaults
+  for those the file leaves out), so that `--config.model.X=Y` reaches any of them."""
+  config = load_config_file(spec)
+  config.model.update(dataclasses.asdict(ModelConfig.from_dict(config.model)))
+  return config
+
+
+_CONFIG = cli.define_config_flag('A get_config(arg) file, as path[:arg]; --config.model.X=Y sets '
+                                 'any ModelConfig field.', load=load_config)
 _MESH = flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the "
                             "config's mesh).")
 _DEVICES = flags.DEFINE_integer('devices', 256, 'Number of fake devices (chips) to compile for.')
 _HBM = flags.DEFINE_float('hbm_gib', 95.0, 'Memory per chip, GiB.')
-_MODEL = flags.DEFINE_string('model', '', "Overrides of model fields, e.g. 'routing=sorted,"
-                             "remat=save_dots' (including fields the config leaves at defaults).")
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Positions per row (default: data.seq_len).')
 _PATCH_GROUPS = flags.DEFINE_integer('patch_groups', 0, 'Visual-token slots per row (default: '
                                      'from data.max_size / data.row_patches).')
@@ -56,17 +66,6 @@ def parse_sizes(text: str) -> dict[str, Any]:
     key, _, value = item.partition('=')
     sizes[key.strip()] = int(value)
   return sizes
-
-
-def model_config(config, overrides: str):
-  cfg = ModelConfig.from_dict(config.model)
-  changes = {}
-  for item in filter(None, overrides.split(',')):
-    key, _, value = item.partition('=')
-    if not hasattr(cfg, key):
-      raise ValueError(f'--model: ModelConfig has no field {key!r}')
-    changes[key] = _coerce(key, value, getattr(cfg, key))
-  return dataclasses.replace(cfg, **changes)
 
 
 def batch_geometry(config, cfg) -> tuple[int, int, int]:
@@ -168,7 +167,7 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   config = _CONFIG.value
-  cfg = model_config(config, _MODEL.value)
+  cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))
   batch_shape = batch_geometry(config, cfg)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
@@ -181,5 +180,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
