@@ -2,7 +2,7 @@
 evejax/train/optim.py): optimizer-state size, compiled FLOPs and temporary memory (XLA analyses of
 the program compiled here) and step time, per EVEv2 stage rule.
 
-  PYTHONPATH=. python benchmarks/freezing.py [--layers=4 --hidden=256 --rows=4 --seq_len=256 --repeats=5]
+  python benchmarks/freezing.py [--layers=4 --hidden=256 --rows=4 --seq_len=256 --repeats=5]
 """
 import argparse
 import time

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from configs.demo import get_config
+from evejax.config_utils import load_config_file
 from evejax.data import pipeline
 from evejax.inference import Generator, SamplingConfig, encode_prompt
 from evejax.config import TrainConfig
@@ -48,7 +48,7 @@ def time_decode(generator: Generator, prompts, sampling: SamplingConfig) -> floa
 
 def main(argv):
   del argv
-  config = TrainConfig.parse(get_config())
+  config = TrainConfig.parse(load_config_file('configs/demo.py'))  # Checkout's, or installed.
   train_source, held_out = pipeline.make_sources(config.data)
   preprocess = pipeline.make_preprocessor(
       config.data, pipeline.load_tokenizer(config.data, train_source), config.batch_spec())

@@ -20,8 +20,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
+from evejax.cli import define_config_flag, parse_flags
 from evejax.data import pipeline, records
 from evejax.config import TrainConfig
 from evejax.train import pal
@@ -86,7 +86,7 @@ def define_flags() -> dict[str, Any]:
   """The CLI's flags, defined only when it runs: the library functions above import without
   them (other CLIs in one process, e.g. the tests, define their own --config)."""
   return dict(
-      config=config_flags.DEFINE_config_file('config', None, 'The EVEv1 training config.'),
+      config=define_config_flag('The EVEv1 training config, as path[:arg].'),
       in_dir=flags.DEFINE_string('in_dir', None, 'Converted dataset (data_pipelines/) to read.'),
       out_dir=flags.DEFINE_string('out_dir', None, 'Where the copy with features is written.'),
       split=flags.DEFINE_string('split', 'train', 'Split to convert.'),
@@ -104,5 +104,5 @@ def main(argv, cli: dict[str, Any]) -> None:
 
 if __name__ == '__main__':
   _CLI = define_flags()
-  flags.mark_flags_as_required(['config', 'in_dir', 'out_dir'])
-  app.run(functools.partial(main, cli=_CLI))
+  flags.mark_flags_as_required(['in_dir', 'out_dir'])
+  app.run(functools.partial(main, cli=_CLI), flags_parser=parse_flags)

@@ -3,6 +3,9 @@ from them (`from_mapping`)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pathlib
 import runpy
 import typing
 from typing import Any, Mapping
@@ -31,10 +34,28 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def resolve_config_path(path: str) -> str:
+  """`path` (a config file or a recipe folder) as given if it exists; else, for a `configs/...`
+  path, the same one in the installed `configs` package, so that the README's `--config=configs/..`
+  works from any directory after `pip install`. Any other missing path is an error naming it."""
+  if os.path.exists(path):
+    return path
+  parts = pathlib.PurePath(path).parts
+  packaged = parts[0] == 'configs' and len(parts) > 1
+  if packaged:
+    spec = importlib.util.find_spec('configs')
+    for root in (spec.submodule_search_locations or []) if spec else []:
+      if os.path.exists(os.path.join(root, *parts[1:])):
+        return os.path.join(root, *parts[1:])
+  where = ', nor in the installed configs package' if packaged else ''
+  raise FileNotFoundError(f'Config {path!r} does not exist (relative to {os.getcwd()}{where})')
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
+  """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (the path as
+  `resolve_config_path` finds it)."""
   path, _, arg = spec.partition(':')
-  return runpy.run_path(path)['get_config'](arg or None)
+  return runpy.run_path(resolve_config_path(path))['get_config'](arg or None)
 
 
 def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:

@@ -2,7 +2,11 @@
 report what each device holds, the step's FLOPs, and whether it fits a given HBM per chip.
 
   python -m evejax.plan --config=configs/eve_v2/stage2.py:size=7b --mesh=fsdp=-1 --devices=256
-      [--hbm_gib=95] [--model=routing=sorted,remat=full] [--config.batch_size=512]
+      [--hbm_gib=95] [--config.model.routing=sorted --config.model.remat=full]
+      [--config.batch_size=512]
+
+`--config.model.X=Y` sets any ModelConfig field (configs start from `default_config()`, which has
+them all).
 
 Nothing is allocated: parameters, optimizer state and the batch are abstract (shapes + shardings),
 and `jax.jit(...).lower(...).compile()` runs XLA's SPMD partitioner and buffer assignment for the
@@ -25,10 +29,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from evejax import sharding
-from evejax.config_utils import _coerce
+from evejax import cli, sharding
 from evejax.batch import BatchSpec
 from evejax.config import TrainConfig
 from evejax.metrics import flops as flops_lib
@@ -37,13 +39,13 @@ from evejax.sharding.synthetic import batch_shapes
 from evejax.train import optim
 from evejax.train.step import TrainState, make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a get_config(arg) file.')
+
+_CONFIG = cli.define_config_flag('A get_config(arg) file, as path[:arg]; --config.model.X=Y sets '
+                                 'any ModelConfig field.')
 _MESH = flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the "
                             "config's mesh).")
 _DEVICES = flags.DEFINE_integer('devices', 256, 'Number of fake devices (chips) to compile for.')
 _HBM = flags.DEFINE_float('hbm_gib', 95.0, 'Memory per chip, GiB.')
-_MODEL = flags.DEFINE_string('model', '', "Overrides of model fields, e.g. 'routing=sorted,"
-                             "remat=save_dots' (including fields the config leaves at defaults).")
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Positions per row (default: data.seq_len).')
 _PATCH_GROUPS = flags.DEFINE_integer('patch_groups', 0, 'Visual-token slots per row (default: '
                                      'from data.max_size / data.row_patches).')
@@ -57,16 +59,6 @@ def parse_sizes(text: str) -> dict[str, Any]:
     key, _, value = item.partition('=')
     sizes[key.strip()] = int(value)
   return sizes
-
-
-def model_config(cfg: ModelConfig, overrides: str) -> ModelConfig:
-  changes = {}
-  for item in filter(None, overrides.split(',')):
-    key, _, value = item.partition('=')
-    if not hasattr(cfg, key):
-      raise ValueError(f'--model: ModelConfig has no field {key!r}')
-    changes[key] = _coerce(key, value, getattr(cfg, key))
-  return dataclasses.replace(cfg, **changes)
 
 
 def batch_spec(config: TrainConfig) -> BatchSpec:
@@ -171,7 +163,6 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   config = TrainConfig.parse(_CONFIG.value)
-  config = dataclasses.replace(config, model=model_config(config.model, _MODEL.value))
   cfg = config.model
   mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))
   spec = batch_spec(config)
@@ -185,5 +176,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

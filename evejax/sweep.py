@@ -6,12 +6,14 @@ dotted overrides of its config:
       for blank in (False, True):
         add(**{'optim.lr': lr, 'data.blank_images': blank})
 
-  python -m evejax.sweep --config=configs/demo.py --workdir=/tmp/sweep              # list the runs
+  python -m evejax.sweep --config=configs/eve_v2/ablate_decomposition.py:root=/tmp/eve_v2 \
+      --workdir=/tmp/sweep                                                         # list the runs
   python -m evejax.sweep --config=... --workdir=... --mode=commands --launcher=slurm  # launch lines
   python -m evejax.sweep --config=... --workdir=... --mode=run       # train them here, in turn
   python -m evejax.sweep --config=... --workdir=... --mode=results   # final metrics per run
 
-Run i writes to WORKDIR/<i>_<overrides>; running again resumes each run from its checkpoint.
+`--config.x=y` overrides on the command line apply to every run, before the run's own. Run i
+writes to WORKDIR/<i>_<its own overrides>; running again resumes each run from its checkpoint.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
-from evejax.config_utils import apply_overrides, load_config_file
+from evejax import cli
+from evejax.config_utils import apply_overrides, load_config_file, resolve_config_path
 from evejax.metrics.writers import read_jsonl
 
 LAUNCHERS = {
@@ -52,11 +55,12 @@ def _slug(overrides: dict[str, Any]) -> str:
   return re.sub(r'[^A-Za-z0-9_.=+-]+', '-', '-'.join(parts))[:80]
 
 
-def expand(config_spec: str, workdir: str) -> list[Run]:
+def expand(config_spec: str, workdir: str, overrides: dict[str, Any] | None = None) -> list[Run]:
   """The runs that `sweep(add)` in the config file defines, each override checked against the
-  config."""
+  config. `overrides` (the command line's) come first in every run; a run's name and workdir
+  follow from its own."""
   path = config_spec.partition(':')[0]
-  sweep_fn: Callable | None = runpy.run_path(path).get('sweep')
+  sweep_fn: Callable | None = runpy.run_path(resolve_config_path(path)).get('sweep')
   if sweep_fn is None:
     raise ValueError(f'{path} defines no sweep(add) function')
   added: list[dict[str, Any]] = []
@@ -66,10 +70,11 @@ def expand(config_spec: str, workdir: str) -> list[Run]:
     raise ValueError(f'sweep(add) in {path} added no run')
   config = load_config_file(config_spec)
   runs = []
-  for index, overrides in enumerate(added):
-    apply_overrides(config.copy_and_resolve_references(), overrides, where=f'{path} run {index}')
-    name = f'{index:02d}_{_slug(overrides)}' if overrides else f'{index:02d}'
-    runs.append(Run(name, overrides, os.path.join(workdir, name)))
+  for index, own in enumerate(added):
+    merged = {**(overrides or {}), **own}
+    apply_overrides(config.copy_and_resolve_references(), merged, where=f'{path} run {index}')
+    name = f'{index:02d}_{_slug(own)}' if own else f'{index:02d}'
+    runs.append(Run(name, merged, os.path.join(workdir, name)))
   return runs
 
 
@@ -116,20 +121,21 @@ def results_table(runs: Sequence[Run], keys: Sequence[str] = RESULT_KEYS) -> str
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so modules can share flag names)."""
-  flags.DEFINE_string('config', None, 'A config file with sweep(add), as path[:arg].')
+  cli.define_config_flag('A config file with sweep(add), as path[:arg]; --config.x=y overrides '
+                         'apply to every run.')
   flags.DEFINE_string('workdir', None, "Root of the runs' work directories.")
   flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
   flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')
   flags.DEFINE_list('runs', [], 'Only these run indices (default: all).')
   flags.DEFINE_list('keys', list(RESULT_KEYS), 'Metrics in the results table.')
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}')
-  f = flags.FLAGS
-  runs = expand(f.config, f.workdir)
+  f, spec = flags.FLAGS, cli.config_spec()
+  runs = expand(spec, f.workdir, cli.config_overrides())
   if f.runs:
     wanted = {int(i) for i in f.runs}
     runs = [run for index, run in enumerate(runs) if index in wanted]
@@ -138,10 +144,10 @@ def main(argv):
       print(f'{run.name}\t{run.workdir}\t{" ".join(run.flags())}')
   elif f.mode == 'commands':
     for run in runs:
-      print(launch_command(run, f.config, f.launcher))
+      print(launch_command(run, spec, f.launcher))
   elif f.mode == 'run':
     logging.set_verbosity(logging.INFO)
-    run_locally(runs, f.config)
+    run_locally(runs, spec)
     print(results_table(runs, f.keys))
   else:
     print(results_table(runs, f.keys))
@@ -149,4 +155,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -37,7 +37,7 @@ case "$action" in
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:/tmp/evejax.tar.gz" "${where[@]}" \
       --worker=all
     install="mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir"
-    install+=" && pip install -q -U 'jax[tpu]' && pip install -q -e $remote_dir"
+    install+=" && cd $remote_dir && pip install -q -e '.[tpu]'"  # [tpu]: the TPU build of jax
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command "$install"
     ;;
   run)

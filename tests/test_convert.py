@@ -387,6 +387,36 @@ def test_cli_import_export_check(tmp_path):
   assert int(metrics['positions']) == 4 + 1 + 2 * 2  # 4 text ids, a 2x1-token image
 
 
+CLI_CONFIG = textwrap.dedent('''
+    import dataclasses
+    import ml_collections
+    from evejax.convert import importer
+
+    def get_config(arg=None):  # arg: the moe_part
+      cfg = importer.model_config_from_hf(importer.read_hf_config({hf!r}), moe_part=arg or '')
+      return ml_collections.ConfigDict(dict(model=dataclasses.asdict(cfg)))
+    ''')
+
+
+def test_cli_import_takes_a_config_argument_and_overrides(tmp_path):
+  """`--config=FILE:arg --config.model.X=Y`: the override wins over the file's model; an
+  unknown field is a clear error."""
+  hf = save_hf(hf_model('qwen2'), tmp_path / 'hf')
+  config = tmp_path / 'llm.py'
+  config.write_text(CLI_CONFIG.format(hf=hf))
+  command = ['evejax.convert', 'import', f'--hf_dir={hf}', f'--out={tmp_path}/ckpt',
+             f'--config={config}:mlp']
+  run_cli(*command, '--config.model.moe_part=self_attn-mlp')
+  from evejax.convert import checkpoints  # pylint: disable=import-outside-toplevel
+  _, cfg = checkpoints.load_params(str(tmp_path / 'ckpt'))
+  assert cfg.moe_part == 'self_attn-mlp'
+  bad = subprocess.run([sys.executable, '-m', *command, '--config.model.moe_parts=mlp'],
+                       capture_output=True, text=True)
+  assert bad.returncode != 0
+  assert "Invalid command line: --config.model.moe_parts: config.model has no key 'moe_parts'" \
+      in bad.stderr
+
+
 def test_compare_logits_metrics():
   from evejax.convert.check import compare_logits  # pylint: disable=import-outside-toplevel
   b = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])

@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -120,6 +121,12 @@ def test_cider_orders_captions():
   disjoint = metrics.cider(['xyz', 'qqq'], refs)['cider']
   assert perfect > partial > disjoint == 0.0
   assert metrics._caption_tokens('A Red, circle!') == 'a red circle'
+
+
+def test_cider_without_the_eval_extra_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'pycocoevalcap.cider.cider', None)  # As if not installed.
+  with pytest.raises(ImportError, match=r"needs pycocoevalcap: pip install 'evejax\[eval\]'"):
+    metrics.cider(['a red circle'], [['a red circle']])
 
 
 def test_read_jsonl_resolves_images_and_names_bad_lines(tmp_path):

@@ -49,6 +49,9 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   assert shlex.split(words[-1]) == [
       'cd', '~/evejax', '&&', 'nohup', *TRAIN, '--config.distributed.auto=True',
       '>', '~/evejax_train.log', '2>&1', '&']
+  install = shlex.split(dry_run('tpu_vm.sh', 'setup', **env).splitlines()[-1])[-1]
+  assert shlex.split(install)[-8:] == ['cd', '~/evejax', '&&', 'pip', 'install', '-q', '-e',
+                                       '.[tpu]']  # The package with the TPU build of jax.
   assert shlex.split(dry_run('tpu_vm.sh', 'teardown', **env)) == [
       'gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', *where, '--quiet']
 

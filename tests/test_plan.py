@@ -10,11 +10,15 @@ REPO = __file__.rsplit('/tests/', 1)[0]
 MiB = 2 ** 20
 
 
-def run_plan(*args):
+def plan_command(*args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'evejax.plan', '--config=configs/demo.py',
-                           '--devices=8', '--config.batch_size=8', '--model=num_layers=2', *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run([sys.executable, '-m', 'evejax.plan', '--config=configs/demo.py',
+                         '--devices=8', '--config.batch_size=8', '--config.model.num_layers=2',
+                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_plan(*args):
+  result = plan_command(*args)
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stdout
 
@@ -26,7 +30,8 @@ def row(text, label):
 
 @pytest.fixture(scope='module')
 def fsdp_plan():
-  return run_plan('--mesh=fsdp=8', '--hbm_gib=0.001')
+  # param_dtype: a model field that configs/demo.py leaves at its default (float32).
+  return run_plan('--mesh=fsdp=8', '--hbm_gib=0.001', '--config.model.param_dtype=float32')
 
 
 def expected_param_bytes_per_device(devices=8):
@@ -56,6 +61,13 @@ def test_plan_reports_sharded_memory_and_fit(fsdp_plan):
   assert 'DOES NOT FIT' in fsdp_plan  # 0.001 GiB per chip is too small
 
 
+def test_plan_rejects_an_unknown_model_field_naming_the_valid_ones():
+  result = plan_command('--config.model.routin=sorted')
+  assert result.returncode != 0
+  assert "--config.model.routin: config.model has no key 'routin'" in result.stderr
+  assert "'routing'" in result.stderr and "'param_dtype'" in result.stderr  # Defaults included.
+
+
 def test_plan_flops_match_the_analytic_count(fsdp_plan):
   xla, analytic = map(float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)',
                                        fsdp_plan).groups())
@@ -64,8 +76,8 @@ def test_plan_flops_match_the_analytic_count(fsdp_plan):
 
 @pytest.mark.slow  # three compiles
 def test_plan_scanned_flops_count_every_layer():
-  text = run_plan('--mesh=data=2,fsdp=4', '--model=num_layers=2,scan_layers=True,remat=full',
-                  '--hbm_gib=95')
+  text = run_plan('--mesh=data=2,fsdp=4', '--config.model.scan_layers=True',
+                  '--config.model.remat=full', '--hbm_gib=95')
   assert 'FITS: ' in text
   xla, analytic = map(float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)',
                                        text).groups())

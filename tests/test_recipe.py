@@ -6,6 +6,8 @@ stage's starting weights, and the optimizer state holds moments for the trainabl
 """
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,7 +19,9 @@ from evejax import recipe, sharding
 from evejax.convert import checkpoints
 from evejax.models import EVE, ModelConfig
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
+RECIPE = f'configs/eve_v2:size=tiny,steps={STEPS}'
 OVERRIDES = {'data.num_train': 300, 'data.num_eval': 16, 'model.num_layers': 2}
 
 
@@ -75,17 +79,24 @@ def check_stage(root: str, stage: str, before: dict[str, np.ndarray], is_trainab
 
 @pytest.fixture(scope='module')
 def recipe_root(tmp_path_factory):
+  """The recipe run by its CLI: the overrides, as --config.x=y flags, reach every training stage
+  (the checks below see 2 layers and the short data)."""
   root = str(tmp_path_factory.mktemp('eve_v2_tiny'))
-  recipe.run('eve_v2', 'tiny', root, args=f'steps={STEPS}', overrides=OVERRIDES)
+  result = subprocess.run(
+      [sys.executable, '-m', 'evejax.recipe', f'--config={RECIPE}', f'--workdir={root}',
+       *(f'--config.{key}={value}' for key, value in OVERRIDES.items())],
+      cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [line.split(':')[0] for line in result.stdout.splitlines()] == [
+      f'eve_v2/{stage}' for stage in recipe.stages(RECIPE) if stage != 'copy']
   return root
 
 
-def initial_params(recipe_name: str, stage: str, root: str, steps: int,
+def initial_params(recipe_spec: str, stage: str, root: str,
                    overrides: dict) -> dict[str, np.ndarray]:
   """A first stage's random start, made as the trainer makes it (jitted init: eager init rounds
   differently)."""
-  config = recipe.stage_config(recipe_name, stage, 'tiny', root, args=f'steps={steps}',
-                               overrides=overrides)
+  config = recipe.stage_config(recipe_spec, stage, root, overrides=overrides)
   cfg = ModelConfig.from_dict(config.model)
   _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(config.seed)),
                                     sharding.make_mesh(config.mesh))
@@ -108,8 +119,8 @@ def test_copy_step_initialises_vision_copies_from_llm_weights(recipe_root):
 
 @pytest.mark.parametrize('stage', ['stage0', 'stage1_0', 'stage1_1', 'stage2', 'stage3'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
-  order = recipe.stages('eve_v2')
-  before = (initial_params('eve_v2', 'stage0', recipe_root, STEPS, OVERRIDES)
+  order = recipe.stages(RECIPE)
+  before = (initial_params(RECIPE, 'stage0', recipe_root, OVERRIDES)
             if stage == 'stage0' else
             flat(checkpoints.load_params(os.path.join(recipe_root,
                                                       order[order.index(stage) - 1]))[0]))
@@ -127,5 +138,4 @@ def test_stages_start_from_the_previous_stage(recipe_root):
 
 
 def test_rerun_skips_completed_stages(recipe_root):
-  assert recipe.run('eve_v2', 'tiny', recipe_root, args=f'steps={STEPS}',
-                    overrides=OVERRIDES) == {}
+  assert recipe.run(RECIPE, recipe_root, overrides=OVERRIDES) == {}

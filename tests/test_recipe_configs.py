@@ -24,9 +24,9 @@ EVE_V1_7B = {
 
 @pytest.mark.parametrize('name, table', [('eve_v2', EVE_V2_7B), ('eve_v1', EVE_V1_7B)])
 def test_7b_stages_follow_the_reference_tables(name, table):
-  assert [s for s in recipe.stages(name) if s != 'copy'] == list(table)
+  assert [s for s in recipe.stages(f'configs/{name}') if s != 'copy'] == list(table)
   for stage, (lr, batch, seq_len, side, template, start) in table.items():
-    config = recipe.stage_config(name, stage, '7b', '/runs', args='data_root=/data')
+    config = recipe.stage_config(f'configs/{name}:size=7b,data_root=/data', stage, '/runs')
     assert (config.optim.lr, config.batch_size, config.data.seq_len, config.data.max_size,
             config.data.template) == (lr, batch, seq_len, side, template), stage
     assert config.init_from == os.path.join('/runs', start)
@@ -38,14 +38,14 @@ def test_7b_stages_follow_the_reference_tables(name, table):
 
 
 def test_eve_v2_vision_copies_appear_at_the_copy_step():
-  parts = {s: recipe.stage_config('eve_v2', s, '7b', '/r').model.moe_part
-           for s in recipe.stages('eve_v2') if s != 'copy'}
+  parts = {s: recipe.stage_config('configs/eve_v2:size=7b', s, '/r').model.moe_part
+           for s in recipe.stages('configs/eve_v2') if s != 'copy'}
   assert parts == {'stage0': '', **{s: 'layernorm-self_attn-mlp' for s in list(parts)[1:]}}
 
 
 def test_eve_v1_prealign_vision_group_lr_and_tiny_scaling():
-  big = recipe.stage_config('eve_v1', 'prealign', '7b', '/r')
-  tiny = recipe.stage_config('eve_v1', 'prealign', 'tiny', '/r')
+  big = recipe.stage_config('configs/eve_v1:size=7b', 'prealign', '/r')
+  tiny = recipe.stage_config('configs/eve_v1:size=tiny', 'prealign', '/r')
   assert big.optim.groups.vision.lr == 4e-4
   assert tiny.optim.groups.vision.lr / tiny.optim.lr == pytest.approx(10)
   assert tiny.init_from == ''  # No pretrained tiny LLM: stage 1 starts from random weights.
@@ -53,31 +53,36 @@ def test_eve_v1_prealign_vision_group_lr_and_tiny_scaling():
 
 def test_bad_arguments_are_clear_errors():
   with pytest.raises(ValueError, match="size='13b'"):
-    recipe.stage_config('eve_v2', 'stage0', '13b', '/r')
-  with pytest.raises(ValueError, match="Unknown recipe 'eve_v3'"):
-    recipe.stages('eve_v3')
+    recipe.stage_config('configs/eve_v2:size=13b', 'stage0', '/r')
+  with pytest.raises(FileNotFoundError, match="Config 'configs/eve_v3' does not exist"):
+    recipe.stages('configs/eve_v3')
+  with pytest.raises(ValueError, match='configs/eve_v2/common.py is not a recipe folder'):
+    recipe.stages('configs/eve_v2/common.py')
   with pytest.raises(ValueError, match=r"eve_v2/stage2: --config.optim.lrr"):
-    recipe.stage_config('eve_v2', 'stage2', 'tiny', '/r', overrides={'optim.lrr': 1.0})
+    recipe.stage_config('configs/eve_v2', 'stage2', '/r', overrides={'optim.lrr': 1.0})
+  with pytest.raises(ValueError, match='root=/elsewhere is not the recipe workdir /r'):
+    recipe.stage_config('configs/eve_v2:root=/elsewhere', 'stage2', '/r')
+  assert recipe.stage_config('configs/eve_v2:root=/r', 'stage2', '/r').init_from == '/r/stage1_1'
   with pytest.raises(ValueError, match=r"Unknown stages \['stage9'\]"):
-    recipe.run('eve_v2', 'tiny', '/r', only=('stage9',))
+    recipe.run('configs/eve_v2', '/r', only=('stage9',))
 
 
 @pytest.mark.parametrize('size', ['7b', 'tiny'])
 def test_eve_v1_stages_all_train_with_pal(size):
   """PAL (weight 1) is on in every EVEv1 stage of the reference; the 7B teacher is CLIP-L/14-336
   at the penultimate layer, offline by default, and the data keep the valid-pixel channel."""
-  for stage in recipe.stages('eve_v1'):
-    config = recipe.stage_config('eve_v1', stage, size, '/r')
+  for stage in recipe.stages('configs/eve_v1'):
+    config = recipe.stage_config(f'configs/eve_v1:size={size}', stage, '/r')
     model = ModelConfig.from_dict(config.model)
     assert model.pal and model.vision_tokenizer == 'v1', stage
     assert config.pal.weight == 1.0 and config.data.resize == 'eve_v1', stage
     assert config.pal.teacher == ('offline' if size == '7b' else 'online'), stage
     assert model.pal_pool == (2 if (size, stage) == ('7b', 'finetune_hd') else 1), stage
-  big = recipe.stage_config('eve_v1', 'pretrain', '7b', '/r',
-                            args='teacher=online,clip_weights=/w/clip.safetensors')
+  big = recipe.stage_config('configs/eve_v1:size=7b,teacher=online,'
+                            'clip_weights=/w/clip.safetensors', 'pretrain', '/r')
   assert (big.pal.teacher, big.pal.clip_weights) == ('online', '/w/clip.safetensors')
 
 
 def test_eve_v1_online_teacher_without_weights_is_a_clear_error():
   with pytest.raises(ValueError, match='clip_weights=<local safetensors'):
-    recipe.stage_config('eve_v1', 'prealign', '7b', '/r', args='teacher=online')
+    recipe.stage_config('configs/eve_v1:size=7b,teacher=online', 'prealign', '/r')

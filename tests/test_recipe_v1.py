@@ -12,6 +12,7 @@ from evejax.convert import checkpoints
 from test_recipe import check_stage, flat, initial_params
 
 STEPS = 2
+RECIPE = f'configs/eve_v1:size=tiny,steps={STEPS}'
 OVERRIDES = {'data.num_train': 300, 'data.num_eval': 16, 'model.num_layers': 2}
 STARTS_FROM = {'pretrain': 'prealign', 'finetune': 'pretrain', 'finetune_hd': 'pretrain'}
 
@@ -29,13 +30,13 @@ def reference_trainable(stage: str, name: str) -> bool:
 @pytest.fixture(scope='module')
 def recipe_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('eve_v1_tiny'))
-  recipe.run('eve_v1', 'tiny', root, args=f'steps={STEPS}', overrides=OVERRIDES)
+  recipe.run(RECIPE, root, overrides=OVERRIDES)
   return root
 
 
 @pytest.mark.parametrize('stage', ['prealign', 'pretrain', 'finetune', 'finetune_hd'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
-  before = (initial_params('eve_v1', 'prealign', recipe_root, STEPS, OVERRIDES)
+  before = (initial_params(RECIPE, 'prealign', recipe_root, OVERRIDES)
             if stage == 'prealign' else
             flat(checkpoints.load_params(os.path.join(recipe_root, STARTS_FROM[stage]))[0]))
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
@@ -49,5 +50,5 @@ def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
 
 
 def test_prealign_gives_the_vision_side_its_own_learning_rate(recipe_root):
-  config = recipe.stage_config('eve_v1', 'prealign', 'tiny', recipe_root)
+  config = recipe.stage_config('configs/eve_v1:size=tiny', 'prealign', recipe_root)
   assert config.optim.groups.vision.lr == 10 * config.optim.lr  # 4e-4 vs 4e-5 in the reference

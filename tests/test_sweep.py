@@ -85,6 +85,23 @@ def test_cli_lists_runs(config_file, tmp_path):
   assert out[1].split('\t')[2] == '--config.optim.lr=0.003 --config.data.blank_images=True'
 
 
+def test_cli_overrides_apply_to_every_run_and_unknown_ones_are_rejected(config_file, tmp_path):
+  command = [sys.executable, '-m', 'evejax.sweep', f'--config={config_file}:blank=True',
+             f'--workdir={tmp_path}', '--mode=commands', '--config.total_steps=7']
+  out = subprocess.run(command, capture_output=True, text=True, check=True,
+                       cwd=REPO).stdout.splitlines()
+  assert len(out) == 5
+  for line, run in zip(out, sweep.expand(config_file, str(tmp_path))):
+    words = shlex.split(line)
+    assert words[:4] == ['python', '-m', 'evejax.train', f'--config={config_file}:blank=True']
+    assert words[5:] == ['--config.total_steps=7', *run.flags()]  # The run's own come last.
+    assert words[4] == f'--workdir={run.workdir}'  # Named by its own overrides only.
+  bad = subprocess.run([*command[:-1], '--config.optim.lrr=1'], capture_output=True, text=True,
+                       cwd=REPO)
+  assert bad.returncode != 0
+  assert "Invalid command line: --config.optim.lrr: config.optim has no key 'lrr'" in bad.stderr
+
+
 def test_local_runs_and_results_table_from_their_metrics(config_file, tmp_path):
   runs = sweep.expand(config_file, str(tmp_path))[2:4]  # The second is never run.
   finals = sweep.run_locally(runs[:1], config_file)

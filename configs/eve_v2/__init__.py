@@ -1,0 +1,1 @@
+"""The EVEv2 recipe, one config per stage: `python -m evejax.recipe --config=configs/eve_v2`."""

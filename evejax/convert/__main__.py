@@ -1,8 +1,8 @@
 """CLI: weights in and out of evejax.
 
   # HF LLM (stage 0) or official EVE checkpoint -> evejax checkpoint (for --config.init_from=OUT)
-  python -m evejax.convert import --hf_dir=Qwen2.5-7B-Instruct --out=OUT [--config=cfg.py:arg]
-      [--moe_part=layernorm-self_attn-mlp --vision_copies=copy]
+  python -m evejax.convert import --hf_dir=Qwen2.5-7B-Instruct --out=OUT [--config=cfg.py:arg
+      --config.model.X=Y] [--moe_part=layernorm-self_attn-mlp --vision_copies=copy]
   # evejax checkpoint (import output, workdir or step dir) -> official EVEv2 folder / plain HF LLM
   python -m evejax.convert export --params=WORKDIR --out=EXPORT --tokenizer_dir=TOK [--llm_only]
 """
@@ -13,18 +13,13 @@ import sys
 
 from absl import app, flags, logging
 
-from evejax.config_utils import load_config_file
+from evejax import cli
 from evejax.convert import checkpoints, exporter, importer
+from evejax.convert.cli_flags import HF_DIR, PARAMS, config_from_flag
 from evejax.convert.files import CheckpointReader
-from evejax.models import ModelConfig
 
 COMMANDS = ('import', 'export')
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'import: HF Llama/Qwen2 or official EVE folder.')
-_PARAMS = flags.DEFINE_string('params', None, 'export: evejax checkpoint (import output, workdir, '
-                              'checkpoints dir or step dir).')
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
-_CONFIG = flags.DEFINE_string('config', None, 'get_config file whose `model` is the evejax model; '
-                              'default: import reads config.json, export the saved config.')
 _MOE_PART = flags.DEFINE_string('moe_part', None, "import without --config: the vision copies to "
                                 "build, e.g. 'layernorm-self_attn-mlp' (default: the file's).")
 _PARAM_DTYPE = flags.DEFINE_string('param_dtype', 'float32', 'import without --config: dtype of '
@@ -51,10 +46,6 @@ def parse_size(text: str) -> int:
   if not match:
     raise ValueError(f'--max_shard_size={text!r}: use a number with KB, MB or GB, e.g. 5GB')
   return int(float(match[1]) * {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9}[match[2]])
-
-
-def config_from_flag() -> ModelConfig | None:
-  return ModelConfig.from_dict(load_config_file(_CONFIG.value).model) if _CONFIG.value else None
 
 
 def run_import(hf_dir: str, out: str) -> None:
@@ -93,14 +84,14 @@ def main(argv):
   if not _OUT.value:
     sys.exit('--out is required')
   if argv[1] == 'import':
-    if not _HF_DIR.value:
+    if not HF_DIR.value:
       sys.exit('import needs --hf_dir')
-    run_import(_HF_DIR.value, _OUT.value)
+    run_import(HF_DIR.value, _OUT.value)
   else:
-    if not _PARAMS.value:
+    if not PARAMS.value:
       sys.exit('export needs --params')
-    run_export(_PARAMS.value, _OUT.value)
+    run_export(PARAMS.value, _OUT.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,7 +1,7 @@
 """Logit parity between evejax and PyTorch on the same image + text input.
 
   python -m evejax.convert.check --hf_dir=EXPORT [--params=CKPT] [--image=cat.jpg]
-      [--prompt='<image>\\nDescribe the image.'] [--atol=1e-3]
+      [--prompt='<image>\\nDescribe the image.'] [--atol=1e-3] [--config=cfg.py:arg]
 
 The PyTorch side loads `--hf_dir`: with `transformers` for a plain Llama/Qwen2 folder and a text
 prompt, otherwise with evejax.convert.torch_reference (the reference EVEv2 forward). The evejax side
@@ -20,19 +20,15 @@ from absl import app, flags
 from flax import nnx
 
 from evejax import batch as bf
+from evejax import cli
 from evejax.batch import BatchSpec
-from evejax.config_utils import load_config_file
 from evejax.convert import checkpoints, importer
+from evejax.convert.cli_flags import CONFIG, HF_DIR, PARAMS, config_from_flag
 from evejax.convert.files import CheckpointReader
 from evejax.data import encode, images
 from evejax.data.tokenizer import Tokenizer
 from evejax.models import EVE, ModelConfig
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None,
-                              'Official EVE / HF Llama-Qwen2 folder (the PyTorch side).')
-_PARAMS = flags.DEFINE_string('params', None, 'evejax checkpoint (default: import --hf_dir).')
-_CONFIG = flags.DEFINE_string('config', None, 'get_config file whose `model` is the evejax model '
-                              '(default: from config.json and the weights).')
 _IMAGE = flags.DEFINE_string('image', None, 'Image file; default: a fixed random image when the '
                              'model has a vision tower.')
 _PROMPT = flags.DEFINE_string('prompt', f'{bf.IMAGE_PLACEHOLDER}\nDescribe the image.',
@@ -76,10 +72,12 @@ def format_report(metrics: dict[str, float], positions: int) -> str:
   return '\n'.join(lines)
 
 
-def model_config(hf_dir: str, reader: CheckpointReader, config_spec: str | None) -> ModelConfig:
+def model_config(hf_dir: str, reader: CheckpointReader,
+                 cfg: ModelConfig | None) -> ModelConfig:
+  """`cfg` (a `--config` model), checked against the folder's config.json, or else the model of
+  config.json and the weights."""
   hf = importer.read_hf_config(hf_dir)
-  if config_spec:
-    cfg = ModelConfig.from_dict(load_config_file(config_spec).model)
+  if cfg is not None:
     importer.check_config_matches(hf, cfg, hf_dir)
     return cfg
   return importer.model_config_from_hf(hf, **importer.vision_fields(reader))
@@ -139,9 +137,9 @@ def torch_logits(hf_dir: str, impl: str, ids: list[int], pixels: np.ndarray | No
 
 def main(argv):
   del argv
-  hf_dir = _HF_DIR.value
+  hf_dir = HF_DIR.value
   reader = CheckpointReader(hf_dir)
-  cfg = model_config(hf_dir, reader, _CONFIG.value)
+  cfg = model_config(hf_dir, reader, config_from_flag())
   has_vision = bool(importer.vision_fields(reader))
   if _IDS.value:
     ids = [int(i) for i in _IDS.value]
@@ -153,8 +151,8 @@ def main(argv):
   impl = _TORCH.value
   if impl == 'auto':
     impl = 'transformers' if pixels is None and not has_vision else 'reference'
-  if _PARAMS.value:
-    params, cfg = checkpoints.load_params(_PARAMS.value, cfg if _CONFIG.value else None)
+  if PARAMS.value:
+    params, cfg = checkpoints.load_params(PARAMS.value, cfg if CONFIG.value else None)
   else:
     params = importer.import_checkpoint(hf_dir, cfg)
   got = evejax_logits(cfg, spec, params, ids, pixels)
@@ -170,4 +168,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('hf_dir')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

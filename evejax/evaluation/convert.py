@@ -3,7 +3,7 @@
   python -m evejax.evaluation.convert --format=gqa --questions=testdev_balanced_questions.json \
       --images=gqa/images --out=bench/gqa.jsonl
   python -m evejax.evaluation.convert --format=shapes --config=configs/demo.py \
-      --out=bench/shapes.jsonl
+      --out=bench/shapes.jsonl [--config.data.num_eval=128]
 
 --images is the image folder (for mmbench and shapes: where the images are written; default: an
 `images/` folder beside --out). The shapes format writes the held-out split of the config's data.
@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from evejax import cli
 from evejax.config import TrainConfig
 from evejax.config_utils import load_config_file
 from evejax.data import pipeline
@@ -23,7 +24,9 @@ _QUESTIONS = flags.DEFINE_string('questions', None, 'Question file (mme: the ben
 _ANNOTATIONS = flags.DEFINE_string('annotations', None, 'vqav2: the annotations file.')
 _IMAGES = flags.DEFINE_string('images', None, 'Image folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'scienceqa_img: the split to keep.')
-_CONFIG = flags.DEFINE_string('config', 'configs/demo.py', 'shapes: the training config file.')
+DEFAULT_CONFIG = 'configs/demo.py'
+_CONFIG = cli.define_config_flag(f'shapes: the training config, as path[:arg] (default: '
+                                 f'{DEFAULT_CONFIG}).', required=False)
 _LIMIT = flags.DEFINE_integer('limit', None,
                               'shapes: at most this many images (one question per turn).')
 _HISTORY = flags.DEFINE_bool(
@@ -36,7 +39,8 @@ def records():
   fmt, questions = _FORMAT.value, _QUESTIONS.value
   images = _IMAGES.value or os.path.join(os.path.dirname(os.path.abspath(_OUT.value)), 'images')
   if fmt == 'shapes':
-    held_out = pipeline.make_sources(TrainConfig.parse(load_config_file(_CONFIG.value)).data)[1]
+    config = _CONFIG.value or load_config_file(DEFAULT_CONFIG)
+    held_out = pipeline.make_sources(TrainConfig.parse(config).data)[1]
     return converters.shapes(held_out, images, _LIMIT.value, history=_HISTORY.value)
   if not questions:
     raise app.UsageError(f'--format={fmt} needs --questions')
@@ -58,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

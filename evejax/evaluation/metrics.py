@@ -211,7 +211,10 @@ def _caption_tokens(text: str) -> str:
 
 def cider(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
   """CIDEr-D (pycocoevalcap's scorer; document frequencies from this set's references)."""
-  from pycocoevalcap.cider.cider import Cider  # Pure Python; only the tokenizer would need Java.
+  try:  # The scorer is pure Python (only the tokenizer would need Java); an optional extra.
+    from pycocoevalcap.cider.cider import Cider
+  except ImportError as error:
+    raise ImportError("The CIDEr metric needs pycocoevalcap: pip install 'evejax[eval]'") from error
   refs = {i: [_caption_tokens(a) for a in gold] for i, gold in enumerate(answers)}
   hyps = {i: [_caption_tokens(p)] for i, p in enumerate(predictions)}
   score, _ = Cider().compute_score(refs, hyps)

@@ -1,0 +1,87 @@
+"""The command line every evejax CLI shares: `--config=FILE.py[:arg]` names a `get_config(arg)` file
+(a `configs/...` path is also found in the installed package) and `--config.x.y=value` overrides
+one of its fields, parsed as that field's type (ml_collections config_flags).
+
+  _CONFIG = cli.define_config_flag('What the config is for.')
+  ...
+  app.run(main, flags_parser=cli.parse_flags)
+
+A mistake on the command line (a missing config file, an override of a field the config does not
+have, a missing required flag) exits with one line saying what is wrong, not a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from evejax.config_utils import load_config_file, unknown_override
+
+Loader = Callable[[str], ml_collections.ConfigDict]
+NAME = 'config'
+
+
+class ConfigParser(flags.ArgumentParser):
+  """`--config` -> `load(spec)`, locked, so that an override must name a field it has."""
+
+  def __init__(self, load: Loader):
+    self.load = load
+
+  def parse(self, argument: str) -> ml_collections.ConfigDict:
+    config = self.load(argument)
+    config.lock()
+    return config
+
+  def flag_type(self) -> str:
+    return 'config object'
+
+
+def define_config_flag(help_string: str, *, load: Loader = load_config_file,
+                       required: bool = True) -> flags.FlagHolder:
+  """Defines `--config` with its `--config.x.y=value` overrides. `load` turns the flag's value
+  into the ConfigDict that the overrides are checked against and applied to (default: a
+  `get_config(arg)` file). Unless `required`, the value is None without `--config`."""
+  holder = config_flags.DEFINE_config_file(NAME, None, help_string)
+  # config_flags' own parser reads the file relative to the working directory only; the flag
+  # calls `parser.parse`, so this one decides what `--config` names.
+  flags.FLAGS[NAME].parser = ConfigParser(load)
+  if required:
+    flags.mark_flag_as_required(NAME)
+  return holder
+
+
+def config_spec() -> str:
+  """`--config` as given (`FILE.py[:arg]`), e.g. to pass it on to another command."""
+  return config_flags.get_config_filename(flags.FLAGS[NAME])
+
+
+def config_overrides() -> dict[str, Any]:
+  """The `--config.x.y=value` overrides, by dotted key, with their parsed values."""
+  return config_flags.get_override_values(flags.FLAGS[NAME])
+
+
+def _unknown_overrides(argv: list[str]) -> str:
+  """The overrides in `argv` that name no field of the `--config` config, each with the valid
+  keys where it goes wrong ('' when there are none, or the config itself does not load)."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{NAME}=')), None)
+  keys = [a[len(f'--{NAME}.'):].split('=', 1)[0] for a in argv if a.startswith(f'--{NAME}.')]
+  if spec is None or not keys:
+    return ''
+  try:
+    config = flags.FLAGS[NAME].parser.load(spec)
+  except (FileNotFoundError, ValueError):  # absl's message already says what is wrong with it.
+    return ''
+  return '; '.join(filter(None, (unknown_override(config, key) for key in keys)))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing (for `app.run(..., flags_parser=parse_flags)`) that exits with a clear
+  message on a command-line mistake."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, FileNotFoundError, flags.Error) as error:
+    # config_flags reports an unknown override as a bare AttributeError/KeyError.
+    sys.exit(f'Invalid command line: {_unknown_overrides(argv) or error}')
