@@ -1,7 +1,7 @@
 """Ablation sweep (the EVEv2 paper's decomposition study): stage 1.0 with vision copies of the
 norms, attention, MLP, all three or none, each from the same stage-0 + copy weights.
 
-  python -m evejax.recipe --recipe=eve_v2 --size=tiny --workdir=DIR --stages=stage0,copy
+  python -m evejax.recipe --config=configs/eve_v2:size=tiny --workdir=DIR --stages=stage0,copy
   python -m evejax.sweep --config=configs/eve_v2/ablate_decomposition.py:root=DIR \
       --workdir=DIR/ablate --mode=run          # then --mode=results for the table
 Copies a variant lacks are dropped when its init_from loads (see init_from_report.json).

@@ -10,7 +10,7 @@ Arguments (`--config=configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2,data_
   size       '7b' (the paper's recipe) or 'tiny' (the same stages on the embedded shapes data, CPU).
   root       the recipe's output root: stage S writes to {root}/S (pass it as --workdir) and starts
              from {root}/<previous stage> (init_from). Stage 0 starts from {root}/llm, the imported
-             base LLM (`python -m evejax.convert import --hf=Qwen2.5-7B-Instruct --out={root}/llm`).
+             base LLM (`python -m evejax.convert import --hf_dir=Qwen2.5-7B-Instruct --out={root}/llm`).
   data_root  7b: the directory holding each stage's converted dataset (data.source='records').
   tokenizer  7b: the Qwen2.5 tokenizer.json or HF folder.
   steps      tiny: training steps per stage.

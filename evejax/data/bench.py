@@ -17,14 +17,16 @@ import time
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from PIL import Image
 
+from evejax import cli
 from evejax.config import TrainConfig
+from evejax.config_utils import load_config_file
 from evejax.data import pipeline, records
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Training config (data, '
-                                          'model patch geometry).')
+DEFAULT_CONFIG = 'configs/demo.py'
+_CONFIG = cli.define_config_flag(f'Training config (data, model patch geometry), as path[:arg] '
+                                 f'(default: {DEFAULT_CONFIG}).', required=False)
 _DATASET = flags.DEFINE_enum('dataset', 'demo', ['demo', 'photos', 'records'], 'Which images.')
 _RECORDS_DIR = flags.DEFINE_string('records_dir', '', "--dataset=records: a converted dataset.")
 _SPLIT = flags.DEFINE_string('split', 'train', '--dataset=records: the split.')
@@ -112,7 +114,7 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
 
 def main(argv):
   del argv
-  config = TrainConfig.parse(_CONFIG.value)
+  config = TrainConfig.parse(_CONFIG.value or load_config_file(DEFAULT_CONFIG))
   batch_size = _BATCH_SIZE.value or config.batch_size
   with tempfile.TemporaryDirectory() as workdir:
     source = Subset(make_source(config, workdir), _NUM_IMAGES.value)
@@ -137,4 +139,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
