@@ -7,6 +7,7 @@ process so the peak RSS is its own: `import` (safetensors -> evejax params in bf
 checkpoint) and `export` (Orbax checkpoint -> official EVEv2 safetensors shards). The target is a
 peak below 1.3x the stored size (never two full copies). Prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,31 @@ sys.path.insert(0, ROOT)
 
 # ~1.1B parameters (TinyLlama-like widths, Qwen2 layout with q/k/v biases).
 PRESETS = {
-    'qwen2_1b': dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
-    # ~2.7B parameters, a 32k vocabulary (Llama-like widths, Qwen2 layout).
-    'qwen2_3b': dict(vocab_size=32000, hidden_size=2560, intermediate_size=6912,
-                     num_hidden_layers=32, num_attention_heads=20, num_key_value_heads=4),
-    'qwen2_tiny': dict(vocab_size=1000, hidden_size=128, intermediate_size=256,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+  'qwen2_1b': dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+  ),
+  # ~2.7B parameters, a 32k vocabulary (Llama-like widths, Qwen2 layout).
+  'qwen2_3b': dict(
+    vocab_size=32000,
+    hidden_size=2560,
+    intermediate_size=6912,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    num_key_value_heads=4,
+  ),
+  'qwen2_tiny': dict(
+    vocab_size=1000,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  ),
 }
 
 
@@ -38,7 +57,7 @@ def peak_rss_bytes() -> int:
   """This process's RSS high-water mark. (getrusage's ru_maxrss would include the parent's RSS at
   fork time, which survives exec.)"""
   with open('/proc/self/status') as f:
-    line = next(l for l in f if l.startswith('VmHWM:'))
+    line = next(row for row in f if row.startswith('VmHWM:'))
   return int(line.split()[1]) * 1024  # kB
 
 
@@ -46,9 +65,18 @@ def write_random_hf(folder: str, dims: dict) -> int:
   """A random bf16 HF Qwen2 checkpoint written tensor by tensor; returns its parameter count."""
   from evejax.convert import importer, keymap  # pylint: disable=import-outside-toplevel
   from evejax.convert.files import PlannedTensor, ShardedSafetensorsWriter  # noqa
-  hf = dict(architectures=['Qwen2ForCausalLM'], model_type='qwen2', rms_norm_eps=1e-6,
-            rope_theta=1e6, hidden_act='silu', tie_word_embeddings=False,
-            max_position_embeddings=4096, torch_dtype='bfloat16', **dims)
+
+  hf = dict(
+    architectures=['Qwen2ForCausalLM'],
+    model_type='qwen2',
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    hidden_act='silu',
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+    torch_dtype='bfloat16',
+    **dims,
+  )
   cfg = importer.model_config_from_hf(hf)
   specs = [s for s in keymap.tensor_specs(cfg) if s.is_llm]
   plan = [PlannedTensor(s.key, s.shape, np.dtype('bfloat16')) for s in specs]
@@ -67,26 +95,35 @@ def child(direction: str, workdir: str) -> None:
   # pylint: disable=import-outside-toplevel
   from evejax.convert import checkpoints, exporter, importer
   from evejax.convert.files import CheckpointReader  # pylint: disable=import-outside-toplevel
+
   baseline = peak_rss_bytes()
   start = time.perf_counter()
   if direction == 'import':
     hf_dir = os.path.join(workdir, 'hf')
-    cfg = importer.model_config_from_hf(importer.read_hf_config(hf_dir), param_dtype='bfloat16',
-                                        dtype='bfloat16')
+    cfg = importer.model_config_from_hf(
+      importer.read_hf_config(hf_dir), param_dtype='bfloat16', dtype='bfloat16'
+    )
     params = importer.import_checkpoint(hf_dir, cfg, progress=False)
     checkpoints.save_params(os.path.join(workdir, 'evejax'), params, cfg, source=hf_dir)
   else:
-    params, cfg = checkpoints.lazy_params(os.path.join(workdir, "evejax"))
+    params, cfg = checkpoints.lazy_params(os.path.join(workdir, 'evejax'))
     out = os.path.join(workdir, 'eve')
     exporter.export_eve(params, cfg, out, progress=False, max_shard_bytes=2 * 10**9)
     CheckpointReader(out)  # the export is complete and indexed
-  print(json.dumps({'peak': peak_rss_bytes(), 'baseline': baseline,
-                    'seconds': time.perf_counter() - start}))
+  print(
+    json.dumps(
+      {'peak': peak_rss_bytes(), 'baseline': baseline, 'seconds': time.perf_counter() - start}
+    )
+  )
 
 
 def folder_bytes(folder: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs
-             if f.endswith('.safetensors'))
+  return sum(
+    os.path.getsize(os.path.join(d, f))
+    for d, _, fs in os.walk(folder)
+    for f in fs
+    if f.endswith('.safetensors')
+  )
 
 
 def main():
@@ -109,22 +146,38 @@ def main():
     shutil.rmtree(os.path.join(args.workdir, output), ignore_errors=True)
   rows = []
   for direction in ('import', 'export'):
-    result = subprocess.run([sys.executable, __file__, f'--workdir={args.workdir}',
-                             f'--preset={args.preset}', f'--child={direction}'],
-                            capture_output=True, text=True, check=True, cwd=ROOT,
-                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    result = subprocess.run(
+      [
+        sys.executable,
+        __file__,
+        f'--workdir={args.workdir}',
+        f'--preset={args.preset}',
+        f'--child={direction}',
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    )
     rows.append((direction, json.loads(result.stdout.strip().splitlines()[-1])))
   stored = folder_bytes(os.path.join(args.workdir, 'hf'))
   exported = folder_bytes(os.path.join(args.workdir, 'eve'))
-  print(f'\nstored LLM (bf16): {stored / 1e9:.3f} GB; exported EVEv2 (bf16, with the vision '
-        f'tower): {exported / 1e9:.3f} GB\n')
-  print(f'{"direction":<10}{"peak RSS GB":>12}{"/ stored":>10}{"baseline GB":>13}'
-        f'{"above base / stored":>21}{"seconds":>9}')
+  print(
+    f'\nstored LLM (bf16): {stored / 1e9:.3f} GB; exported EVEv2 (bf16, with the vision '
+    f'tower): {exported / 1e9:.3f} GB\n'
+  )
+  print(
+    f'{"direction":<10}{"peak RSS GB":>12}{"/ stored":>10}{"baseline GB":>13}'
+    f'{"above base / stored":>21}{"seconds":>9}'
+  )
   for direction, r in rows:
     size = stored if direction == 'import' else exported
-    print(f'{direction:<10}{r["peak"] / 1e9:>12.3f}{r["peak"] / size:>10.3f}'
-          f'{r["baseline"] / 1e9:>13.3f}{(r["peak"] - r["baseline"]) / size:>21.3f}'
-          f'{r["seconds"]:>9.1f}')
+    print(
+      f'{direction:<10}{r["peak"] / 1e9:>12.3f}{r["peak"] / size:>10.3f}'
+      f'{r["baseline"] / 1e9:>13.3f}{(r["peak"] - r["baseline"]) / size:>21.3f}'
+      f'{r["seconds"]:>9.1f}'
+    )
 
 
 if __name__ == '__main__':

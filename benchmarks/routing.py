@@ -4,6 +4,7 @@ with the reference select, and the decomposed layer with FLOP-exact 'sorted' rou
 
   python benchmarks/routing.py [--hidden=512 --rows=4 --seq_len=512 --vision=0.4 --repeats=5]
 """
+
 import argparse
 import dataclasses
 import time
@@ -64,24 +65,36 @@ def main():
   parser.add_argument('--dtype', default='float32')
   args = parser.parse_args()
   head_dim = 64
-  cfg = ModelConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                    num_heads=args.hidden // head_dim, num_kv_heads=max(1, args.hidden // 256),
-                    head_dim=head_dim, dtype=args.dtype, param_dtype='float32')
+  cfg = ModelConfig(
+    vocab_size=128,
+    hidden_size=args.hidden,
+    intermediate_size=3 * args.hidden,
+    num_heads=args.hidden // head_dim,
+    num_kv_heads=max(1, args.hidden // 256),
+    head_dim=head_dim,
+    dtype=args.dtype,
+    param_dtype='float32',
+  )
   variants = {
-      'plain layer (no decomposition)': dataclasses.replace(cfg, moe_part=''),
-      "decomposed, routing='select'": dataclasses.replace(cfg, routing='select'),
-      "decomposed, routing='sorted'": dataclasses.replace(cfg, routing='sorted'),
+    'plain layer (no decomposition)': dataclasses.replace(cfg, moe_part=''),
+    "decomposed, routing='select'": dataclasses.replace(cfg, routing='select'),
+    "decomposed, routing='sorted'": dataclasses.replace(cfg, routing='sorted'),
   }
-  print(f'{jax.devices()[0].platform}: hidden {args.hidden}, {args.rows} x {args.seq_len} tokens, '
-        f'{args.vision:.0%} visual, forward + backward, {args.dtype}\n')
+  print(
+    f'{jax.devices()[0].platform}: hidden {args.hidden}, {args.rows} x {args.seq_len} tokens, '
+    f'{args.vision:.0%} visual, forward + backward, {args.dtype}\n'
+  )
   print(f'| {"layer":<32} | {"GFLOP":>8} | {"x plain":>7} | {"ms/step":>8} | {"x plain":>7} |')
   print(f'| {"---":<32} | {"---:":>8} | {"---:":>7} | {"---:":>8} | {"---:":>7} |')
   programs = [compile_variant(variant, args) for variant in variants.values()]
   seconds = median_times(programs, args.repeats)
   flops = [p[2] for p in programs]
   for name, f, t in zip(variants, flops, seconds):
-    print(f'| {name:<32} | {f / 1e9:8.2f} | {f / flops[0]:7.3f} | {t * 1e3:8.1f} | '
-          f'{t / seconds[0]:7.3f} |')
+    print(
+      f'| {name:<32} | {f / 1e9:8.2f} | {f / flops[0]:7.3f} | {t * 1e3:8.1f} | '
+      f'{t / seconds[0]:7.3f} |'
+    )
+
 
 if __name__ == '__main__':
   main()

@@ -6,6 +6,7 @@
 Starts from `evejax.config.default_config()` (every knob, with its default and meaning in
 evejax/config.py) and sets what the demo changes; any field can be overridden with --config.x=y.
 """
+
 from evejax.config import default_config
 from evejax.config_utils import parse_arg
 from evejax.models.presets import model_preset
@@ -20,8 +21,15 @@ def get_config(arg=None):
 
   # The embedded shapes data (evejax/data/shapes.py), written to ArrayRecord once: 20k examples,
   # more than the demo's 1000 steps read (~19k); a held-out split of 512 images.
-  config.data.update(source='shapes', num_train=20_000, num_eval=512, template='chat',
-                     seq_len=256, max_size=96, blank_images=arg.blank)
+  config.data.update(
+    source='shapes',
+    num_train=20_000,
+    num_eval=512,
+    template='chat',
+    seq_len=256,
+    max_size=96,
+    blank_images=arg.blank,
+  )
   # Packing: first-fit over windows of 128 examples, ~5 per row, >= 90% of positions used.
   config.data.update(pack_window=128, row_patches=96)
   config.data.shapes.update(cell=32, min_cells=1, max_cells=3, max_shapes=3, turns=3)

@@ -6,6 +6,7 @@ safetensors file and pal.clip to its dimensions, or reads offline features: pal.
   python -m evejax.train --config=configs/demo_v1.py --workdir=/tmp/evejax_demo_v1
   python -m evejax.train --config=configs/demo_v1.py:pal_weight=0 --workdir=/tmp/evejax_v1_nopal
 """
+
 from configs import demo
 from evejax.config_utils import parse_arg
 
@@ -21,6 +22,13 @@ def get_config(arg=None):
   # The teacher sees each 28 px visual token as one 14 px CLIP patch of the half-size image, so its
   # canvas is max_size / 2 (EVE-7B: 672 px EVE, 336 px CLIP).
   config.pal.update(weight=arg.pal_weight, teacher='online', seed=1, clip_weights='')
-  config.pal.clip.update(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
-                         image_size=84, patch_size=14, select_layer=-2)
+  config.pal.clip.update(
+    hidden_size=64,
+    intermediate_size=256,
+    num_layers=3,
+    num_heads=4,
+    image_size=84,
+    patch_size=14,
+    select_layer=-2,
+  )
   return config

@@ -1,7 +1,8 @@
 """A CSV or Parquet table of (local image path, caption) -> ArrayRecord shards.
 
-  python -m data_pipelines.captions --table=pairs.parquet --image_dir=images/ --out_dir=data/cc3m
+python -m data_pipelines.captions --table=pairs.parquet --image_dir=images/ --out_dir=data/cc3m
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,7 @@ ID_COLUMN = flags.DEFINE_string('id_column', '', 'Column of record ids; default:
 def read_table(path: str) -> list[dict]:
   if path.endswith('.parquet'):
     import pyarrow.parquet as pq  # Only needed for Parquet input.
+
     return pq.read_table(path).to_pylist()
   if path.endswith('.csv'):
     with open(path, newline='') as f:
@@ -26,29 +28,48 @@ def read_table(path: str) -> list[dict]:
   raise ValueError(f'{path}: --table must be a .csv or .parquet file')
 
 
-def items_from_rows(rows: list[dict], image_dir: str, source: str, image_column: str = 'image',
-                    caption_column: str = 'caption', id_column: str = '') -> list[common.FileItem]:
+def items_from_rows(
+  rows: list[dict],
+  image_dir: str,
+  source: str,
+  image_column: str = 'image',
+  caption_column: str = 'caption',
+  id_column: str = '',
+) -> list[common.FileItem]:
   if rows:
     missing = {image_column, caption_column, id_column} - {''} - set(rows[0])
     if missing:
-      raise ValueError(f'{source} has no column(s) {sorted(missing)}; it has {sorted(rows[0])} '
-                       '(see --image_column / --caption_column / --id_column)')
+      raise ValueError(
+        f'{source} has no column(s) {sorted(missing)}; it has {sorted(rows[0])} '
+        '(see --image_column / --caption_column / --id_column)'
+      )
   items = []
   for i, row in enumerate(rows):
     where = f'{source} row {i}'
     record_id = str(row[id_column]) if id_column else str(i)
     path = common.resolve_image(image_dir, row[image_column], where)
-    items.append(common.FileItem(record_id, path,
-                                 tuple(common.caption_conversation(row[caption_column]))))
+    items.append(
+      common.FileItem(record_id, path, tuple(common.caption_conversation(row[caption_column])))
+    )
   return items
 
 
 def main(argv):
   del argv
-  items = items_from_rows(read_table(TABLE.value), common.IMAGE_DIR.value, TABLE.value,
-                          IMAGE_COLUMN.value, CAPTION_COLUMN.value, ID_COLUMN.value)
-  common.write(items, common.FileRecords(common.EXTRAS_DIR.value), common.FileItem.describe,
-               info={'converter': 'captions', 'input': TABLE.value})
+  items = items_from_rows(
+    read_table(TABLE.value),
+    common.IMAGE_DIR.value,
+    TABLE.value,
+    IMAGE_COLUMN.value,
+    CAPTION_COLUMN.value,
+    ID_COLUMN.value,
+  )
+  common.write(
+    items,
+    common.FileRecords(common.EXTRAS_DIR.value),
+    common.FileItem.describe,
+    info={'converter': 'captions', 'input': TABLE.value},
+  )
 
 
 if __name__ == '__main__':

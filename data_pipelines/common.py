@@ -1,11 +1,13 @@
 """What the converters share: output flags, file-backed records, caption conversations."""
+
 from __future__ import annotations
 
 import dataclasses
 import glob
 import os
 import tarfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags, logging
@@ -20,8 +22,11 @@ RECORDS_PER_SHARD = flags.DEFINE_integer('records_per_shard', 10_000, 'Records p
 WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Conversion processes.')
 IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder relative image paths are resolved in.')
 EXTRAS_DIR = flags.DEFINE_string(
-    'extras_dir', '', 'Optional folder of {id}.npz files; each array becomes a record extra (e.g. '
-    'precomputed teacher features).')
+  'extras_dir',
+  '',
+  'Optional folder of {id}.npz files; each array becomes a record extra (e.g. '
+  'precomputed teacher features).',
+)
 
 
 def caption_conversation(caption: str) -> list[dict[str, str]]:
@@ -40,8 +45,10 @@ def read_extras(extras_dir: str, record_id: str) -> dict[str, np.ndarray]:
     return {}
   path = os.path.join(extras_dir, f'{record_id}.npz')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'record {record_id!r} has no extras file {path}; every record needs '
-                            'one when --extras_dir is set')
+    raise FileNotFoundError(
+      f'record {record_id!r} has no extras file {path}; every record needs '
+      'one when --extras_dir is set'
+    )
   with np.load(path) as data:
     return {name: data[name] for name in data.files}
 
@@ -49,6 +56,7 @@ def read_extras(extras_dir: str, record_id: str) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class FileItem:
   """One record whose image is a file on disk (or none, for text-only)."""
+
   id: str
   image_path: str | None
   conversations: tuple[dict[str, str], ...]
@@ -61,6 +69,7 @@ class FileItem:
 @dataclasses.dataclass(frozen=True)
 class FileRecords:
   """FileItem -> record (runs in the conversion processes)."""
+
   extras_dir: str = ''
 
   def __call__(self, item: FileItem) -> dict[str, Any]:
@@ -95,12 +104,24 @@ def write(items: Sequence[Any], make_record, describe, info: dict[str, Any]) -> 
   if not OUT_DIR.value:
     raise flags.IllegalFlagValueError('--out_dir is required')
   manifest = records.write_dataset(
-      items, make_record, OUT_DIR.value, SPLIT.value, num_shards=NUM_SHARDS.value or None,
-      records_per_shard=RECORDS_PER_SHARD.value, num_workers=WORKERS.value, describe=describe,
-      progress=True, info=info)
-  logging.info('Wrote %d records in %d shards to %s (manifest %s)', manifest['num_records'],
-               len(manifest['shards']), OUT_DIR.value,
-               records.manifest_path(OUT_DIR.value, SPLIT.value))
+    items,
+    make_record,
+    OUT_DIR.value,
+    SPLIT.value,
+    num_shards=NUM_SHARDS.value or None,
+    records_per_shard=RECORDS_PER_SHARD.value,
+    num_workers=WORKERS.value,
+    describe=describe,
+    progress=True,
+    info=info,
+  )
+  logging.info(
+    'Wrote %d records in %d shards to %s (manifest %s)',
+    manifest['num_records'],
+    len(manifest['shards']),
+    OUT_DIR.value,
+    records.manifest_path(OUT_DIR.value, SPLIT.value),
+  )
   return manifest
 
 

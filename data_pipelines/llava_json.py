@@ -6,6 +6,7 @@
 Each entry: {"id": ..., "image": "relative/path.jpg" (optional: text-only), "conversations":
 [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,12 @@ def items_from_entries(entries: list[dict], image_dir: str, source: str) -> list
 def main(argv):
   del argv
   items = items_from_entries(load_entries(JSON.value), common.IMAGE_DIR.value, JSON.value)
-  common.write(items, common.FileRecords(common.EXTRAS_DIR.value), common.FileItem.describe,
-               info={'converter': 'llava_json', 'input': JSON.value})
+  common.write(
+    items,
+    common.FileRecords(common.EXTRAS_DIR.value),
+    common.FileItem.describe,
+    info={'converter': 'llava_json', 'input': JSON.value},
+  )
 
 
 if __name__ == '__main__':

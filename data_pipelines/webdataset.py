@@ -1,10 +1,11 @@
-"""Webdataset-style tar shards (KEY.jpg|png|... + KEY.txt caption or KEY.json) -> ArrayRecord shards.
+"""Webdataset-style tar shards (KEY.jpg|png|... + KEY.txt caption or KEY.json) -> ArrayRecord.
 
   python -m data_pipelines.webdataset --tars='laion/*.tar' --out_dir=data/laion
 
 A KEY.json may hold "conversations" (LLaVA layout) or "caption"; KEY.txt is a caption. Samples
 without an image or without text are an error naming the tar and key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ def scan_tar(path: str) -> list[TarItem]:
     images = [members[e] for e in IMAGE_EXTENSIONS if e in members]
     text = members.get('json') or members.get('txt')
     if len(images) != 1 or text is None:
-      raise ValueError(f'{path}: sample {key!r} has members {sorted(members)}; each sample needs '
-                       f'one image ({"/".join(IMAGE_EXTENSIONS)}) and a .txt or .json')
+      raise ValueError(
+        f'{path}: sample {key!r} has members {sorted(members)}; each sample needs '
+        f'one image ({"/".join(IMAGE_EXTENSIONS)}) and a .txt or .json'
+      )
     items.append(TarItem(path, key, images[0], text))
   return items
 
@@ -72,8 +75,11 @@ class TarRecords:
         raise ValueError(f'{item.tar}: {item.text} has neither "conversations" nor "caption"')
     else:
       conversations = common.caption_conversation(text.strip())
-    record = {'id': item.key, 'image': self._members.read(item.tar, item.image),
-              'conversations': conversations}
+    record = {
+      'id': item.key,
+      'image': self._members.read(item.tar, item.image),
+      'conversations': conversations,
+    }
     extras = common.read_extras(self.extras_dir, item.key)
     if extras:
       record['extras'] = extras
@@ -84,8 +90,12 @@ def main(argv):
   del argv
   tars = common.expand_globs(TARS.value)
   items = [item for path in tars for item in scan_tar(path)]
-  common.write(items, TarRecords(common.EXTRAS_DIR.value), TarItem.describe,
-               info={'converter': 'webdataset', 'input': tars})
+  common.write(
+    items,
+    TarRecords(common.EXTRAS_DIR.value),
+    TarItem.describe,
+    info={'converter': 'webdataset', 'input': tars},
+  )
 
 
 if __name__ == '__main__':

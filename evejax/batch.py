@@ -1,35 +1,37 @@
-"""The batch format: the one contract between `evejax.data` (producer) and `evejax.models` (consumer).
+"""The batch format: the one contract between `evejax.data` (producer) and `evejax.models`
+(consumer).
 
 Images travel as patch sequences, not pixel tensors, so every array has a static shape whatever the
 image sizes. One visual token covers a `merge x merge` group of `patch x patch` pixel patches; with
 B rows, L positions, P patch-group slots per row, S = merge**2 and F = patch**2 * 3:
 
-| key            | shape        | dtype   | meaning                                                       |
-| -------------- | ------------ | ------- | ------------------------------------------------------------- |
-| `tokens`       | (B, L)       | int32   | text token ids (0 at visual positions and padding)            |
-| `token_kind`   | (B, L)       | int32   | TEXT, PATCH, CLASS or SPLIT (see below)                       |
-| `patch_index`  | (B, L)       | int32   | row-local index into `patches` where kind == PATCH, else 0    |
-| `positions`    | (B, L)       | int32   | RoPE positions, restarting at 0 for every example             |
-| `segment_ids`  | (B, L)       | int32   | example number within the row (1, 2, ...); 0 is padding       |
-| `targets`      | (B, L)       | int32   | the next token's id (what position t predicts)                |
-| `loss_weights` | (B, L)       | float32 | 1 where the target is a supervised caption/answer token       |
-| `patches`      | (B, P, S, F) | uint8   | raw RGB pixels of each patch group, (y, x, channel) flattened |
+| key | shape | dtype | meaning |
+| --- | --- | --- | --- |
+| `tokens` | (B, L) | int32 | text token ids (0 at visual positions and padding) |
+| `token_kind` | (B, L) | int32 | TEXT, PATCH, CLASS or SPLIT (see below) |
+| `patch_index` | (B, L) | int32 | row-local index into `patches` where kind == PATCH, else 0 |
+| `positions` | (B, L) | int32 | RoPE positions, restarting at 0 for every example |
+| `segment_ids` | (B, L) | int32 | example number within the row (1, 2, ...); 0 is padding |
+| `targets` | (B, L) | int32 | the next token's id (what position t predicts) |
+| `loss_weights` | (B, L) | float32 | 1 where the target is a supervised caption/answer |
+| `patches` | (B, P, S, F) | uint8 | raw RGB pixels of each patch group, (y, x, channel) flattened |
 
 EVEv1 (`model.vision_tokenizer='v1'`, evejax/models/vision_v1.py) adds a 4th pixel channel to
-`patches` (F = patch**2 * 4), the valid-pixel mask: 255 on image pixels, 0 on the padding that rounds
-a side up to a multiple of the visual token. Its global attention and PAL also need to know which
+`patches` (F = patch**2 * 4), the valid-pixel mask: 255 on image pixels, 0 on the padding that
+rounds a side up to a multiple of the visual token. Its global attention and PAL also need to know which
 patch groups form one image, and PAL's online teacher where each group sits (V1_KEYS):
 
-| key                | shape     | dtype   | meaning                                                       |
-| ------------------ | --------- | ------- | ------------------------------------------------------------- |
-| `patch_image`      | (B, P)    | int32   | row-local image number (1, 2, ... in order); 0 = empty slot   |
-| `patch_coords`     | (B, P, 2) | int32   | (row, col) of the group in its image's visual-token grid      |
-| `teacher_features` | (B, P, c) | float32 | optional: precomputed teacher features per group (offline PAL) |
+| key | shape | dtype | meaning |
+| --- | --- | --- | --- |
+| `patch_image` | (B, P) | int32 | row-local image number (1, 2, ... in order); 0 = empty slot |
+| `patch_coords` | (B, P, 2) | int32 | (row, col) of the group in its image's visual-token grid |
+| `teacher_features` | (B, P, c) | float32 | optional: a precomputed teacher feature per group |
 
 `BatchSpec` is this table for one run: built once from the model and data config
 (`evejax.config.TrainConfig.batch_spec`), it is what every producer (preprocessor, packer,
 generation, synthetic batches) and consumer (FLOPs, plan, parity check) takes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +47,16 @@ IGNORE_INDEX = -100  # Reference label value excluded from the loss.
 IMAGE_TOKEN_INDEX = -200  # Reference placeholder id where an image's visual tokens go.
 IMAGE_PLACEHOLDER = '<image>'
 
-KEYS = ('tokens', 'token_kind', 'patch_index', 'positions', 'segment_ids', 'targets',
-        'loss_weights', 'patches')
+KEYS = (
+  'tokens',
+  'token_kind',
+  'patch_index',
+  'positions',
+  'segment_ids',
+  'targets',
+  'loss_weights',
+  'patches',
+)
 V1_KEYS = ('patch_image', 'patch_coords')
 SEQUENCE_KEYS = KEYS[:7]  # One value per position (the rest are per patch-group slot).
 
@@ -54,6 +64,7 @@ SEQUENCE_KEYS = KEYS[:7]  # One value per position (the rest are per patch-group
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
   """The static shape of a batch row, and the image geometry that fills its patch slots."""
+
   seq_len: int  # L: positions per row.
   patch_slots: int  # P: patch-group slots per row.
   patch_size: int = 16
@@ -69,17 +80,26 @@ class BatchSpec:
     if self.channels not in (3, 4):
       raise ValueError(f'BatchSpec.channels={self.channels}: 3 (RGB) or 4 (EVEv1: RGB + valid)')
     if self.resize == 'pad' and self.channels != 4:
-      raise ValueError("data.resize='pad' needs the valid-pixel channel of EVEv1 "
-                       "(model.vision_tokenizer='v1')")
+      raise ValueError(
+        "data.resize='pad' needs the valid-pixel channel of EVEv1 (model.vision_tokenizer='v1')"
+      )
 
   @classmethod
-  def for_model(cls, model: ModelConfig, *, seq_len: int, patch_slots: int,
-                **image: object) -> BatchSpec:
+  def for_model(
+    cls, model: ModelConfig, *, seq_len: int, patch_slots: int, **image: object
+  ) -> BatchSpec:
     """The spec of `model`'s batches: patch geometry, pixel channels, EVEv1 keys and HD pooling
     come from the model; `image` sets max_size, resize or teacher_size."""
-    return cls(seq_len=seq_len, patch_slots=patch_slots, patch_size=model.vision_patch_size,
-               merge=model.vision_merge, channels=model.vision_channels,
-               image_keys=model.vision_tokenizer == 'v1', pal_pool=model.pal_pool, **image)
+    return cls(
+      seq_len=seq_len,
+      patch_slots=patch_slots,
+      patch_size=model.vision_patch_size,
+      merge=model.vision_merge,
+      channels=model.vision_channels,
+      image_keys=model.vision_tokenizer == 'v1',
+      pal_pool=model.pal_pool,
+      **image,
+    )
 
   def replace(self, **changes) -> BatchSpec:
     return dataclasses.replace(self, **changes)
@@ -103,7 +123,7 @@ class BatchSpec:
   @property
   def patch_shape(self) -> tuple[int, int]:
     """(S, F) of one patch group."""
-    return self.merge ** 2, self.patch_size ** 2 * self.channels
+    return self.merge**2, self.patch_size**2 * self.channels
 
   def shapes(self, rows: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of every key; `rows=None` describes one row (no batch axis)."""
@@ -115,8 +135,7 @@ class BatchSpec:
       out['patch_image'] = (lead + (self.patch_slots,), np.dtype(np.int32))
       out['patch_coords'] = (lead + (self.patch_slots, 2), np.dtype(np.int32))
     if self.teacher_size:
-      out['teacher_features'] = (lead + (self.patch_slots, self.teacher_size),
-                                 np.dtype(np.float32))
+      out['teacher_features'] = (lead + (self.patch_slots, self.teacher_size), np.dtype(np.float32))
     return out
 
   def zeros(self, rows: int | None = None) -> dict[str, np.ndarray]:

@@ -9,10 +9,12 @@ one of its fields, parsed as that field's type (ml_collections config_flags).
 A mistake on the command line (a missing config file, an override of a field the config does not
 have, a missing required flag) exits with one line saying what is wrong, not a traceback.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -39,8 +41,9 @@ class ConfigParser(flags.ArgumentParser):
     return 'config object'
 
 
-def define_config_flag(help_string: str, *, load: Loader = load_config_file,
-                       required: bool = True) -> flags.FlagHolder:
+def define_config_flag(
+  help_string: str, *, load: Loader = load_config_file, required: bool = True
+) -> flags.FlagHolder:
   """Defines `--config` with its `--config.x.y=value` overrides. `load` turns the flag's value
   into the ConfigDict that the overrides are checked against and applied to (default: a
   `get_config(arg)` file). Unless `required`, the value is None without `--config`."""
@@ -67,7 +70,7 @@ def _unknown_overrides(argv: list[str]) -> str:
   """The overrides in `argv` that name no field of the `--config` config, each with the valid
   keys where it goes wrong ('' when there are none, or the config itself does not load)."""
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{NAME}=')), None)
-  keys = [a[len(f'--{NAME}.'):].split('=', 1)[0] for a in argv if a.startswith(f'--{NAME}.')]
+  keys = [a[len(f'--{NAME}.') :].split('=', 1)[0] for a in argv if a.startswith(f'--{NAME}.')]
   if spec is None or not keys:
     return ''
   try:

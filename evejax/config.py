@@ -2,8 +2,8 @@
 
 A `get_config(arg)` file (configs/) starts from `default_config()` — every knob at the default it
 has here, so `--config.x=y` can override any of them — and sets what its run changes. `train()`
-turns the ConfigDict into a `TrainConfig` once (`TrainConfig.parse`: unknown keys and wrong types are
-errors naming the key); every module then receives its own section, never the raw ConfigDict.
+turns the ConfigDict into a `TrainConfig` once (`TrainConfig.parse`: unknown keys and wrong types
+are errors naming the key); every module then receives its own section, never the raw ConfigDict.
 
 | section        | type              | read by                                                 |
 | -------------- | ----------------- | ------------------------------------------------------- |
@@ -17,10 +17,12 @@ errors naming the key); every module then receives its own section, never the ra
 | `benchmark`    | BenchmarkConfig   | evejax/evaluation/periodic.py                           |
 | `distributed`  | DistributedConfig | evejax/sharding/distributed.py                          |
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -45,6 +47,7 @@ def _one_of(where: str, value: str, allowed) -> None:
 @dataclasses.dataclass(frozen=True)
 class TfdsConfig:
   """data.source='tfds': a prepared TensorFlow Datasets dataset."""
+
   name: str = ''
   data_dir: str = ''
   train_split: str = 'train'
@@ -54,6 +57,7 @@ class TfdsConfig:
 @dataclasses.dataclass(frozen=True)
 class BadRecordsConfig:
   """Fail once more than max_fraction of the records read are bad (from min_records records on)."""
+
   max_fraction: float = 0.01
   min_records: int = 1000
 
@@ -61,6 +65,7 @@ class BadRecordsConfig:
 @dataclasses.dataclass(frozen=True)
 class ShapesConfig:
   """The embedded demo data (evejax/data/shapes.py): image grid, shapes, question kinds."""
+
   cell: int = 32
   min_cells: int = 2
   max_cells: int = 5
@@ -75,6 +80,7 @@ class ShapesConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where the records come from and how they become rows (evejax/data/pipeline.py)."""
+
   # 'shapes': the embedded demo data; 'records': a dataset converted by data_pipelines/ at `path`
   # (ArrayRecord shards + manifest per split); 'tfds': a prepared TFDS dataset (`tfds`).
   source: str = 'shapes'
@@ -111,6 +117,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW, warmup + cosine decay, clipping, and what trains (evejax/train/optim.py)."""
+
   lr: float = 1e-3
   warmup_steps: int = 0
   end_lr_ratio: float = 0.0
@@ -127,13 +134,15 @@ class OptimConfig:
   def __post_init__(self):
     for name, group in self.groups.items():
       if set(group) != {'pattern', 'lr'}:
-        raise ValueError(f'optim.groups.{name} = {dict(group)}: give exactly pattern=REGEX and '
-                         'lr=PEAK_LR')
+        raise ValueError(
+          f'optim.groups.{name} = {dict(group)}: give exactly pattern=REGEX and lr=PEAK_LR'
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class PalConfig:
   """EVEv1's patch-aligning objective (evejax/train/pal.py); weight 0 = off."""
+
   weight: float = 0.0
   teacher: str = 'online'  # 'online': a frozen CLIP ViT each step; 'offline': features in records.
   seed: int = 0  # Of the random teacher when clip_weights is '' (the CPU demo).
@@ -152,6 +161,7 @@ class PalConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """Orbax checkpoints in {workdir}/checkpoints (evejax/checkpoint/manager.py)."""
+
   every: int = 1000  # Steps between saves (and the final step, and at preemption).
   keep_last: int = 3
   keep_every: int = 0  # Also keep every k-th step's checkpoint (0: none).
@@ -161,6 +171,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class GuardConfig:
   """Non-finite loss or gradients (evejax/train/guard.py): 'stop', or 'skip' up to max_skipped."""
+
   nonfinite: str = 'stop'
   max_skipped: int = 10
 
@@ -176,6 +187,7 @@ class MetricsConfig:
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
   """Generation on a benchmark file during training (evejax/evaluation/periodic.py)."""
+
   file: str = ''  # A records.py JSONL file; '' = off.
   every: int = 0  # Steps between runs; 0 = at the end only.
   limit: int = 0  # The first N items; 0 = all.
@@ -186,6 +198,7 @@ class BenchmarkConfig:
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
   """Multi-process set-up (evejax/sharding/distributed.py); empty fields read JAX_* variables."""
+
   coordinator_address: str = ''
   num_processes: int = 0
   process_id: int = -1
@@ -195,6 +208,7 @@ class DistributedConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """A whole training run."""
+
   seed: int = 0
   stage: str = ''  # Recipe stage name (configs/eve_v*/), for the record.
   model: ModelConfig = _field(ModelConfig)
@@ -241,16 +255,23 @@ class TrainConfig:
   def batch_spec(self) -> BatchSpec:
     """The training batches' spec: model geometry, data shapes, offline teacher features."""
     data = self.data
-    image = dict(max_size=data.max_size, resize=data.resize,
-                 teacher_size=self.model.pal_teacher_size if self.pal.offline else 0)
-    budget = BatchSpec.for_model(self.model, seq_len=data.seq_len, patch_slots=0,
-                                 **image).image_budget
+    image = dict(
+      max_size=data.max_size,
+      resize=data.resize,
+      teacher_size=self.model.pal_teacher_size if self.pal.offline else 0,
+    )
+    budget = BatchSpec.for_model(
+      self.model, seq_len=data.seq_len, patch_slots=0, **image
+    ).image_budget
     if data.row_patches and data.row_patches < budget:
-      raise ValueError(f'data.row_patches={data.row_patches} is below the {budget} patch groups '
-                       f'one image may need at data.max_size={data.max_size}; raise it (or 0 '
-                       'for exactly one image)')
-    return BatchSpec.for_model(self.model, seq_len=data.seq_len,
-                               patch_slots=data.row_patches or budget, **image)
+      raise ValueError(
+        f'data.row_patches={data.row_patches} is below the {budget} patch groups '
+        f'one image may need at data.max_size={data.max_size}; raise it (or 0 '
+        'for exactly one image)'
+      )
+    return BatchSpec.for_model(
+      self.model, seq_len=data.seq_len, patch_slots=data.row_patches or budget, **image
+    )
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
 """Helpers for `get_config(arg)` files (big_vision style) and for the typed config sections built
 from them (`from_mapping`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,8 @@ import os
 import pathlib
 import runpy
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -70,8 +72,9 @@ def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | No
   return None
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
-                    where: str = '') -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str = ''
+) -> ml_collections.ConfigDict:
   """Sets dotted keys ({'optim.lr': 1e-3}, as `--config.optim.lr`) on `config`, in place; an
   unknown key is an error naming it (`where` says whose override it was)."""
   for key, value in overrides.items():

@@ -11,6 +11,7 @@ so `python -m evejax.generate ... < questions.txt > answers.txt` gives one answe
 The prompt goes through the training run's template (e.g. `USER: <image>\\n... ASSISTANT:`); without
 --image the questions are asked as text only.
 """
+
 import sys
 
 from absl import app, flags
@@ -19,8 +20,9 @@ from evejax.inference import cli_flags
 from evejax.inference.assistant import Assistant
 
 _IMAGE = flags.DEFINE_string('image', None, 'Image file (any format PIL reads).')
-_PROMPT = flags.DEFINE_string('prompt', None,
-                              'The question; without it, questions come from stdin.')
+_PROMPT = flags.DEFINE_string(
+  'prompt', None, 'The question; without it, questions come from stdin.'
+)
 flags.mark_flags_as_required(['checkpoint'])
 
 
@@ -41,13 +43,14 @@ def _stream_answer(assistant: Assistant, prompt: dict) -> str:
   def stream(texts: list[str]) -> None:
     nonlocal printed
     if texts[0].startswith(printed):  # Print only what is new (a token can change earlier bytes).
-      sys.stdout.write(texts[0][len(printed):])
+      sys.stdout.write(texts[0][len(printed) :])
       sys.stdout.flush()
       printed = texts[0]
 
-  answer = assistant.answer([prompt], cli_flags.sampling_config(), seed=cli_flags.SEED.value,
-                            on_text=stream)[0]
-  sys.stdout.write(answer[len(printed):] if answer.startswith(printed) else '\n' + answer)
+  answer = assistant.answer(
+    [prompt], cli_flags.sampling_config(), seed=cli_flags.SEED.value, on_text=stream
+  )[0]
+  sys.stdout.write(answer[len(printed) :] if answer.startswith(printed) else '\n' + answer)
   sys.stdout.write('\n')
   sys.stdout.flush()
   return answer
@@ -79,8 +82,10 @@ def main(argv):
   assistant = cli_flags.load_assistant()
   if _PROMPT.value is None:
     if assistant.preprocess.template.plain:
-      sys.exit(f'--checkpoint={cli_flags.CHECKPOINT.value}: the run trained with the plain '
-               '(caption-only) template, which has no conversation turns; pass --prompt')
+      sys.exit(
+        f'--checkpoint={cli_flags.CHECKPOINT.value}: the run trained with the plain '
+        '(caption-only) template, which has no conversation turns; pass --prompt'
+      )
     _converse(assistant, image)
     return
   try:

@@ -16,6 +16,7 @@ FLOPs come from XLA's cost analysis of that per-device program, times the device
 layer stack (`model.scan_layers`) is counted once per layer body by XLA, so for those the plan also
 compiles unrolled 1- and 2-layer programs and scales the per-layer difference.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from evejax import cli, sharding
 from evejax.batch import BatchSpec
@@ -39,18 +41,20 @@ from evejax.sharding.synthetic import batch_shapes
 from evejax.train import optim
 from evejax.train.step import TrainState, make_train_step
 
-
-_CONFIG = cli.define_config_flag('A get_config(arg) file, as path[:arg]; --config.model.X=Y sets '
-                                 'any ModelConfig field.')
-_MESH = flags.DEFINE_string('mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the "
-                            "config's mesh).")
+_CONFIG = cli.define_config_flag(
+  'A get_config(arg) file, as path[:arg]; --config.model.X=Y sets any ModelConfig field.'
+)
+_MESH = flags.DEFINE_string(
+  'mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the config's mesh)."
+)
 _DEVICES = flags.DEFINE_integer('devices', 256, 'Number of fake devices (chips) to compile for.')
 _HBM = flags.DEFINE_float('hbm_gib', 95.0, 'Memory per chip, GiB.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Positions per row (default: data.seq_len).')
-_PATCH_GROUPS = flags.DEFINE_integer('patch_groups', 0, 'Visual-token slots per row (default: '
-                                     'from data.max_size / data.row_patches).')
+_PATCH_GROUPS = flags.DEFINE_integer(
+  'patch_groups', 0, 'Visual-token slots per row (default: from data.max_size / data.row_patches).'
+)
 
-GiB, MiB = 2 ** 30, 2 ** 20
+GiB, MiB = 2**30, 2**20
 
 
 def parse_sizes(text: str) -> dict[str, Any]:
@@ -64,8 +68,9 @@ def parse_sizes(text: str) -> dict[str, Any]:
 def batch_spec(config: TrainConfig) -> BatchSpec:
   """The run's batch spec, with --seq_len / --patch_groups when given."""
   spec = config.batch_spec()
-  return spec.replace(seq_len=_SEQ_LEN.value or spec.seq_len,
-                      patch_slots=_PATCH_GROUPS.value or spec.patch_slots)
+  return spec.replace(
+    seq_len=_SEQ_LEN.value or spec.seq_len, patch_slots=_PATCH_GROUPS.value or spec.patch_slots
+  )
 
 
 def per_device_bytes(tree) -> int:
@@ -78,8 +83,9 @@ def per_device_bytes(tree) -> int:
 
 
 def with_shardings(shapes, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                      shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
@@ -97,8 +103,12 @@ def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
     state = TrainState(step, params, opt_state, rng)
     shapes = batch_shapes(spec, config.batch_size)
     batch = with_shardings(shapes, {k: sharding.batch_sharding(mesh) for k in shapes})
-    train_step = make_train_step(graphdef, tx, optim.learning_rate_schedule(
-        config.optim, config.total_steps), microbatches=config.microbatches)
+    train_step = make_train_step(
+      graphdef,
+      tx,
+      optim.learning_rate_schedule(config.optim, config.total_steps),
+      microbatches=config.microbatches,
+    )
     compiled = train_step.lower(state, batch).compile()
   return compiled, state, batch
 
@@ -108,8 +118,9 @@ def xla_flops(compiled) -> float:
   return float((cost[0] if isinstance(cost, list) else cost).get('flops', 0.0))
 
 
-def plan(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec,
-         hbm_gib: float) -> dict[str, Any]:
+def plan(
+  config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec, hbm_gib: float
+) -> dict[str, Any]:
   start = time.perf_counter()
   compiled, state, batch = compile_step(config, cfg, mesh, spec)
   compile_s = time.perf_counter() - start
@@ -118,42 +129,70 @@ def plan(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec,
   batch_bytes = per_device_bytes(batch)
   # Arguments (params, optimizer state, batch) + temporaries (activations, gradients, workspace);
   # the donated state's outputs alias its arguments, so they add nothing.
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  total = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+    + memory.temp_size_in_bytes
+  )
   xla = xla_flops(compiled) * mesh.size
   if cfg.scan_layers and cfg.num_layers > 1:
     # XLA counts a while loop's body once: count the unrolled 1-layer program plus num_layers - 1
     # layers, one layer being the difference between the unrolled 2- and 1-layer programs.
-    one, two = (xla_flops(compile_step(config, dataclasses.replace(
-        cfg, num_layers=n, scan_layers=False), mesh, spec)[0]) for n in (1, 2))
+    one, two = (
+      xla_flops(
+        compile_step(config, dataclasses.replace(cfg, num_layers=n, scan_layers=False), mesh, spec)[
+          0
+        ]
+      )
+      for n in (1, 2)
+    )
     xla = (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
   analytic = flops_lib.train_step_flops(cfg, spec, config.batch_size)
-  return dict(compile_s=compile_s, params=params, opt_state=opt_state, batch=batch_bytes,
-              temporaries=memory.temp_size_in_bytes, total=total, hbm=hbm_gib * GiB,
-              fits=total <= hbm_gib * GiB, xla_flops=xla, analytic_flops=analytic)
+  return dict(
+    compile_s=compile_s,
+    params=params,
+    opt_state=opt_state,
+    batch=batch_bytes,
+    temporaries=memory.temp_size_in_bytes,
+    total=total,
+    hbm=hbm_gib * GiB,
+    fits=total <= hbm_gib * GiB,
+    xla_flops=xla,
+    analytic_flops=analytic,
+  )
 
 
 def report(result: dict[str, Any], cfg: ModelConfig, mesh, spec: BatchSpec, rows: int) -> str:
   seq_len, patch_groups = spec.seq_len, spec.patch_slots
   lines = [
-      f'Plan: {cfg.num_layers} layers, hidden {cfg.hidden_size}, routing {cfg.routing}, '
-      f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
-      f'Mesh {dict(mesh.shape)} = {mesh.size} devices; global batch {rows} rows x {seq_len} '
-      f'positions, {patch_groups} visual-token slots per row; compiled in '
-      f'{result["compile_s"]:.0f} s',
-      '', '| per device                        |        GiB |          MiB |',
-      '| --- | ---: | ---: |']
-  for key, label in (('params', 'parameters'), ('opt_state', 'optimizer state'),
-                     ('batch', 'batch'),
-                     ('temporaries', 'activations, gradients, workspace'),
-                     ('total', 'total (peak estimate)'), ('hbm', 'HBM per chip')):
+    f'Plan: {cfg.num_layers} layers, hidden {cfg.hidden_size}, routing {cfg.routing}, '
+    f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
+    f'Mesh {dict(mesh.shape)} = {mesh.size} devices; global batch {rows} rows x {seq_len} '
+    f'positions, {patch_groups} visual-token slots per row; compiled in '
+    f'{result["compile_s"]:.0f} s',
+    '',
+    '| per device                        |        GiB |          MiB |',
+    '| --- | ---: | ---: |',
+  ]
+  for key, label in (
+    ('params', 'parameters'),
+    ('opt_state', 'optimizer state'),
+    ('batch', 'batch'),
+    ('temporaries', 'activations, gradients, workspace'),
+    ('total', 'total (peak estimate)'),
+    ('hbm', 'HBM per chip'),
+  ):
     lines.append(f'| {label:<33} | {result[key] / GiB:10.3f} | {result[key] / MiB:12.2f} |')
   verdict = 'FITS' if result['fits'] else 'DOES NOT FIT'
-  lines += ['', f'{verdict}: {result["total"] / GiB:.2f} GiB of {result["hbm"] / GiB:.0f} GiB '
-            'per chip', '',
-            f'FLOPs per step: XLA cost analysis {result["xla_flops"]:.4g} (all devices), '
-            f'analytic {result["analytic_flops"]:.4g} (ratio '
-            f'{result["xla_flops"] / result["analytic_flops"]:.3f})']
+  lines += [
+    '',
+    f'{verdict}: {result["total"] / GiB:.2f} GiB of {result["hbm"] / GiB:.0f} GiB per chip',
+    '',
+    f'FLOPs per step: XLA cost analysis {result["xla_flops"]:.4g} (all devices), '
+    f'analytic {result["analytic_flops"]:.4g} (ratio '
+    f'{result["xla_flops"] / result["analytic_flops"]:.3f})',
+  ]
   return '\n'.join(lines)
 
 
@@ -168,9 +207,11 @@ def main(argv):
   spec = batch_spec(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.batch_size % shards:
-    raise ValueError(f'batch_size {config.batch_size} does not split over the {shards} batch '
-                     f'shards (data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size '
-                     'to a multiple of it')
+    raise ValueError(
+      f'batch_size {config.batch_size} does not split over the {shards} batch '
+      f'shards (data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size '
+      'to a multiple of it'
+    )
   result = plan(config, cfg, mesh, spec, _HBM.value)
   print(report(result, cfg, mesh, spec, config.batch_size), flush=True)
 

@@ -13,11 +13,13 @@ here, in memory. A stage whose output is complete is skipped, so the same comman
 interrupted recipe; on a cluster, launch each training stage with launch/ and run the weight-only
 steps with --stages.
 """
+
 from __future__ import annotations
 
 import os
 import runpy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
@@ -52,16 +54,20 @@ def stages(recipe: str) -> tuple[str, ...]:
 
 def _with_root(arg: str, workdir: str) -> str:
   """`arg` plus root=`workdir`: the stages write to and start from folders under the workdir."""
-  roots = {value for key, _, value in (item.partition('=') for item in arg.split(','))
-           if key == 'root'}
+  roots = {
+    value for key, _, value in (item.partition('=') for item in arg.split(',')) if key == 'root'
+  }
   if roots - {workdir}:
-    raise ValueError(f'root={sorted(roots)[0]} is not the recipe workdir {workdir}: the workdir '
-                     'is the root, leave root= out')
+    raise ValueError(
+      f'root={sorted(roots)[0]} is not the recipe workdir {workdir}: the workdir '
+      'is the root, leave root= out'
+    )
   return arg if roots else ','.join(filter(None, [arg, f'root={workdir}']))
 
 
-def stage_config(recipe: str, stage: str, workdir: str, *,
-                 overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def stage_config(
+  recipe: str, stage: str, workdir: str, *, overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
   """The config of one training stage of `recipe` ('configs/eve_v2:size=7b': the folder and the
   argument every stage gets) under `workdir`, with `overrides` ({'data.num_train': 300})."""
   folder, arg = _folder_and_arg(recipe)
@@ -81,6 +87,7 @@ def copy_stage(source_dir: str, out_dir: str, cfg: ModelConfig) -> None:
   """EVEv2 weight copy (the reference's `repeat_moe`): the stage-0 model's weights, with every
   vision copy (moe_*) of the decomposed `cfg` taken from its LLM weight, saved for init_from."""
   from evejax.convert import checkpoints, importer  # Only this stage needs the conversion code.
+
   params, _ = checkpoints.load_params(source_dir)  # In the stage-0 model's own config.
   copied = importer.with_vision_copies(params, cfg)
   checkpoints.save_params(out_dir, copied, cfg, source=f'{source_dir} + vision copies')
@@ -96,12 +103,18 @@ def _complete(out_dir: str, config: ml_collections.ConfigDict | None) -> bool:
   return epath.Path(out_dir, 'checkpoints', str(config.total_steps)).is_dir()
 
 
-def run(recipe: str, workdir: str, *, only: tuple[str, ...] = (),
-        overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+def run(
+  recipe: str,
+  workdir: str,
+  *,
+  only: tuple[str, ...] = (),
+  overrides: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, float]]:
   """Runs the stages of `recipe` ('configs/eve_v2:size=tiny', see stage_config), or `only` those,
   in order; returns each trained stage's final metrics. `overrides` apply to every training stage
   (e.g. a shorter run)."""
   from evejax.train.trainer import train  # Heavy; not needed to list stages.
+
   order, label = stages(recipe), recipe_name(recipe)
   unknown = set(only) - set(order)
   if unknown:
@@ -116,15 +129,22 @@ def run(recipe: str, workdir: str, *, only: tuple[str, ...] = (),
         logging.info('%s/%s: done already (%s)', label, stage, out_dir)
         continue
       following = stage_config(recipe, order[index + 1], workdir, overrides=overrides)
-      copy_stage(os.path.join(workdir, order[index - 1]), out_dir,
-                 ModelConfig.from_dict(following.model))
+      copy_stage(
+        os.path.join(workdir, order[index - 1]), out_dir, ModelConfig.from_dict(following.model)
+      )
       continue
     config = stage_config(recipe, stage, workdir, overrides=overrides)
     if _complete(out_dir, config):
       logging.info('%s/%s: done already (%s)', label, stage, out_dir)
       continue
-    logging.info('%s/%s: training %d steps from %s into %s', label, stage, config.total_steps,
-                 config.init_from or 'scratch', out_dir)
+    logging.info(
+      '%s/%s: training %d steps from %s into %s',
+      label,
+      stage,
+      config.total_steps,
+      config.init_from or 'scratch',
+      out_dir,
+    )
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     results[stage] = train(config, out_dir)
     if 'preempted' in results[stage]:  # The next stage needs this one's final weights.
@@ -135,9 +155,12 @@ def run(recipe: str, workdir: str, *, only: tuple[str, ...] = (),
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so modules can share flag names)."""
-  cli.define_config_flag("The recipe's folder and the argument of every stage, e.g. "
-                         "'configs/eve_v2:size=7b,data_root=gs://b/data'; --config.x=y overrides "
-                         'apply to every training stage.', load=first_stage_config)
+  cli.define_config_flag(
+    "The recipe's folder and the argument of every stage, e.g. "
+    "'configs/eve_v2:size=7b,data_root=gs://b/data'; --config.x=y overrides "
+    'apply to every training stage.',
+    load=first_stage_config,
+  )
   flags.DEFINE_string('workdir', None, 'Root directory; stage S writes to WORKDIR/S.')
   flags.DEFINE_list('stages', [], 'Run only these stages (default: all, in order).')
   flags.mark_flags_as_required(['workdir'])
@@ -148,8 +171,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   recipe = cli.config_spec()
-  results = run(recipe, flags.FLAGS.workdir, only=tuple(flags.FLAGS.stages),
-                overrides=cli.config_overrides())
+  results = run(
+    recipe, flags.FLAGS.workdir, only=tuple(flags.FLAGS.stages), overrides=cli.config_overrides()
+  )
   for stage, final in results.items():
     shown = ', '.join(f'{k} {final[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in final)
     print(f'{recipe_name(recipe)}/{stage}: {shown}', flush=True)

@@ -15,6 +15,7 @@ dotted overrides of its config:
 `--config.x=y` overrides on the command line apply to every run, before the run's own. Run i
 writes to WORKDIR/<i>_<its own overrides>; running again resumes each run from its checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,8 @@ import os
 import re
 import runpy
 import shlex
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -31,11 +33,11 @@ from evejax.config_utils import apply_overrides, load_config_file, resolve_confi
 from evejax.metrics.writers import read_jsonl
 
 LAUNCHERS = {
-    # How each launcher takes `CONFIG WORKDIR [--config.key=value ...]` (see launch/).
-    'local': 'python -m evejax.train --config={config} --workdir={workdir}',
-    'slurm': 'sbatch launch/slurm.sbatch {config} {workdir}',
-    'tpu': 'launch/tpu_vm.sh run {config} {workdir}',
-    'gke': 'launch/gke.sh {config} {workdir}',
+  # How each launcher takes `CONFIG WORKDIR [--config.key=value ...]` (see launch/).
+  'local': 'python -m evejax.train --config={config} --workdir={workdir}',
+  'slurm': 'sbatch launch/slurm.sbatch {config} {workdir}',
+  'tpu': 'launch/tpu_vm.sh run {config} {workdir}',
+  'gke': 'launch/gke.sh {config} {workdir}',
 }
 RESULT_KEYS = ('train/loss', 'eval/loss', 'eval/accuracy')
 
@@ -64,8 +66,9 @@ def expand(config_spec: str, workdir: str, overrides: dict[str, Any] | None = No
   if sweep_fn is None:
     raise ValueError(f'{path} defines no sweep(add) function')
   added: list[dict[str, Any]] = []
-  sweep_fn(lambda **overrides: added.append(
-      {k.removeprefix('config.'): v for k, v in overrides.items()}))
+  sweep_fn(
+    lambda **overrides: added.append({k.removeprefix('config.'): v for k, v in overrides.items()})
+  )
   if not added:
     raise ValueError(f'sweep(add) in {path} added no run')
   config = load_config_file(config_spec)
@@ -81,14 +84,16 @@ def expand(config_spec: str, workdir: str, overrides: dict[str, Any] | None = No
 def launch_command(run: Run, config_spec: str, launcher: str) -> str:
   if launcher not in LAUNCHERS:
     raise ValueError(f'Unknown launcher {launcher!r}; available: {sorted(LAUNCHERS)}')
-  base = LAUNCHERS[launcher].format(config=shlex.quote(config_spec),
-                                    workdir=shlex.quote(run.workdir))
+  base = LAUNCHERS[launcher].format(
+    config=shlex.quote(config_spec), workdir=shlex.quote(run.workdir)
+  )
   return ' '.join([base, *map(shlex.quote, run.flags())])
 
 
 def run_locally(runs: Sequence[Run], config_spec: str) -> dict[str, dict[str, float]]:
   """Trains the runs one after another in this process."""
   from evejax.train.trainer import train  # Heavy; listing and results do not need it.
+
   finals = {}
   for run in runs:
     logging.info('sweep run %s: %s', run.name, run.overrides)
@@ -112,17 +117,25 @@ def results_table(runs: Sequence[Run], keys: Sequence[str] = RESULT_KEYS) -> str
   rows = [['run', 'step', *keys]]
   for run in runs:
     final = final_metrics(run.workdir)
-    rows.append([run.name, str(final.get('step', 'not started')),
-                 *(f'{final[k]:.4f}' if k in final else '-' for k in keys)])
+    rows.append(
+      [
+        run.name,
+        str(final.get('step', 'not started')),
+        *(f'{final[k]:.4f}' if k in final else '-' for k in keys),
+      ]
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return '\n'.join('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
+  return '\n'.join(
+    '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    for row in rows
+  )
 
 
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so modules can share flag names)."""
-  cli.define_config_flag('A config file with sweep(add), as path[:arg]; --config.x=y overrides '
-                         'apply to every run.')
+  cli.define_config_flag(
+    'A config file with sweep(add), as path[:arg]; --config.x=y overrides apply to every run.'
+  )
   flags.DEFINE_string('workdir', None, "Root of the runs' work directories.")
   flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
   flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')

@@ -1,5 +1,6 @@
 """The batch contract shared by training and generation: an EVE-HD model (model.pal_pool=2) sees the
 same visual-token grid for an image in a training step and when it answers about that image."""
+
 import io
 
 import jax
@@ -40,8 +41,15 @@ def hd_config(path: str) -> TrainConfig:
   config = demo_v1.get_config()
   config.model.pal_pool = 2
   config.pal.teacher = 'offline'
-  config.data.update(source='records', path=path, eval_split='', max_size=MAX_SIZE,
-                     resize='eve_v1', template='chat', seq_len=160)
+  config.data.update(
+    source='records',
+    path=path,
+    eval_split='',
+    max_size=MAX_SIZE,
+    resize='eve_v1',
+    template='chat',
+    seq_len=160,
+  )
   return TrainConfig.parse(config)
 
 
@@ -53,11 +61,17 @@ def hd_run(tmp_path_factory):
   assert images.target_size(WIDTH, HEIGHT, MAX_SIZE, 56, 'eve_v1') == (336, 224)
   assert images.target_size(WIDTH, HEIGHT, MAX_SIZE, 28, 'eve_v1') == (336, 196)  # Not HD: 7 rows.
   features = np.random.default_rng(1).normal(size=(4 * 6, cfg.model.pal_teacher_size))
-  record = {'image': image_bytes(), 'extras': {'teacher_features': features.astype(np.float32)},
-            'conversations': [{'from': 'human', 'value': '<image>\nwhat is it?'},
-                              {'from': 'gpt', 'value': 'a square.'}]}
-  records.write_dataset([0], lambda _: record, path, 'train',
-                        info={'corpus': ['what is it? a square.']})
+  record = {
+    'image': image_bytes(),
+    'extras': {'teacher_features': features.astype(np.float32)},
+    'conversations': [
+      {'from': 'human', 'value': '<image>\nwhat is it?'},
+      {'from': 'gpt', 'value': 'a square.'},
+    ],
+  }
+  records.write_dataset(
+    [0], lambda _: record, path, 'train', info={'corpus': ['what is it? a square.']}
+  )
   source = records.RecordSource(path, 'train')
   tokenizer = pipeline.load_tokenizer(cfg.data, source)
   graphdef, params = nnx.split(EVE(cfg.model, rngs=nnx.Rngs(0)), nnx.Param)
@@ -71,11 +85,16 @@ def test_hd_training_step_and_generation_see_the_same_visual_token_grid(hd_run):
 
   # Training: record -> loader -> batch -> one step of the loss with HD PAL (offline teacher).
   preprocess = pipeline.make_preprocessor(cfg.data, tokenizer, spec)
-  batch = next(iter(pipeline.make_dataset(source, preprocess, 1, seed=0, shuffle=False,
-                                          num_epochs=1)))
+  batch = next(
+    iter(pipeline.make_dataset(source, preprocess, 1, seed=0, shuffle=False, num_epochs=1))
+  )
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps)
-  step = make_train_step(graphdef, tx, optim.learning_rate_schedule(cfg.optim, cfg.total_steps),
-                         pal=pal_lib.objective_from_config(cfg.pal, cfg.model))
+  step = make_train_step(
+    graphdef,
+    tx,
+    optim.learning_rate_schedule(cfg.optim, cfg.total_steps),
+    pal=pal_lib.objective_from_config(cfg.pal, cfg.model),
+  )
   state = TrainState.create(jax.tree.map(jax.numpy.copy, params), tx.init(params))  # Donated.
   _, (loss_metrics, _) = step(state, jax.tree.map(jax.numpy.asarray, batch))
   assert np.isfinite(float(loss_metrics[0].loss.compute()))
@@ -88,4 +107,4 @@ def test_hd_training_step_and_generation_see_the_same_visual_token_grid(hd_run):
   prompt = assistant.encode('what is it?', source[0]['image'])
   assert len(assistant.answer([prompt], SamplingConfig(max_new_tokens=2))) == 1
   assert grid(prompt['token_kind']) == trained_grid == (8, 12)
-  np.testing.assert_array_equal(prompt['patches'], batch['patches'][0, :8 * 12])
+  np.testing.assert_array_equal(prompt['patches'], batch['patches'][0, : 8 * 12])

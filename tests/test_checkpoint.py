@@ -1,5 +1,6 @@
 """Checkpointer: keep policy, exact round trip with the data iterator, half-written and corrupt
 checkpoints, mismatched models, and `init_from` with its loaded/new/dropped report."""
+
 import glob
 import os
 import shutil
@@ -11,20 +12,28 @@ import numpy as np
 import pytest
 from absl import logging
 
-from evejax.checkpoint import CheckpointError, Checkpointer, load_params
+from evejax.checkpoint import Checkpointer, CheckpointError, load_params
 from evejax.train.step import TrainState
 
 
 def make_state(seed: int, num_layers: int = 2) -> TrainState:
   """A train state of a small model; `layers` has int keys like the pure dict of an nnx.List."""
   rng = np.random.default_rng(seed)
-  layers = {i: {'kernel': jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
-                'scale': jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
-            for i in range(num_layers)}
+  layers = {
+    i: {
+      'kernel': jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+      'scale': jnp.asarray(rng.normal(size=(6,)), jnp.float32),
+    }
+    for i in range(num_layers)
+  }
   params = {'embed': jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), 'layers': layers}
   opt_state = ({'count': jnp.asarray(seed, jnp.int32), 'mu': jax.tree.map(jnp.ones_like, params)},)
-  return TrainState(step=jnp.asarray(seed, jnp.int32), params=params, opt_state=opt_state,
-                    rng=jax.random.key_data(jax.random.key(seed)))
+  return TrainState(
+    step=jnp.asarray(seed, jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.random.key_data(jax.random.key(seed)),
+  )
 
 
 def data_iterator():
@@ -50,8 +59,7 @@ def save_steps(directory, steps, **options) -> Checkpointer:
 def test_interval_and_keep_last_plus_every_kth(tmp_path):
   ckpt = Checkpointer(str(tmp_path), every=2, keep_last=2, keep_every=4)
   iterator = data_iterator()
-  saved = [step for step in range(1, 11)
-           if ckpt.save(step, make_state(step), iterator, {})]
+  saved = [step for step in range(1, 11) if ckpt.save(step, make_state(step), iterator, {})]
   ckpt.wait()
   assert saved == [1, 2, 4, 6, 8, 10]  # Orbax always saves a run's first step.
   assert ckpt.all_steps() == [4, 8, 10]  # The last two, plus every 4th.
@@ -64,7 +72,8 @@ def test_round_trip_is_exact_and_resumes_the_data_iterator(tmp_path):
     next(expected_next)
   iterator = data_iterator()
   step, state, metadata = Checkpointer(str(tmp_path), every=1, keep_last=3).restore(
-      make_state(0), iterator)
+    make_state(0), iterator
+  )
   assert step == 3 and metadata == {'step': 3}
   assert_trees_equal(state, make_state(3))
   assert isinstance(next(iter(state.params['layers'])), int)  # nnx.List keys survive.
@@ -86,8 +95,11 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 
 
 def truncate_largest_file(step_dir):
-  files = [f for f in glob.glob(os.path.join(step_dir, 'params', '**'), recursive=True)
-           if os.path.isfile(f)]
+  files = [
+    f
+    for f in glob.glob(os.path.join(step_dir, 'params', '**'), recursive=True)
+    if os.path.isfile(f)
+  ]
   largest = max(files, key=os.path.getsize)
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 2)
@@ -141,10 +153,13 @@ def test_resume_with_the_other_layer_layout_is_a_clear_error(tmp_path):
     Checkpointer(str(tmp_path), every=1, keep_last=3).restore(target, data_iterator())
 
 
-@pytest.mark.parametrize('num_layers, new, dropped', [
+@pytest.mark.parametrize(
+  'num_layers, new, dropped',
+  [
     (3, ['layers/2/kernel', 'layers/2/scale'], []),
     (1, [], ['layers/1/kernel', 'layers/1/scale']),
-])
+  ],
+)
 def test_init_from_loads_matching_weights_and_reports(tmp_path, num_layers, new, dropped):
   save_steps(str(tmp_path / 'checkpoints'), [5])
   fresh = make_state(99, num_layers).params
@@ -170,12 +185,15 @@ def test_init_from_rejects_other_shapes(tmp_path):
 @pytest.mark.parametrize('saved_layout', ['per_layer', 'stacked'])
 def test_init_from_converts_between_per_layer_and_stacked_layers(tmp_path, saved_layout):
   per_layer = make_state(5).params
-  stacked = dict(per_layer, layers=jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                per_layer['layers'][0], per_layer['layers'][1]))
+  stacked = dict(
+    per_layer,
+    layers=jax.tree.map(lambda *xs: jnp.stack(xs), per_layer['layers'][0], per_layer['layers'][1]),
+  )
   saved, model = (per_layer, stacked) if saved_layout == 'per_layer' else (stacked, per_layer)
   ckpt = Checkpointer(str(tmp_path), every=1, keep_last=1)
-  ckpt.save(1, TrainState.create(saved, {}).replace(step=jnp.asarray(1, jnp.int32)),
-            data_iterator(), {})
+  ckpt.save(
+    1, TrainState.create(saved, {}).replace(step=jnp.asarray(1, jnp.int32)), data_iterator(), {}
+  )
   ckpt.wait()
   fresh = jax.tree.map(jnp.zeros_like, model)
   params, report = load_params(str(tmp_path), fresh)

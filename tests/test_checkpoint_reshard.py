@@ -1,5 +1,6 @@
 """A checkpoint written on a (2, 2, 2) mesh of 8 devices restores onto (8, 1, 1), (1, 4, 2) and one
 device: the same parameter and optimizer-state values, in the target's shardings."""
+
 import os
 import subprocess
 import sys
@@ -42,7 +43,7 @@ SETUP = textwrap.dedent('''
       return iter(grain.MapDataset.range(64).batch(2).to_iter_dataset())
 ''')
 
-WORKER = SETUP + textwrap.dedent('''
+WORKER = SETUP + textwrap.dedent("""
     import sys
     from tests.conftest import TINY
     directory, expected_path = sys.argv[1:]
@@ -64,16 +65,22 @@ WORKER = SETUP + textwrap.dedent('''
       sharded = [x for x in jax.tree.leaves(restored.params)
                  if not x.sharding.is_fully_replicated]
       print(sizes, 'restored;', len(sharded), 'sharded parameter arrays')
-''')
+""")
 
 
 def test_restore_onto_other_meshes_and_one_device(tmp_path):
   directory, expected = str(tmp_path / 'checkpoints'), str(tmp_path / 'expected.npz')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, '-c', WORKER, directory, expected], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-c', WORKER, directory, expected],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  lines = [l for l in result.stdout.splitlines() if 'restored;' in l]
+  lines = [line for line in result.stdout.splitlines() if 'restored;' in line]
   assert len(lines) == 2 and ' 0 sharded' not in lines[1]  # (1, 4, 2) really shards.
 
   # This process has one device: restore the 8-device checkpoint here too.
@@ -82,7 +89,8 @@ def test_restore_onto_other_meshes_and_one_device(tmp_path):
   exec(SETUP, namespace)
   target = namespace['train_state'](ModelConfig(**CFG), dict(data=1), seed=0)
   step, restored, metadata = Checkpointer(directory, every=1, keep_last=1).restore(
-      target, namespace['data_iterator']())
+    target, namespace['data_iterator']()
+  )
   assert step == 7 and metadata == {'mesh': [2, 2, 2]}
   with np.load(expected) as saved:
     want = [saved[f'arr_{i}'] for i in range(len(saved.files))]

@@ -1,5 +1,6 @@
 """The Flax CLIP ViT teacher against a NumPy ViT and transformers' CLIPVisionModel (loaded from
 safetensors through the one CLIP key map, evejax/convert/keymap.py)."""
+
 import os
 
 import jax
@@ -14,8 +15,9 @@ from evejax.data import encode, images
 from evejax.models import clip
 from evejax.models.vision import CLIP_MEAN, CLIP_STD
 
-CFG = clip.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                            image_size=42, patch_size=14)
+CFG = clip.CLIPVisionConfig(
+  hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=42, patch_size=14
+)
 
 
 def _hf_model_file(tmp_path):
@@ -23,10 +25,19 @@ def _hf_model_file(tmp_path):
   transformers = pytest.importorskip('transformers')
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   from safetensors.torch import save_file
+
   torch.manual_seed(0)
-  hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-      image_size=42, patch_size=14, hidden_act='quick_gelu')).eval()
+  hf = transformers.CLIPVisionModel(
+    transformers.CLIPVisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      image_size=42,
+      patch_size=14,
+      hidden_act='quick_gelu',
+    )
+  ).eval()
   path = str(tmp_path / 'model.safetensors')
   save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, path)
   return hf, path
@@ -34,13 +45,15 @@ def _hf_model_file(tmp_path):
 
 def test_matches_transformers_clip_vision_model(tmp_path):
   import torch
+
   hf, path = _hf_model_file(tmp_path)
   model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
   importer.load_clip(model, path)
   pixels = np.random.default_rng(0).normal(size=(2, 42, 42, 3)).astype(np.float32)
   with torch.no_grad():
-    expected = hf(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-                  output_hidden_states=True).hidden_states
+    expected = hf(
+      torch.from_numpy(pixels.transpose(0, 3, 1, 2)), output_hidden_states=True
+    ).hidden_states
   got = model(jnp.asarray(pixels))
   assert len(got) == len(expected) == CFG.num_layers + 1
   for ours, theirs in zip(got, expected):
@@ -60,8 +73,10 @@ def test_hf_state_dict_to_evejax_and_back_through_the_key_map(tmp_path):
   model = clip.CLIPVision(CFG, rngs=nnx.Rngs(1))
   importer.load_clip(model, path)
   params = _params(model)
-  back = {s.key: keymap.to_torch_layout(s, np.asarray(keymap.get_param(params, s)))
-          for s in keymap.clip_tensor_specs(CFG)}
+  back = {
+    s.key: keymap.to_torch_layout(s, np.asarray(keymap.get_param(params, s)))
+    for s in keymap.clip_tensor_specs(CFG)
+  }
   assert back.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -72,11 +87,15 @@ def test_a_clip_model_file_loads_its_vision_tower(tmp_path):
   hf, path = _hf_model_file(tmp_path)  # skips the test without torch / transformers
   import torch
   from safetensors.torch import save_file
+
   state = hf.state_dict()
-  tower = {key: state[name].contiguous()
-           for key, name in keymap.clip_official_keys(state, 'hf').items()}
-  text = {'text_model.encoder.layers.0.mlp.fc1.weight': torch.zeros(4, 2),
-          'logit_scale': torch.zeros(())}
+  tower = {
+    key: state[name].contiguous() for key, name in keymap.clip_official_keys(state, 'hf').items()
+  }
+  text = {
+    'text_model.encoder.layers.0.mlp.fc1.weight': torch.zeros(4, 2),
+    'logit_scale': torch.zeros(()),
+  }
   save_file({**tower, **text}, str(tmp_path / 'clip_model.safetensors'))
   vision_only, clip_model = (clip.CLIPVision(CFG, rngs=nnx.Rngs(i)) for i in (1, 2))
   importer.load_clip(vision_only, path)
@@ -100,8 +119,11 @@ def test_matches_a_numpy_vit(tmp_path):
   pixels = np.random.default_rng(3).normal(size=(42, 42, 3)).astype(np.float64)
   p, c, eps = CFG.patch_size, CFG.hidden_size, CFG.layer_norm_eps
   kernel = np.asarray(model.patch_embedding.kernel[...]).reshape(p, p, 3, c)
-  tokens = [np.einsum('yxk,yxkc->c', pixels[r * p:(r + 1) * p, q * p:(q + 1) * p], kernel)
-            for r in range(3) for q in range(3)]
+  tokens = [
+    np.einsum('yxk,yxkc->c', pixels[r * p : (r + 1) * p, q * p : (q + 1) * p], kernel)
+    for r in range(3)
+    for q in range(3)
+  ]
   x = np.stack([np.asarray(model.class_embedding[...])] + tokens)
   x = _np_layer_norm(x + np.asarray(model.position_embedding[...]), model.pre_layrnorm, eps)
   expected = [x]
@@ -128,10 +150,12 @@ def test_patch_features_of_a_full_canvas_image_equal_the_image_path(tmp_path):
   pixels = np.random.default_rng(1).integers(0, 256, (84, 84, 3), dtype=np.uint8)
   groups, _ = images.patchify(images.with_valid_channel(pixels, 28), 14, 2)
   ex = encode.encode_example([-200], [False], [(groups, (3, 3))])
-  row = encode.pack_row([ex], BatchSpec(seq_len=16, patch_slots=12, patch_size=14, merge=2,
-                                        channels=4, image_keys=True))
-  got = model.patch_features(*(jnp.asarray(row[k])[None]
-                               for k in ('patches', 'patch_image', 'patch_coords')))
+  row = encode.pack_row(
+    [ex], BatchSpec(seq_len=16, patch_slots=12, patch_size=14, merge=2, channels=4, image_keys=True)
+  )
+  got = model.patch_features(
+    *(jnp.asarray(row[k])[None] for k in ('patches', 'patch_image', 'patch_coords'))
+  )
   half = pixels.reshape(42, 2, 42, 2, 3).mean(axis=(1, 3)) / 255.0  # the 2x2 box-filtered image
   normalised = (half - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
   expected = model(jnp.asarray(normalised, jnp.float32)[None])[CFG.select_layer][:, 1:]
@@ -140,8 +164,11 @@ def test_patch_features_of_a_full_canvas_image_equal_the_image_path(tmp_path):
 
 def test_loading_a_file_of_another_size_names_the_key(tmp_path):
   _, path = _hf_model_file(tmp_path)
-  wrong = clip.CLIPVision(clip.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=4,
-                                                num_heads=4, image_size=42, patch_size=14),
-                          rngs=nnx.Rngs(0))
+  wrong = clip.CLIPVision(
+    clip.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, image_size=42, patch_size=14
+    ),
+    rngs=nnx.Rngs(0),
+  )
   with pytest.raises(ValueError, match='encoder.layers.3'):
     importer.load_clip(wrong, path)

@@ -2,6 +2,7 @@
 
 Every model is built from a config written here (no hub access); fp32 throughout.
 """
+
 import json
 import os
 import struct
@@ -19,17 +20,24 @@ from flax import nnx
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from evejax.batch import BatchSpec  # noqa: E402
 from evejax import convert  # noqa: E402
+from evejax.batch import BatchSpec  # noqa: E402
 from evejax.convert import files, importer  # noqa: E402
 from evejax.convert.keymap import get_param  # noqa: E402
 from evejax.data import encode  # noqa: E402
 from evejax.models import EVE, ModelConfig  # noqa: E402
 
 VISION = dict(vision_patch_size=4, vision_merge=2, vision_hidden_size=16)
-DIMS = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-            max_position_embeddings=128)
+DIMS = dict(
+  vocab_size=97,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  rms_norm_eps=1e-6,
+  max_position_embeddings=128,
+)
 IDS = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
 
 
@@ -77,9 +85,19 @@ def flat(params) -> dict:
 
 
 def tiny_eve_cfg(**overrides) -> ModelConfig:
-  fields = dict(family='qwen2', vocab_size=97, hidden_size=32, intermediate_size=48,
-                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
-                rms_norm_eps=1e-6, **VISION)
+  fields = dict(
+    family='qwen2',
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    **VISION,
+  )
   return ModelConfig(**{**fields, **overrides})
 
 
@@ -120,8 +138,9 @@ def test_torch_bin_import_equals_safetensors_import(tmp_path):
 def test_text_export_loads_in_transformers(tmp_path):
   cfg = tiny_eve_cfg()
   params = random_params(cfg)
-  written = convert.export_hf_llm(params, cfg, str(tmp_path / 'llm'), dtype='float32',
-                                  progress=False)
+  written = convert.export_hf_llm(
+    params, cfg, str(tmp_path / 'llm'), dtype='float32', progress=False
+  )
   assert written == ['model.safetensors']
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'llm')).eval()
   assert type(model).__name__ == 'Qwen2ForCausalLM'
@@ -136,8 +155,9 @@ def test_llama_text_export_round_trips_through_transformers(tmp_path):
   folder = save_hf(model, tmp_path / 'hf')
   cfg = convert.model_config_from_hf(convert.read_hf_config(folder), **VISION)
   params = convert.import_checkpoint(folder, cfg, progress=False)
-  convert.export_hf_llm(params, cfg, str(tmp_path / 'out'), source_dir=folder, dtype='float32',
-                        progress=False)
+  convert.export_hf_llm(
+    params, cfg, str(tmp_path / 'out'), source_dir=folder, dtype='float32', progress=False
+  )
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
   np.testing.assert_allclose(hf_logits(reloaded), hf_logits(model), atol=1e-5, rtol=0)
   config = json.load(open(tmp_path / 'out' / 'config.json'))
@@ -168,12 +188,17 @@ def reference_eve_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   q, kv, c = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.vision_hidden_size
   p, m = cfg.vision_patch_size, cfg.vision_merge
-  keys = {'model.embed_tokens.weight': (v, d), 'lm_head.weight': (v, d), 'model.norm.weight': (d,),
-          'model.vision_tower.patch_embedding.0.weight': (c, 3, p, p),
-          'model.vision_tower.patch_embedding.0.bias': (c,),
-          'model.vision_tower.patch_embedding.2.weight': (d, c, m, m),
-          'model.vision_tower.patch_embedding.2.bias': (d,),
-          'model.vision_tower.class_embedding': (d,), 'model.vision_tower.split_embedding': (d,)}
+  keys = {
+    'model.embed_tokens.weight': (v, d),
+    'lm_head.weight': (v, d),
+    'model.norm.weight': (d,),
+    'model.vision_tower.patch_embedding.0.weight': (c, 3, p, p),
+    'model.vision_tower.patch_embedding.0.bias': (c,),
+    'model.vision_tower.patch_embedding.2.weight': (d, c, m, m),
+    'model.vision_tower.patch_embedding.2.bias': (d,),
+    'model.vision_tower.class_embedding': (d,),
+    'model.vision_tower.split_embedding': (d,),
+  }
   for n in range(cfg.num_layers):
     for moe in ('', 'moe_'):
       pre = f'model.layers.{n}.'
@@ -206,9 +231,14 @@ def test_exported_eve_has_reference_keys_shapes_and_config(tmp_path):
   tokenizer_dir.mkdir()
   (tokenizer_dir / 'tokenizer.json').write_text('{"fake": 1}')
   (tokenizer_dir / 'tokenizer_config.json').write_text('{}')
-  written = convert.export_eve(random_params(cfg), cfg, str(tmp_path / 'eve'),
-                               tokenizer_dir=str(tokenizer_dir), max_shard_bytes=20_000,
-                               progress=False)
+  written = convert.export_eve(
+    random_params(cfg),
+    cfg,
+    str(tmp_path / 'eve'),
+    tokenizer_dir=str(tokenizer_dir),
+    max_shard_bytes=20_000,
+    progress=False,
+  )
   assert len(written) > 2 and written[0] == f'model-00001-of-{len(written):05d}.safetensors'
   index = json.load(open(tmp_path / 'eve' / files.SAFETENSORS_INDEX))
   assert sorted(set(index['weight_map'].values())) == written
@@ -243,7 +273,8 @@ def test_bad_checkpoint_lists_missing_extra_and_wrong_shape(tmp_path):
   tensors = {k: reader.read(k) for k in reader.keys()}
   del tensors['model.layers.1.mlp.up_proj.weight']
   tensors['model.layers.0.self_attn.k_proj.weight'] = tensors[
-      'model.layers.0.self_attn.k_proj.weight'][:-1]
+    'model.layers.0.self_attn.k_proj.weight'
+  ][:-1]
   tensors['model.layers.0.extra.weight'] = np.zeros(3, ml_dtypes.bfloat16)
   write_safetensors(tmp_path / 'bad', tensors)
   with pytest.raises(convert.CheckpointMismatchError) as error:
@@ -254,7 +285,7 @@ def test_bad_checkpoint_lists_missing_extra_and_wrong_shape(tmp_path):
   assert 'model.layers.0.self_attn.k_proj.weight (15, 32) (expected (16, 32))' in message
   assert str(tmp_path / 'bad') in message
   # A checkpoint with vision copies read into a config without them: named, with the fix.
-  with pytest.raises(convert.CheckpointMismatchError, match="set model.moe_part"):
+  with pytest.raises(convert.CheckpointMismatchError, match='set model.moe_part'):
     convert.import_checkpoint(str(tmp_path / 'good'), tiny_eve_cfg(moe_part=''), progress=False)
 
 
@@ -273,11 +304,13 @@ def test_stage0_import_initialises_vision_tower_and_copies_llm_weights(tmp_path)
   """LLM checkpoint -> EVEv2: vision tower as EVE(cfg) initialises it; moe_* = the LLM weights
   (repeat_moe), or fresh weights with vision_copies='init'."""
   folder = save_hf(hf_model('qwen2'), tmp_path / 'hf')
-  cfg = convert.model_config_from_hf(convert.read_hf_config(folder), **VISION,
-                                     moe_part='layernorm-self_attn-mlp')
+  cfg = convert.model_config_from_hf(
+    convert.read_hf_config(folder), **VISION, moe_part='layernorm-self_attn-mlp'
+  )
   params = convert.import_checkpoint(folder, cfg, seed=3, progress=False)
-  init = flat(jax.tree.map(np.asarray, nnx.to_pure_dict(
-      nnx.state(EVE(cfg, rngs=nnx.Rngs(3)), nnx.Param))))
+  init = flat(
+    jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(EVE(cfg, rngs=nnx.Rngs(3)), nnx.Param)))
+  )
   got = flat(params)
   for k in got:
     if "'vision_tower'" in k:  # jitted vs eager sampling may differ in the last bit
@@ -285,22 +318,28 @@ def test_stage0_import_initialises_vision_tower_and_copies_llm_weights(tmp_path)
     elif "'moe_" in k:
       np.testing.assert_array_equal(got[k], got[k.replace("'moe_", "'")], err_msg=k)
   layer = params['layers'][1]
-  assert not np.array_equal(layer['mlp']['up_proj']['kernel'], init[
-      "['layers'][1]['mlp']['up_proj']['kernel']"])  # the LLM weights were read, not initialised
+  assert not np.array_equal(
+    layer['mlp']['up_proj']['kernel'], init["['layers'][1]['mlp']['up_proj']['kernel']"]
+  )  # the LLM weights were read, not initialised
   # The in-memory stage transition gives the same tree.
-  stage0 = convert.import_checkpoint(folder, convert.model_config_from_hf(
-      convert.read_hf_config(folder), **VISION), seed=3, progress=False)
+  stage0 = convert.import_checkpoint(
+    folder,
+    convert.model_config_from_hf(convert.read_hf_config(folder), **VISION),
+    seed=3,
+    progress=False,
+  )
   copied = flat(convert.with_vision_copies(stage0, cfg))
   assert copied.keys() == got.keys()
   for k in got:
     np.testing.assert_array_equal(copied[k], got[k], err_msg=k)
-  fresh_copies = flat(convert.import_checkpoint(folder, cfg, vision_copies='init', seed=3,
-                                                progress=False))
+  fresh_copies = flat(
+    convert.import_checkpoint(folder, cfg, vision_copies='init', seed=3, progress=False)
+  )
   key = "['layers'][0]['moe_mlp']['down_proj']['kernel']"
   np.testing.assert_allclose(fresh_copies[key], init[key], rtol=1e-6, atol=1e-7)
 
 
-SHARDED_EXPORT = textwrap.dedent('''
+SHARDED_EXPORT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from flax import nnx
@@ -317,25 +356,28 @@ SHARDED_EXPORT = textwrap.dedent('''
     convert.export_eve(params, cfg, sys.argv[1] + '/sharded', dtype='float32', progress=False)
     convert.export_eve(jax.tree.map(np.asarray, params), cfg, sys.argv[1] + '/host',
                        dtype='float32', progress=False)
-''')
+""")
 
 
 def test_export_of_sharded_params_equals_host_export(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, '-c', SHARDED_EXPORT, str(tmp_path)], check=True, env=env,
-                 cwd=root)
+  subprocess.run(
+    [sys.executable, '-c', SHARDED_EXPORT, str(tmp_path)], check=True, env=env, cwd=root
+  )
   a = (tmp_path / 'sharded' / 'model.safetensors').read_bytes()
   assert a == (tmp_path / 'host' / 'model.safetensors').read_bytes()
 
 
 def test_writer_output_reads_with_the_safetensors_library(tmp_path):
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(0)
-  tensors = {'a': rng.normal(size=(3, 5)).astype(np.float32),
-             'b': rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
-             'c': np.arange(6, dtype=np.int64).reshape(2, 3)}
+  tensors = {
+    'a': rng.normal(size=(3, 5)).astype(np.float32),
+    'b': rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+    'c': np.arange(6, dtype=np.int64).reshape(2, 3),
+  }
   write_safetensors(tmp_path / 'st', tensors)
   with safe_open(str(tmp_path / 'st' / 'model.safetensors'), framework='pt') as f:
     assert f.metadata() == {'format': 'pt'}
@@ -344,8 +386,9 @@ def test_writer_output_reads_with_the_safetensors_library(tmp_path):
       got = got.float().numpy() if got.dtype == torch.bfloat16 else got.numpy()
       np.testing.assert_array_equal(got, v.astype(got.dtype))
   with pytest.raises(ValueError, match='plan order'):
-    writer = files.ShardedSafetensorsWriter(str(tmp_path / 'x'), [
-        files.PlannedTensor(k, v.shape, v.dtype) for k, v in tensors.items()])
+    writer = files.ShardedSafetensorsWriter(
+      str(tmp_path / 'x'), [files.PlannedTensor(k, v.shape, v.dtype) for k, v in tensors.items()]
+    )
     writer.write('b', tensors['b'])
 
 
@@ -362,8 +405,13 @@ def test_unsupported_configs_fail_clearly():
 
 def run_cli(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, '-m', *args], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  result = subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -372,22 +420,39 @@ def test_cli_import_export_check(tmp_path):
   """HF LLM -> `import` (stage 0 + vision copies) -> `export` -> `check` with an image passes."""
   hf = save_hf(hf_model('qwen2'), tmp_path / 'hf')
   (tmp_path / 'hf' / 'tokenizer.json').write_text('{}')
-  out = run_cli('evejax.convert', 'import', f'--hf_dir={hf}', f'--out={tmp_path}/ckpt',
-                '--moe_part=layernorm-self_attn-mlp')
+  out = run_cli(
+    'evejax.convert',
+    'import',
+    f'--hf_dir={hf}',
+    f'--out={tmp_path}/ckpt',
+    '--moe_part=layernorm-self_attn-mlp',
+  )
   assert f'--config.init_from={tmp_path}/ckpt' in out
-  run_cli('evejax.convert', 'export', f'--params={tmp_path}/ckpt', f'--out={tmp_path}/eve',
-          f'--source_dir={hf}', '--dtype=float32', '--max_shard_size=1MB')
+  run_cli(
+    'evejax.convert',
+    'export',
+    f'--params={tmp_path}/ckpt',
+    f'--out={tmp_path}/eve',
+    f'--source_dir={hf}',
+    '--dtype=float32',
+    '--max_shard_size=1MB',
+  )
   assert (tmp_path / 'eve' / 'tokenizer.json').read_text() == '{}'
   index = json.load(open(tmp_path / 'eve' / files.SAFETENSORS_INDEX))
   assert any('moe_mlp' in k for k in index['weight_map'])
-  report = run_cli('evejax.convert.check', f'--hf_dir={tmp_path}/eve', '--ids=3,5,-200,7,9',
-                   '--max_size=64', '--atol=1e-4')
+  report = run_cli(
+    'evejax.convert.check',
+    f'--hf_dir={tmp_path}/eve',
+    '--ids=3,5,-200,7,9',
+    '--max_size=64',
+    '--atol=1e-4',
+  )
   metrics = dict(line.split() for line in report.splitlines()[3:] if len(line.split()) == 2)
   assert float(metrics['max_abs_diff']) < 1e-4 and float(metrics['top1_agreement']) == 1.0
   assert int(metrics['positions']) == 4 + 1 + 2 * 2  # 4 text ids, a 2x1-token image
 
 
-CLI_CONFIG = textwrap.dedent('''
+CLI_CONFIG = textwrap.dedent("""
     import dataclasses
     import ml_collections
     from evejax.convert import importer
@@ -395,7 +460,7 @@ CLI_CONFIG = textwrap.dedent('''
     def get_config(arg=None):  # arg: the moe_part
       cfg = importer.model_config_from_hf(importer.read_hf_config({hf!r}), moe_part=arg or '')
       return ml_collections.ConfigDict(dict(model=dataclasses.asdict(cfg)))
-    ''')
+    """)
 
 
 def test_cli_import_takes_a_config_argument_and_overrides(tmp_path):
@@ -404,21 +469,31 @@ def test_cli_import_takes_a_config_argument_and_overrides(tmp_path):
   hf = save_hf(hf_model('qwen2'), tmp_path / 'hf')
   config = tmp_path / 'llm.py'
   config.write_text(CLI_CONFIG.format(hf=hf))
-  command = ['evejax.convert', 'import', f'--hf_dir={hf}', f'--out={tmp_path}/ckpt',
-             f'--config={config}:mlp']
+  command = [
+    'evejax.convert',
+    'import',
+    f'--hf_dir={hf}',
+    f'--out={tmp_path}/ckpt',
+    f'--config={config}:mlp',
+  ]
   run_cli(*command, '--config.model.moe_part=self_attn-mlp')
   from evejax.convert import checkpoints  # pylint: disable=import-outside-toplevel
+
   _, cfg = checkpoints.load_params(str(tmp_path / 'ckpt'))
   assert cfg.moe_part == 'self_attn-mlp'
-  bad = subprocess.run([sys.executable, '-m', *command, '--config.model.moe_parts=mlp'],
-                       capture_output=True, text=True)
+  bad = subprocess.run(
+    [sys.executable, '-m', *command, '--config.model.moe_parts=mlp'], capture_output=True, text=True
+  )
   assert bad.returncode != 0
-  assert "Invalid command line: --config.model.moe_parts: config.model has no key 'moe_parts'" \
-      in bad.stderr
+  assert (
+    "Invalid command line: --config.model.moe_parts: config.model has no key 'moe_parts'"
+    in bad.stderr
+  )
 
 
 def test_compare_logits_metrics():
   from evejax.convert.check import compare_logits  # pylint: disable=import-outside-toplevel
+
   b = np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])
   same = compare_logits(b, b, top_k=2)
   assert same['max_abs_diff'] == 0 and same['kl_divergence'] == 0
@@ -446,21 +521,26 @@ def test_scanned_layer_layout_maps_to_the_same_official_tensors(tmp_path):
     np.testing.assert_array_equal(back[k], v, err_msg=k)
   unrolled = convert.import_checkpoint(str(tmp_path / 'eve'), tiny_eve_cfg(), progress=False)
   for n in range(scanned_cfg.num_layers):
-    np.testing.assert_array_equal(unrolled['layers'][n]['self_attn']['moe_k_proj']['bias'],
-                                  scanned['layers']['self_attn']['moe_k_proj']['bias'][n])
-    np.testing.assert_array_equal(unrolled['layers'][n]['mlp']['down_proj']['kernel'],
-                                  scanned['layers']['mlp']['down_proj']['kernel'][n])
+    np.testing.assert_array_equal(
+      unrolled['layers'][n]['self_attn']['moe_k_proj']['bias'],
+      scanned['layers']['self_attn']['moe_k_proj']['bias'][n],
+    )
+    np.testing.assert_array_equal(
+      unrolled['layers'][n]['mlp']['down_proj']['kernel'],
+      scanned['layers']['mlp']['down_proj']['kernel'][n],
+    )
 
 
 def test_parameters_without_an_official_name_are_refused():
-  params = {'embed_tokens': {'embedding': jax.ShapeDtypeStruct((4, 2), jnp.float32)},
-            'vision_tower': {'resampler': {'proj': {
-                'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}}}
+  params = {
+    'embed_tokens': {'embedding': jax.ShapeDtypeStruct((4, 2), jnp.float32)},
+    'vision_tower': {'resampler': {'proj': {'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}},
+  }
   with pytest.raises(NotImplementedError, match='vision_tower/resampler/proj/kernel'):
     convert.tensor_specs(tiny_eve_cfg(), params)
 
 
-MULTIHOST_EXPORT = textwrap.dedent('''
+MULTIHOST_EXPORT = textwrap.dedent("""
     import sys
     import jax
     process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -481,21 +561,28 @@ MULTIHOST_EXPORT = textwrap.dedent('''
     gathered = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
     if process_id == 0:
       convert.export_eve(gathered, cfg, out + '/host', dtype='float32', progress=False)
-''')
+""")
 
 
 @pytest.mark.slow  # two JAX processes: ~30 s on 2 shared cores
 def test_two_process_export_gathers_each_tensor_to_process_0(tmp_path):
   import socket  # pylint: disable=import-outside-toplevel
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST_EXPORT, str(i), str(port),
-                             str(tmp_path)], env=env, cwd=root, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', MULTIHOST_EXPORT, str(i), str(port), str(tmp_path)],
+      env=env,
+      cwd=root,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   errors = [p.communicate(timeout=240)[1] for p in procs]
   assert all(p.returncode == 0 for p in procs), errors[0][-2000:] + errors[1][-2000:]
   a = (tmp_path / 'multi' / 'model.safetensors').read_bytes()
@@ -505,12 +592,15 @@ def test_two_process_export_gathers_each_tensor_to_process_0(tmp_path):
 def test_check_tool_transformers_side_on_a_plain_llm(tmp_path):
   """The parity tool's functions on a plain HF folder: transformers vs the imported evejax model."""
   from evejax.convert import check  # pylint: disable=import-outside-toplevel
+
   folder = save_hf(hf_model('llama'), tmp_path / 'hf')
   reader = files.CheckpointReader(folder)
   cfg = check.model_config(folder, reader, None)
   params = convert.import_checkpoint(folder, cfg, progress=False)
-  metrics = check.compare_logits(check.evejax_logits(cfg, check.image_spec(cfg, 448), params, IDS, None),
-                                 check.torch_logits(folder, 'transformers', IDS, None))
+  metrics = check.compare_logits(
+    check.evejax_logits(cfg, check.image_spec(cfg, 448), params, IDS, None),
+    check.torch_logits(folder, 'transformers', IDS, None),
+  )
   assert metrics['max_abs_diff'] < 1e-4 and metrics['top1_agreement'] == 1.0
   assert metrics['kl_divergence'] < 1e-8
 
@@ -521,6 +611,7 @@ def test_evejax_checkpoint_round_trip_full_and_lazy(tmp_path):
   # pylint: disable=import-outside-toplevel
   from evejax.checkpoint.store import resolve_params_dir
   from evejax.convert import checkpoints
+
   cfg = tiny_eve_cfg(param_dtype='bfloat16')
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(cfg))
   checkpoints.save_params(str(tmp_path / 'ckpt'), params, cfg, source='test')

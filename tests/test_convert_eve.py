@@ -1,5 +1,6 @@
 """EVEv2 with images: evejax logits against an independent PyTorch EVEv2 written here from
 EVE_REFERENCE.md §3.3-3.4, which loads the exported official state dict with strict key checks."""
+
 import math
 
 import jax.numpy as jnp
@@ -8,15 +9,15 @@ import pytest
 
 torch = pytest.importorskip('torch')
 from safetensors.torch import load_file  # noqa: E402
+from test_convert import evejax_model, random_params, tiny_eve_cfg  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from evejax.batch import BatchSpec  # noqa: E402
 from evejax import batch as bf  # noqa: E402
 from evejax import convert  # noqa: E402
+from evejax.batch import BatchSpec  # noqa: E402
 from evejax.convert import torch_reference  # noqa: E402
 from evejax.data import encode, images  # noqa: E402
-from test_convert import evejax_model, random_params, tiny_eve_cfg  # noqa: E402
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -24,7 +25,6 @@ IDS = [5, 6, bf.IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 11]
 
 
 class RMSNorm(nn.Module):
-
   def __init__(self, d, eps):
     super().__init__()
     self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
@@ -51,13 +51,12 @@ class Attention(nn.Module):
     inv = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = torch.arange(length, dtype=torch.float64)[:, None] * inv
     cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
-    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
   def forward(self, h, m):
     cfg, length = self.cfg, h.shape[0]
-    blend = lambda name, x: (getattr(self, name)(x) * (1 - m) +
-                             getattr(self, 'moe_' + name)(x) * m)
+    blend = lambda name, x: getattr(self, name)(x) * (1 - m) + getattr(self, 'moe_' + name)(x) * m
     q = blend('q_proj', h).view(length, cfg.num_heads, -1).transpose(0, 1)
     k = blend('k_proj', h).view(length, cfg.num_kv_heads, -1).transpose(0, 1)
     v = blend('v_proj', h).view(length, cfg.num_kv_heads, -1).transpose(0, 1)
@@ -71,7 +70,6 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-
   def __init__(self, d, f):
     super().__init__()
     self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
@@ -82,7 +80,6 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-
   def __init__(self, cfg):
     super().__init__()
     d, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -100,15 +97,18 @@ class Layer(nn.Module):
 
 
 class VisionTokenizer(nn.Module):
-
   def __init__(self, cfg):
     super().__init__()
     c, d = cfg.vision_hidden_size, cfg.hidden_size
     self.patch_embedding = nn.Sequential(
-        nn.Conv2d(3, c, cfg.vision_patch_size, stride=cfg.vision_patch_size), nn.GELU(),
-        nn.Conv2d(c, d, cfg.vision_merge, stride=cfg.vision_merge))
-    self.class_embedding, self.split_embedding = nn.Parameter(torch.randn(d)), nn.Parameter(
-        torch.randn(d))
+      nn.Conv2d(3, c, cfg.vision_patch_size, stride=cfg.vision_patch_size),
+      nn.GELU(),
+      nn.Conv2d(c, d, cfg.vision_merge, stride=cfg.vision_merge),
+    )
+    self.class_embedding, self.split_embedding = (
+      nn.Parameter(torch.randn(d)),
+      nn.Parameter(torch.randn(d)),
+    )
 
   def forward(self, pixels):  # (3, H, W) normalised
     x = self.patch_embedding(pixels[None])[0]
@@ -118,7 +118,6 @@ class VisionTokenizer(nn.Module):
 
 
 class Body(nn.Module):
-
   def __init__(self, cfg):
     super().__init__()
     self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -128,7 +127,6 @@ class Body(nn.Module):
 
 
 class TorchEVEv2(nn.Module):
-
   def __init__(self, cfg):
     super().__init__()
     self.model = Body(cfg)
@@ -140,9 +138,9 @@ class TorchEVEv2(nn.Module):
     visual = self.model.vision_tower(((x - MEAN) / STD).permute(2, 0, 1))
     at = ids.index(bf.IMAGE_TOKEN_INDEX)
     embed = self.model.embed_tokens
-    x = torch.cat([embed(torch.tensor(ids[:at])), visual, embed(torch.tensor(ids[at + 1:]))])
+    x = torch.cat([embed(torch.tensor(ids[:at])), visual, embed(torch.tensor(ids[at + 1 :]))])
     m = torch.zeros(x.shape[0], 1)
-    m[at:at + len(visual)] = 1
+    m[at : at + len(visual)] = 1
     for layer in self.model.layers:
       x = layer(x, m)
     return self.lm_head(self.model.norm(x))
@@ -151,8 +149,9 @@ class TorchEVEv2(nn.Module):
 def evejax_inputs(cfg, pixels):
   groups, grid = images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)
   example = encode.encode_example(IDS, [True] * len(IDS), [(groups, grid)])
-  row = encode.pack_row([example], BatchSpec.for_model(cfg, seq_len=len(example['tokens']),
-                                                       patch_slots=len(groups)))
+  row = encode.pack_row(
+    [example], BatchSpec.for_model(cfg, seq_len=len(example['tokens']), patch_slots=len(groups))
+  )
   return {k: jnp.asarray(v)[None] for k, v in row.items()}
 
 

@@ -1,4 +1,5 @@
 """Embedded dataset, tokenizer, templates, resize policies, patchify and row encoding."""
+
 import dataclasses
 import io
 
@@ -87,37 +88,46 @@ def test_tokenizer_round_trip_and_reload(tokenizer, tmp_path):
 
 
 def test_chat_template_masks_all_but_answers(tokenizer):
-  conv = [{'from': 'human', 'value': 'what color is the circle? <image>'},
-          {'from': 'gpt', 'value': 'red.'},
-          {'from': 'human', 'value': 'how many shapes are there?'},
-          {'from': 'gpt', 'value': 'two.'}]
+  conv = [
+    {'from': 'human', 'value': 'what color is the circle? <image>'},
+    {'from': 'gpt', 'value': 'red.'},
+    {'from': 'human', 'value': 'how many shapes are there?'},
+    {'from': 'gpt', 'value': 'two.'},
+  ]
   ids, sup = templates.tokenize_conversation(conv, tokenizer, templates.get_template('chat'))
   assert ids.count(bf.IMAGE_TOKEN_INDEX) == 1
   supervised_text = tokenizer.decode([i for i, s in zip(ids, sup) if s])
   assert supervised_text == ' red.<|im_end|> two.<|im_end|>'
   text = tokenizer.decode([i for i in ids if i != bf.IMAGE_TOKEN_INDEX])
   # The image moved to the start of its turn, followed by a newline (as in the reference).
-  assert text == ('USER: \nwhat color is the circle? ASSISTANT: red.<|im_end|>'
-                  'USER: how many shapes are there? ASSISTANT: two.<|im_end|>')
+  assert text == (
+    'USER: \nwhat color is the circle? ASSISTANT: red.<|im_end|>'
+    'USER: how many shapes are there? ASSISTANT: two.<|im_end|>'
+  )
   assert ids.index(bf.IMAGE_TOKEN_INDEX) == len(tokenizer.encode('USER: '))
 
 
 def test_plain_template_supervises_caption_and_newline(tokenizer):
-  conv = [{'from': 'human', 'value': '<image>\ndescribe the image.'},
-          {'from': 'gpt', 'value': ' a red circle. '}]
+  conv = [
+    {'from': 'human', 'value': '<image>\ndescribe the image.'},
+    {'from': 'gpt', 'value': ' a red circle. '},
+  ]
   ids, sup = templates.tokenize_conversation(conv, tokenizer, templates.get_template('plain'))
   assert ids[0] == bf.IMAGE_TOKEN_INDEX and not sup[0] and all(sup[1:])
   assert tokenizer.decode(ids[1:]) == 'a red circle.\n'
 
 
-@pytest.mark.parametrize('size,policy,want', [
+@pytest.mark.parametrize(
+  'size,policy,want',
+  [
     ((1024, 1024), 'eve_v2_train', (800, 800)),
     ((640, 480), 'eve_v2_train', (640, 480)),
     ((4000, 3000), 'eve_v2_train', (928, 704)),
     ((300, 200), 'eve_v2_train', (288, 192)),
     ((1024, 1024), 'eve_v2_infer', (800, 800)),
     ((300, 200), 'eve_v2_infer', (992, 672)),
-])
+  ],
+)
 def test_resize_policies_match_reference_table(size, policy, want):
   # Table of EVE_REFERENCE.md section 3.2 at max_size 800 (the 1600 column scales the same way).
   assert images.target_size(*size, max_size=800, multiple=32, policy=policy) == want
@@ -143,8 +153,9 @@ def test_patchify_groups_are_conv_windows():
 def test_placeholder_count_mismatch_is_an_error():
   groups = np.zeros((1, 4, 12), np.uint8)
   with pytest.raises(ValueError, match='2 <image> placeholders but 1 images'):
-    encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, bf.IMAGE_TOKEN_INDEX], [False] * 3,
-                          [(groups, (1, 1))])
+    encode.encode_example(
+      [1, bf.IMAGE_TOKEN_INDEX, bf.IMAGE_TOKEN_INDEX], [False] * 3, [(groups, (1, 1))]
+    )
   with pytest.raises(ValueError, match='0 <image> placeholders but 1 images'):
     encode.encode_example([1, 2], [False, True], [(groups, (1, 1))])
 
@@ -156,10 +167,15 @@ def _png(width, height):
 
 
 def test_image_over_pixel_budget_is_an_error(tokenizer):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
-      seq_len=128, patch_slots=81, patch_size=8, merge=2, max_size=64, resize='none'))
-  record = {'image': _png(128, 128),
-            'conversations': [{'from': 'human', 'value': '<image>\nhi'}, {'from': 'gpt', 'value': 'a'}]}
+  pre = pipeline.Preprocessor(
+    tokenizer,
+    templates.get_template('chat'),
+    BatchSpec(seq_len=128, patch_slots=81, patch_size=8, merge=2, max_size=64, resize='none'),
+  )
+  record = {
+    'image': _png(128, 128),
+    'conversations': [{'from': 'human', 'value': '<image>\nhi'}, {'from': 'gpt', 'value': 'a'}],
+  }
   with pytest.raises(ValueError, match='over the budget .* data.max_size=64'):
     pre(record)
   resized = dataclasses.replace(pre, spec=pre.spec.replace(resize='eve_v2_train'))(record)
@@ -167,8 +183,11 @@ def test_image_over_pixel_budget_is_an_error(tokenizer):
 
 
 def test_too_long_example_is_an_error(tokenizer, shapes):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
-      seq_len=20, patch_slots=49, patch_size=8, merge=2, max_size=96))
+  pre = pipeline.Preprocessor(
+    tokenizer,
+    templates.get_template('chat'),
+    BatchSpec(seq_len=20, patch_slots=49, patch_size=8, merge=2, max_size=96),
+  )
   with pytest.raises(ValueError, match='too_long: .* do not fit a row of data.seq_len=20'):
     pre(shapes[0])
 
@@ -181,10 +200,14 @@ def test_corrupt_image_is_an_error():
 
 
 def test_pipeline_batches_have_static_shapes(tokenizer, shapes):
-  pre = pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
-      seq_len=80, patch_slots=49, patch_size=8, merge=2, max_size=96))
-  make = lambda: iter(pipeline.make_dataset(shapes, pre, 4, seed=0, shuffle=True,
-                                            num_epochs=None, num_threads=1))
+  pre = pipeline.Preprocessor(
+    tokenizer,
+    templates.get_template('chat'),
+    BatchSpec(seq_len=80, patch_slots=49, patch_size=8, merge=2, max_size=96),
+  )
+  make = lambda: iter(
+    pipeline.make_dataset(shapes, pre, 4, seed=0, shuffle=True, num_epochs=None, num_threads=1)
+  )
   it = make()
   first, second = next(it), next(it)
   assert set(first) == set(bf.KEYS)

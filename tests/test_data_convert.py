@@ -1,5 +1,6 @@
 """Converters to ArrayRecord: round trips from JSON, tar and CSV/Parquet inputs, idempotent re-runs,
 the manifest, and the TFDS builder/source over the converted format."""
+
 import csv
 import io
 import json
@@ -34,8 +35,9 @@ def image_dir(tmp_path):
   for i in range(6):
     name = f'img{i}.png' if i % 2 else f'sub/img{i}.jpg'
     os.makedirs(folder / os.path.dirname(name), exist_ok=True)
-    files[name] = write_image(folder / name, (20 + 7 * i, 16 + 3 * i), 'PNG' if i % 2 else 'JPEG',
-                              i)
+    files[name] = write_image(
+      folder / name, (20 + 7 * i, 16 + 3 * i), 'PNG' if i % 2 else 'JPEG', i
+    )
   return str(folder), files
 
 
@@ -46,22 +48,42 @@ def read_all(directory, split='train'):
 
 def test_llava_json_round_trip_with_extras_and_text_only(tmp_path, image_dir):
   folder, files = image_dir
-  entries = [{'id': f'e{i}', 'image': name,
-              'conversations': [{'from': 'human', 'value': f'<image>\nq{i}'},
-                                {'from': 'gpt', 'value': f'a{i}'}]}
-             for i, name in enumerate(files)]
-  entries.append({'id': 'text', 'conversations': [{'from': 'human', 'value': 'hi'},
-                                                  {'from': 'gpt', 'value': 'hello'}]})
+  entries = [
+    {
+      'id': f'e{i}',
+      'image': name,
+      'conversations': [
+        {'from': 'human', 'value': f'<image>\nq{i}'},
+        {'from': 'gpt', 'value': f'a{i}'},
+      ],
+    }
+    for i, name in enumerate(files)
+  ]
+  entries.append(
+    {
+      'id': 'text',
+      'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'hello'}],
+    }
+  )
   extras_dir = tmp_path / 'extras'
   extras_dir.mkdir()
-  features = {e['id']: np.random.default_rng(i).normal(size=(3, 4)).astype(np.float16)
-              for i, e in enumerate(entries)}
+  features = {
+    e['id']: np.random.default_rng(i).normal(size=(3, 4)).astype(np.float16)
+    for i, e in enumerate(entries)
+  }
   for record_id, value in features.items():
     np.savez(extras_dir / f'{record_id}.npz', teacher=value)
   items = llava_json.items_from_entries(entries, folder, 'test.json')
   out = str(tmp_path / 'out')
-  manifest = records.write_dataset(items, common.FileRecords(str(extras_dir)), out, 'train',
-                                   num_shards=3, num_workers=2, describe=common.FileItem.describe)
+  manifest = records.write_dataset(
+    items,
+    common.FileRecords(str(extras_dir)),
+    out,
+    'train',
+    num_shards=3,
+    num_workers=2,
+    describe=common.FileItem.describe,
+  )
   assert [s['num_records'] for s in manifest['shards']] == [2, 2, 3]  # Contiguous slices.
   got = read_all(out)
   for entry, record in zip(entries, got):
@@ -74,14 +96,30 @@ def test_llava_json_round_trip_with_extras_and_text_only(tmp_path, image_dir):
 def test_llava_cli_and_missing_image_error(tmp_path, image_dir):
   folder, files = image_dir
   name = next(iter(files))
-  entries = [{'id': 'a', 'image': name, 'conversations': [{'from': 'human', 'value': '<image>'},
-                                                         {'from': 'gpt', 'value': 'x'}]}]
+  entries = [
+    {
+      'id': 'a',
+      'image': name,
+      'conversations': [{'from': 'human', 'value': '<image>'}, {'from': 'gpt', 'value': 'x'}],
+    }
+  ]
   (tmp_path / 'data.json').write_text(json.dumps(entries))
   out = tmp_path / 'out'
   result = subprocess.run(
-      [sys.executable, '-m', 'data_pipelines.llava_json', f'--json={tmp_path / "data.json"}',
-       f'--image_dir={folder}', f'--out_dir={out}', '--workers=1'],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'data_pipelines.llava_json',
+      f'--json={tmp_path / "data.json"}',
+      f'--image_dir={folder}',
+      f'--out_dir={out}',
+      '--workers=1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert read_all(str(out))[0]['image'] == files[name]
   entries[0]['image'] = 'nope.png'
@@ -102,10 +140,14 @@ def test_webdataset_tar_round_trip(tmp_path, image_dir):
         conversations = common.caption_conversation(f'caption {i}')
         members = {f'{key}.{ext}': data, f'{key}.txt': text}
       else:
-        conversations = [{'from': 'human', 'value': '<image>\nwhat?'},
-                         {'from': 'gpt', 'value': f'answer {i}'}]
-        members = {f'{key}.{ext}': data,
-                   f'{key}.json': json.dumps({'conversations': conversations}).encode()}
+        conversations = [
+          {'from': 'human', 'value': '<image>\nwhat?'},
+          {'from': 'gpt', 'value': f'answer {i}'},
+        ]
+        members = {
+          f'{key}.{ext}': data,
+          f'{key}.json': json.dumps({'conversations': conversations}).encode(),
+        }
       for member, content in members.items():
         info = tarfile.TarInfo(member)
         info.size = len(content)
@@ -113,8 +155,15 @@ def test_webdataset_tar_round_trip(tmp_path, image_dir):
       want[key] = (data, conversations)
   items = webdataset.scan_tar(tar_path)
   out = str(tmp_path / 'out')
-  records.write_dataset(items, webdataset.TarRecords(), out, 'train', num_shards=2,
-                        num_workers=2, describe=webdataset.TarItem.describe)
+  records.write_dataset(
+    items,
+    webdataset.TarRecords(),
+    out,
+    'train',
+    num_shards=2,
+    num_workers=2,
+    describe=webdataset.TarItem.describe,
+  )
   got = {r['id']: (r['image'], r['conversations']) for r in read_all(out)}
   assert got == want
 
@@ -122,25 +171,35 @@ def test_webdataset_tar_round_trip(tmp_path, image_dir):
 def test_csv_and_parquet_round_trip(tmp_path, image_dir):
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   folder, files = image_dir
-  rows = [{'path': name, 'text': f'a photo, number {i}', 'key': f'k{i}'}
-          for i, name in enumerate(files)]
+  rows = [
+    {'path': name, 'text': f'a photo, number {i}', 'key': f'k{i}'} for i, name in enumerate(files)
+  ]
   with open(tmp_path / 'pairs.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=['path', 'text', 'key'])
     writer.writeheader()
     writer.writerows(rows)
   pq.write_table(pa.Table.from_pylist(rows), tmp_path / 'pairs.parquet')
   for table in ('pairs.csv', 'pairs.parquet'):
-    items = captions.items_from_rows(captions.read_table(str(tmp_path / table)), folder, table,
-                                     'path', 'text', 'key')
+    items = captions.items_from_rows(
+      captions.read_table(str(tmp_path / table)), folder, table, 'path', 'text', 'key'
+    )
     out = str(tmp_path / table.replace('.', '_'))
-    records.write_dataset(items, common.FileRecords(), out, 'train', records_per_shard=4,
-                          describe=common.FileItem.describe)
+    records.write_dataset(
+      items,
+      common.FileRecords(),
+      out,
+      'train',
+      records_per_shard=4,
+      describe=common.FileItem.describe,
+    )
     got = read_all(out)
     assert [r['id'] for r in got] == [r['key'] for r in rows]
     assert [r['image'] for r in got] == list(files.values())
-    assert [r['conversations'] for r in got] == [common.caption_conversation(r['text'])
-                                                 for r in rows]
+    assert [r['conversations'] for r in got] == [
+      common.caption_conversation(r['text']) for r in rows
+    ]
   with pytest.raises(ValueError, match=r"no column\(s\) \['caption'\]"):
     captions.items_from_rows(rows, folder, 'pairs.csv', 'path', 'caption')
 
@@ -152,8 +211,10 @@ def test_rerun_is_idempotent_and_rewrites_only_changed_shards(tmp_path, image_di
 
   def convert():
     items = captions.items_from_rows(rows, folder, 'rows')
-    return records.write_dataset(items, common.FileRecords(), out, 'train', num_shards=3,
-                                 describe=common.FileItem.describe)
+    return records.write_dataset(
+      items, common.FileRecords(), out, 'train', num_shards=3, describe=common.FileItem.describe
+    )
+
   first = convert()
   paths = [os.path.join(out, s['file']) for s in first['shards']]
   mtimes = [os.stat(p).st_mtime_ns for p in paths]
@@ -166,15 +227,17 @@ def test_rerun_is_idempotent_and_rewrites_only_changed_shards(tmp_path, image_di
   with open(os.path.join(folder, changed), 'rb') as f:
     assert read_all(out)[-1]['image'] == f.read()
   items = captions.items_from_rows(rows, folder, 'rows')
-  records.write_dataset(items, common.FileRecords(), out, 'train', num_shards=2,
-                        describe=common.FileItem.describe)  # Re-sharded: old shards removed.
+  records.write_dataset(
+    items, common.FileRecords(), out, 'train', num_shards=2, describe=common.FileItem.describe
+  )  # Re-sharded: old shards removed.
   assert sorted(f for f in os.listdir(out) if f.endswith('.array_record')) == [
-      records.shard_name('train', k, 2) for k in range(2)]
+    records.shard_name('train', k, 2) for k in range(2)
+  ]
   assert len(read_all(out)) == len(rows)
 
 
 def test_record_serialisation_rejects_bad_fields():
-  with pytest.raises(ValueError, match="image must be encoded bytes"):
+  with pytest.raises(ValueError, match='image must be encoded bytes'):
     records.serialize({'id': 'x', 'image': np.zeros((2, 2, 3), np.uint8), 'conversations': []})
   with pytest.raises(ValueError, match=r"unknown fields \['caption'\]"):
     records.serialize({'id': 'x', 'caption': 'a', 'conversations': []})
@@ -184,12 +247,18 @@ def test_record_serialisation_rejects_bad_fields():
 
 def test_tfds_builder_and_source_round_trip(tmp_path, image_dir):
   from evejax.data import tfds_source
+
   folder, files = image_dir
   rows = [{'image': name, 'caption': f'c{i}'} for i, name in enumerate(files)]
   out = str(tmp_path / 'converted')
-  records.write_dataset(captions.items_from_rows(rows, folder, 'rows'),
-                        common.FileRecords(), out, 'train', num_shards=2,
-                        describe=common.FileItem.describe)
+  records.write_dataset(
+    captions.items_from_rows(rows, folder, 'rows'),
+    common.FileRecords(),
+    out,
+    'train',
+    num_shards=2,
+    describe=common.FileItem.describe,
+  )
   data_dir = str(tmp_path / 'tfds')
   builder = tfds_source.EvejaxRecords(records_dir=out, data_dir=data_dir)
   builder.download_and_prepare()

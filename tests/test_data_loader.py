@@ -1,4 +1,5 @@
 """The Grain loader over ArrayRecord shards: sharding, packing, exact resume, bad records, eval."""
+
 import dataclasses
 import io
 import json
@@ -31,29 +32,37 @@ def image_bytes(width, height, fmt='PNG', seed=0):
 
 def make_record(i):
   """Record i: an image of varied size and aspect, and an answer that names i."""
-  return {'id': f'r{i}', 'image': image_bytes(8 + 8 * (i % 3), 8 + 8 * (i % 4), seed=i),
-          'conversations': [{'from': 'human', 'value': '<image>\nwhich one?'},
-                            {'from': 'gpt', 'value': f'number {i}.'}]}
+  return {
+    'id': f'r{i}',
+    'image': image_bytes(8 + 8 * (i % 3), 8 + 8 * (i % 4), seed=i),
+    'conversations': [
+      {'from': 'human', 'value': '<image>\nwhich one?'},
+      {'from': 'gpt', 'value': f'number {i}.'},
+    ],
+  }
 
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  return train_bpe([f'USER: <image>\nwhich one? ASSISTANT: number {i}.<|im_end|>'
-                    for i in range(100)], 300)
+  return train_bpe(
+    [f'USER: <image>\nwhich one? ASSISTANT: number {i}.<|im_end|>' for i in range(100)], 300
+  )
 
 
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp('records'))
-  records.write_dataset(list(range(NUM_RECORDS)), make_record, directory, 'train',
-                        num_shards=3)
+  records.write_dataset(list(range(NUM_RECORDS)), make_record, directory, 'train', num_shards=3)
   return records.RecordSource(directory, 'train')
 
 
 @pytest.fixture(scope='module')
 def pre(tokenizer):
-  return pipeline.Preprocessor(tokenizer, templates.get_template('chat'), BatchSpec(
-      seq_len=64, patch_slots=24, patch_size=PATCH, merge=MERGE, max_size=24))
+  return pipeline.Preprocessor(
+    tokenizer,
+    templates.get_template('chat'),
+    BatchSpec(seq_len=64, patch_slots=24, patch_size=PATCH, merge=MERGE, max_size=24),
+  )
 
 
 def answer_ids(batch, tokenizer):
@@ -70,13 +79,23 @@ def answer_ids(batch, tokenizer):
 
 
 @pytest.mark.parametrize('process_count', [2, 4])
-def test_processes_read_disjoint_slices_that_cover_the_dataset(source, pre, tokenizer,
-                                                               process_count):
+def test_processes_read_disjoint_slices_that_cover_the_dataset(
+  source, pre, tokenizer, process_count
+):
   seen = []
   for process_index in range(process_count):
-    ds = pipeline.make_dataset(source, pre, 1, seed=7, shuffle=True, num_epochs=1,
-                               process_index=process_index, process_count=process_count,
-                               pack_window=8, num_threads=1)
+    ds = pipeline.make_dataset(
+      source,
+      pre,
+      1,
+      seed=7,
+      shuffle=True,
+      num_epochs=1,
+      process_index=process_index,
+      process_count=process_count,
+      pack_window=8,
+      num_threads=1,
+    )
     mine = [i for batch in ds for i in answer_ids(batch, tokenizer)]
     assert len(mine) == NUM_RECORDS // process_count
     seen += mine
@@ -85,9 +104,11 @@ def test_processes_read_disjoint_slices_that_cover_the_dataset(source, pre, toke
 
 def test_shuffle_is_global_seeded_and_differs_per_epoch(source, pre, tokenizer):
   def order(seed, epochs):
-    ds = pipeline.make_dataset(source, pre, 1, seed=seed, shuffle=True,
-                               num_epochs=epochs, pack_window=1, num_threads=1)
+    ds = pipeline.make_dataset(
+      source, pre, 1, seed=seed, shuffle=True, num_epochs=epochs, pack_window=1, num_threads=1
+    )
     return [i for batch in ds for i in answer_ids(batch, tokenizer)]
+
   two_epochs = order(0, 2)
   assert two_epochs[:NUM_RECORDS] == order(0, 1) and order(1, 1) != order(0, 1)
   assert sorted(two_epochs[NUM_RECORDS:]) == list(range(NUM_RECORDS))
@@ -99,7 +120,7 @@ def expected_mask(lengths, seq_len):
   owner = np.zeros(seq_len, int)
   start = 0
   for n, length in enumerate(lengths, start=1):
-    owner[start:start + length] = n
+    owner[start : start + length] = n
     start += length
   same = owner[:, None] == owner[None, :]
   return same & np.tril(np.ones((seq_len, seq_len), bool))
@@ -142,9 +163,17 @@ def test_first_fit_respects_both_budgets(pre, source):
 def test_restored_iterator_continues_with_the_identical_batches(source, pre, num_workers):
   if num_workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
-  ds = pipeline.make_dataset(source, pre, 2, seed=3, shuffle=True,
-                             num_epochs=None, pack_window=8, num_threads=2,
-                             num_workers=num_workers)
+  ds = pipeline.make_dataset(
+    source,
+    pre,
+    2,
+    seed=3,
+    shuffle=True,
+    num_epochs=None,
+    pack_window=8,
+    num_threads=2,
+    num_workers=num_workers,
+  )
   uninterrupted = iter(ds)
   for _ in range(5):  # Stop mid-window: the packer must replay its window exactly.
     next(uninterrupted)
@@ -163,20 +192,40 @@ def write_bad_dataset(directory):
   good = [make_record(i) for i in range(16)]
   jpeg = image_bytes(16, 16, 'JPEG')
   bad = {
-      'truncated': dict(make_record(0), id='truncated', image=jpeg[:len(jpeg) // 2]),
-      'empty': dict(make_record(0), id='empty', image=b''),
-      'placeholders': dict(make_record(0), id='placeholders', conversations=[
-          {'from': 'human', 'value': '<image>\n<image>\nwhich one?'},
-          {'from': 'gpt', 'value': 'number 0.'}]),
-      'long': dict(make_record(0), id='long', conversations=[
-          {'from': 'human', 'value': '<image>\n' + 'which one? ' * 20},
-          {'from': 'gpt', 'value': 'number 0.'}]),
+    'truncated': dict(make_record(0), id='truncated', image=jpeg[: len(jpeg) // 2]),
+    'empty': dict(make_record(0), id='empty', image=b''),
+    'placeholders': dict(
+      make_record(0),
+      id='placeholders',
+      conversations=[
+        {'from': 'human', 'value': '<image>\n<image>\nwhich one?'},
+        {'from': 'gpt', 'value': 'number 0.'},
+      ],
+    ),
+    'long': dict(
+      make_record(0),
+      id='long',
+      conversations=[
+        {'from': 'human', 'value': '<image>\n' + 'which one? ' * 20},
+        {'from': 'gpt', 'value': 'number 0.'},
+      ],
+    ),
   }
   # Shard 0: 8 good; shard 1: bad at indices 1, 3, 5, 7 between good ones; plus an unreadable one.
-  shard1 = [good[8], bad['truncated'], good[9], bad['empty'], good[10], bad['placeholders'],
-            good[11], bad['long']] + good[12:]
-  payloads = [[records.serialize(r) for r in good[:8]],
-              [records.serialize(r) for r in shard1] + [b'\x93not a record']]
+  shard1 = [
+    good[8],
+    bad['truncated'],
+    good[9],
+    bad['empty'],
+    good[10],
+    bad['placeholders'],
+    good[11],
+    bad['long'],
+  ] + good[12:]
+  payloads = [
+    [records.serialize(r) for r in good[:8]],
+    [records.serialize(r) for r in shard1] + [b'\x93not a record'],
+  ]
   manifest = {'format': records.FORMAT, 'split': 'train', 'info': {}, 'shards': []}
   for k, data in enumerate(payloads):
     name = records.shard_name('train', k, 2)
@@ -184,8 +233,13 @@ def write_bad_dataset(directory):
     for payload in data:
       writer.write(payload)
     writer.close()
-    manifest['shards'].append({'file': name, 'num_records': len(data),
-                               'sha256': records.file_sha256(os.path.join(directory, name))})
+    manifest['shards'].append(
+      {
+        'file': name,
+        'num_records': len(data),
+        'sha256': records.file_sha256(os.path.join(directory, name)),
+      }
+    )
   with open(records.manifest_path(directory, 'train'), 'w') as f:
     json.dump(manifest, f)
   return records.RecordSource(directory, 'train')
@@ -194,30 +248,58 @@ def write_bad_dataset(directory):
 def test_bad_records_are_skipped_counted_and_quarantined(tmp_path, pre, tokenizer):
   source = write_bad_dataset(str(tmp_path))
   quarantine = str(tmp_path / 'quarantine.jsonl')
-  ds = pipeline.make_dataset(source, pre, 1, seed=0, shuffle=False, num_epochs=1,
-                             pack_window=4, num_threads=2,
-                             policy=bad_records.Policy(0.5, 10, quarantine))
+  ds = pipeline.make_dataset(
+    source,
+    pre,
+    1,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+    pack_window=4,
+    num_threads=2,
+    policy=bad_records.Policy(0.5, 10, quarantine),
+  )
   seen = sorted(i for batch in ds for i in answer_ids(batch, tokenizer))
   assert seen == list(range(16))  # Every good record, once.
   encoded = grain.MapDataset.range(len(source)).map(pipeline.ReadAndEncode(source, pre))
   it = iter(bad_records.FilterBadRecords(encoded.to_iter_dataset(), bad_records.Policy(0.5, 10)))
   assert len(list(it)) == 16
-  assert it.by_kind == {'unreadable_record': 1, 'bad_image': 2, 'bad_conversation': 1,
-                        'bad_teacher_features': 0, 'too_long': 1}
+  assert it.by_kind == {
+    'unreadable_record': 1,
+    'bad_image': 2,
+    'bad_conversation': 1,
+    'bad_teacher_features': 0,
+    'too_long': 1,
+  }
   assert (it.seen, it.bad) == (21, 5) and it.get_state()['bad'] == 5
   shard1 = records.shard_name('train', 1, 2)
   entries = {(e['shard'], e['index'], e['kind']) for e in bad_records.read_quarantine(quarantine)}
-  assert entries == {(shard1, 1, 'bad_image'), (shard1, 3, 'bad_image'),
-                     (shard1, 5, 'bad_conversation'), (shard1, 7, 'too_long'),
-                     (shard1, 12, 'unreadable_record')}
+  assert entries == {
+    (shard1, 1, 'bad_image'),
+    (shard1, 3, 'bad_image'),
+    (shard1, 5, 'bad_conversation'),
+    (shard1, 7, 'too_long'),
+    (shard1, 12, 'unreadable_record'),
+  }
 
 
 def test_too_many_bad_records_stop_the_run(tmp_path, pre):
   source = write_bad_dataset(str(tmp_path))
-  ds = pipeline.make_dataset(source, pre, 1, seed=0, shuffle=False, num_epochs=1,
-                             pack_window=1, num_threads=1, policy=bad_records.Policy(0.1, 10))
-  with pytest.raises(bad_records.TooManyBadRecords,
-                     match=r'of 1[0-9] records .* over data.bad_records.max_fraction=0.1'):
+  ds = pipeline.make_dataset(
+    source,
+    pre,
+    1,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+    pack_window=1,
+    num_threads=1,
+    policy=bad_records.Policy(0.1, 10),
+  )
+  with pytest.raises(
+    bad_records.TooManyBadRecords,
+    match=r'of 1[0-9] records .* over data.bad_records.max_fraction=0.1',
+  ):
     list(ds)
 
 
@@ -242,8 +324,10 @@ def test_eval_counts_every_supervised_token_once(source, pre):
 
 
 def test_row_patches_below_one_image_is_a_config_error(pre):
-  config = TrainConfig(model=ModelConfig(vision_patch_size=PATCH, vision_merge=MERGE),
-                       data=DataConfig(max_size=24, row_patches=3))
+  config = TrainConfig(
+    model=ModelConfig(vision_patch_size=PATCH, vision_merge=MERGE),
+    data=DataConfig(max_size=24, row_patches=3),
+  )
   with pytest.raises(ValueError, match='data.row_patches=3 is below'):
     config.batch_spec()
 
@@ -252,18 +336,32 @@ def test_row_patches_below_one_image_is_a_config_error(pre):
 def test_training_cli_stops_on_bad_data_with_the_quarantine_list(tmp_path, tokenizer):
   import subprocess
   import sys
+
   data_dir = tmp_path / 'data'
   data_dir.mkdir()
   write_bad_dataset(str(data_dir))
   tokenizer.save(str(tmp_path / 'tok'))
   workdir = tmp_path / 'run'
   result = subprocess.run(
-      [sys.executable, '-m', 'evejax.train', '--config=configs/demo.py', f'--workdir={workdir}',
-       '--config.data.source=records', f'--config.data.path={data_dir}',
-       '--config.data.eval_split=train', f'--config.data.tokenizer={tmp_path / "tok"}',
-       '--config.data.bad_records.min_records=10', '--config.data.bad_records.max_fraction=0.1',
-       '--config.model.num_layers=1'],
-      cwd=__file__.rsplit('/tests/', 1)[0], capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'evejax.train',
+      '--config=configs/demo.py',
+      f'--workdir={workdir}',
+      '--config.data.source=records',
+      f'--config.data.path={data_dir}',
+      '--config.data.eval_split=train',
+      f'--config.data.tokenizer={tmp_path / "tok"}',
+      '--config.data.bad_records.min_records=10',
+      '--config.data.bad_records.max_fraction=0.1',
+      '--config.model.num_layers=1',
+    ],
+    cwd=__file__.rsplit('/tests/', 1)[0],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert 'TooManyBadRecords: ' in result.stderr and 'Traceback' not in result.stderr
   assert 'over data.bad_records.max_fraction=0.1' in result.stderr
@@ -273,9 +371,11 @@ def test_training_cli_stops_on_bad_data_with_the_quarantine_list(tmp_path, token
 
 def test_demo_data_is_written_to_array_record_once_and_reads_back_identical(tmp_path):
   from evejax.data.shapes import ShapesDataset
+
   shapes = ShapesConfig(max_shapes=2, question_kinds='caption,count')
-  data_cfg = DataConfig(num_train=12, num_eval=5, seed=4, shapes=shapes, cache_dir=str(tmp_path),
-                        source='shapes')
+  data_cfg = DataConfig(
+    num_train=12, num_eval=5, seed=4, shapes=shapes, cache_dir=str(tmp_path), source='shapes'
+  )
   train, held_out = pipeline.make_sources(data_cfg)
   kw = dict(shapes.dataset_kwargs())
   assert kw['question_kinds'] == ('caption', 'count')
@@ -285,14 +385,18 @@ def test_demo_data_is_written_to_array_record_once_and_reads_back_identical(tmp_
   written = os.stat(manifest).st_mtime_ns
   assert pipeline.make_sources(data_cfg)[0].directory == train.directory
   assert os.stat(manifest).st_mtime_ns == written  # Read back, not rewritten.
-  assert pipeline.make_sources(dataclasses.replace(data_cfg, num_train=13))[0].directory != \
-      train.directory
+  assert (
+    pipeline.make_sources(dataclasses.replace(data_cfg, num_train=13))[0].directory
+    != train.directory
+  )
 
 
 def test_multi_process_eval_has_equal_batch_counts_and_every_example_once(source, pre):
   data_cfg = DataConfig(pack_window=8, row_patches=24, num_threads=1)
-  per_process = [list(pipeline.eval_batches(data_cfg, source, pre, 4, process_index=p,
-                                            process_count=2)) for p in range(2)]
+  per_process = [
+    list(pipeline.eval_batches(data_cfg, source, pre, 4, process_index=p, process_count=2))
+    for p in range(2)
+  ]
   assert len(per_process[0]) == len(per_process[1]) == -(-NUM_RECORDS // 2 // 2)
   batches = per_process[0] + per_process[1]
   assert all(b['tokens'].shape == (2, pre.spec.seq_len) for b in batches)

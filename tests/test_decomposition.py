@@ -1,8 +1,9 @@
 """EVEv2 modality decomposition: vision tokens use only the vision copies, text tokens only the
 LLM weights (perturb one set and see which outputs move)."""
-import numpy as np
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -20,7 +21,7 @@ def run(layer, x, vision_mask=VISION):
 
 
 def perturbed(layer, prefixes):
-  """A copy of the layer with every parameter under one of the '.'-joined path `prefixes` changed."""
+  """A copy of the layer with every parameter under one of the '.'-joined `prefixes` changed."""
   graphdef, state = nnx.split(layer)
   flat = dict(nnx.to_flat_state(state))
 
@@ -56,17 +57,19 @@ def test_vision_mlp_and_norms_touch_only_vision_tokens(layer_and_input):
 def test_text_weights_touch_only_text_tokens_except_through_attention(layer_and_input):
   layer, x = layer_and_input
   base = run(layer, x)
-  out = run(perturbed(layer, ['mlp', 'post_attention_layernorm', 'self_attn.q_proj',
-                               'self_attn.o_proj']), x)
+  out = run(
+    perturbed(layer, ['mlp', 'post_attention_layernorm', 'self_attn.q_proj', 'self_attn.o_proj']), x
+  )
   np.testing.assert_array_equal(moved(base, out), ~VISION)
 
 
 def test_shared_attention_mixes_modalities_causally(layer_and_input):
-  """Vision keys/values are seen by later text tokens (one joint attention), never by earlier ones."""
+  """Vision keys/values are seen by later text tokens (one joint attention), not by earlier ones."""
   layer, x = layer_and_input
   base = run(layer, x)
-  out = run(perturbed(layer, ['self_attn.moe_k_proj', 'self_attn.moe_v_proj',
-                               'moe_input_layernorm']), x)
+  out = run(
+    perturbed(layer, ['self_attn.moe_k_proj', 'self_attn.moe_v_proj', 'moe_input_layernorm']), x
+  )
   first_vision = int(np.argmax(VISION))
   np.testing.assert_array_equal(moved(base, out), np.arange(T) >= first_vision)
 

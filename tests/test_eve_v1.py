@@ -1,4 +1,6 @@
-"""EVEv1 vision tokenizer, resize policy and token layout against NumPy written from the reference."""
+"""EVEv1 vision tokenizer, resize policy and token layout against NumPy written from the
+reference."""
+
 import dataclasses
 
 import jax.numpy as jnp
@@ -6,17 +8,31 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from evejax.batch import BatchSpec
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.data import encode, images
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
 from evejax.models.vision import CLIP_MEAN, CLIP_STD
 
-TINY = ModelConfig(family='llama', vocab_size=64, hidden_size=32, intermediate_size=64,
-                   num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, rope_theta=1e4,
-                   attention_bias=False, moe_part='', vision_tokenizer='v1', vision_patch_size=14,
-                   vision_merge=2, vision_hidden_size=16, vision_heads=2)
+TINY = ModelConfig(
+  family='llama',
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=4,
+  head_dim=8,
+  rope_theta=1e4,
+  attention_bias=False,
+  moe_part='',
+  vision_tokenizer='v1',
+  vision_patch_size=14,
+  vision_merge=2,
+  vision_hidden_size=16,
+  vision_heads=2,
+)
 
 
 def np_layer_norm(x, norm):
@@ -28,7 +44,7 @@ def np_attend(q, k, v, heads, width):
   """One query (C,) over keys/values (n, C): per head softmax(q.k * width**-0.5) v."""
   out = []
   for qh, kh, vh in zip(np.split(q, heads), np.split(k, heads, -1), np.split(v, heads, -1)):
-    logits = kh @ qh * width ** -0.5
+    logits = kh @ qh * width**-0.5
     w = np.exp(logits - logits.max())
     out.append((w / w.sum()) @ vh)
   return np.concatenate(out)
@@ -54,7 +70,7 @@ def np_visual_tokens(model, pixels):
   local = []
   for i in range(0, h, 2):
     for j in range(0, w, 2):
-      window = fmap[i:i + 2, j:j + 2].reshape(4, -1)
+      window = fmap[i : i + 2, j : j + 2].reshape(4, -1)
       pooled = window.mean(0)
       local.append(pooled + np_block(vt.local_attention, pooled, window, heads))
   local = np.stack(local)
@@ -72,8 +88,12 @@ def np_visual_tokens(model, pixels):
 
 def test_eve_v1_resize_matches_reference_table():
   # EVE_REFERENCE.md §2.2: long side 672, short side a multiple of 28.
-  for raw, expected in [((1024, 1024), (672, 672)), ((640, 480), (672, 504)),
-                        ((300, 200), (672, 448)), ((200, 300), (448, 672))]:
+  for raw, expected in [
+    ((1024, 1024), (672, 672)),
+    ((640, 480), (672, 504)),
+    ((300, 200), (672, 448)),
+    ((200, 300), (448, 672)),
+  ]:
     assert images.target_size(*raw, 672, 28, 'eve_v1') == expected
   n_vis = lambda w, h: 1 + (h // 28) * (w // 28 + 1)
   assert [n_vis(672, 672), n_vis(672, 504), n_vis(672, 448)] == [601, 451, 401]
@@ -97,8 +117,9 @@ def test_valid_channel_and_patch_layout_of_padded_non_square_image():
     for s in range(4):
       my, mx = divmod(s, 2)
       y0, x0 = 28 * r + 14 * my, 28 * c + 14 * mx
-      np.testing.assert_array_equal(groups[g, s].reshape(14, 14, 4),
-                                    canvas[y0:y0 + 14, x0:x0 + 14])
+      np.testing.assert_array_equal(
+        groups[g, s].reshape(14, 14, 4), canvas[y0 : y0 + 14, x0 : x0 + 14]
+      )
   valid = groups.reshape(6, 4, 196, 4)[..., 3].min(axis=(1, 2)) > 0
   np.testing.assert_array_equal(valid, [True, True, False, False, False, False])
 
@@ -106,16 +127,20 @@ def test_valid_channel_and_patch_layout_of_padded_non_square_image():
 def test_pack_row_numbers_images_and_cells_across_examples():
   rng = np.random.default_rng(1)
   patch = lambda h, w: images.patchify(
-      images.with_valid_channel(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 28), 14, 2)
-  one = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5], [False, False, True],
-                              [patch(28, 56)])
-  two = encode.encode_example([bf.IMAGE_TOKEN_INDEX, 2, bf.IMAGE_TOKEN_INDEX],
-                              [False, True, False], [patch(56, 28), patch(28, 28)])
+    images.with_valid_channel(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 28), 14, 2
+  )
+  one = encode.encode_example([1, bf.IMAGE_TOKEN_INDEX, 5], [False, False, True], [patch(28, 56)])
+  two = encode.encode_example(
+    [bf.IMAGE_TOKEN_INDEX, 2, bf.IMAGE_TOKEN_INDEX],
+    [False, True, False],
+    [patch(56, 28), patch(28, 28)],
+  )
   spec = BatchSpec.for_model(TINY, seq_len=32, patch_slots=8)
   row = encode.pack_row([one, two], spec)
   np.testing.assert_array_equal(row['patch_image'], [1, 1, 2, 2, 3, 0, 0, 0])
-  np.testing.assert_array_equal(row['patch_coords'],
-                                [[0, 0], [0, 1], [0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(
+    row['patch_coords'], [[0, 0], [0, 1], [0, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]]
+  )
   plain = encode.pack_row([one, two], spec.replace(image_keys=False))
   assert 'patch_image' not in plain and 'patch_coords' not in plain
 
@@ -123,12 +148,16 @@ def test_pack_row_numbers_images_and_cells_across_examples():
 def test_visual_tokens_match_numpy_reference_for_two_images_in_a_row():
   model = EVE(TINY, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
-  raw = [rng.integers(0, 256, (56, 84, 3), dtype=np.uint8),
-         rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)]  # the second one padded to 56x56
+  raw = [
+    rng.integers(0, 256, (56, 84, 3), dtype=np.uint8),
+    rng.integers(0, 256, (40, 30, 3), dtype=np.uint8),
+  ]  # the second one padded to 56x56
   padded = [images.with_valid_channel(p, 28) for p in raw]
   example = encode.encode_example(
-      [1, bf.IMAGE_TOKEN_INDEX, 3, bf.IMAGE_TOKEN_INDEX, 4], [False] * 5,
-      [images.patchify(p, 14, 2) for p in padded])
+    [1, bf.IMAGE_TOKEN_INDEX, 3, bf.IMAGE_TOKEN_INDEX, 4],
+    [False] * 5,
+    [images.patchify(p, 14, 2) for p in padded],
+  )
   row = encode.pack_row([example], BatchSpec.for_model(TINY, seq_len=40, patch_slots=12))
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
   embeds = np.asarray(model.embed(batch))[0]
@@ -143,10 +172,21 @@ def test_visual_tokens_match_numpy_reference_for_two_images_in_a_row():
 def test_eve_v1_presets_build_the_llama_family():
   big = ModelConfig.from_dict(model_preset('eve_v1_7b'))
   assert (big.family, big.hidden_size, big.num_layers, big.num_kv_heads, big.vocab_size) == (
-      'llama', 4096, 32, 32, 32000)
-  assert (big.vision_tokenizer, big.vision_patch_size, big.vision_hidden_size, big.moe_part,
-          big.attention_bias, big.rope_theta, big.rms_norm_eps) == ('v1', 14, 1024, '', False,
-                                                                     1e4, 1e-5)
+    'llama',
+    4096,
+    32,
+    32,
+    32000,
+  )
+  assert (
+    big.vision_tokenizer,
+    big.vision_patch_size,
+    big.vision_hidden_size,
+    big.moe_part,
+    big.attention_bias,
+    big.rope_theta,
+    big.rms_norm_eps,
+  ) == ('v1', 14, 1024, '', False, 1e4, 1e-5)
   tiny = ModelConfig.from_dict(model_preset('eve_v1_tiny'))
   model = EVE(tiny, rngs=nnx.Rngs(0))
   assert model.pal is not None and len(model.pal.norm_layer) == len(model.pal.taps)

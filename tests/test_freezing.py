@@ -1,4 +1,5 @@
 """Freezing and per-group learning rates (evejax/train/optim.py) against a NumPy AdamW."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,18 +9,34 @@ from evejax.config import OptimConfig
 from evejax.train import optim
 
 PARAMS = {
-    'embed_tokens': {'embedding': np.full((6, 4), 0.5, np.float32)},
-    'layers': {0: {'mlp': {'up_proj': {'kernel': np.full((4, 8), -0.25, np.float32)}},
-                   'moe_mlp': {'up_proj': {'kernel': np.full((4, 8), 0.75, np.float32)}},
-                   'input_layernorm': {'scale': np.ones((4,), np.float32)}}},
-    'vision_tower': {'patch_conv': {'kernel': np.full((12, 4), 0.1, np.float32),
-                                    'bias': np.zeros((4,), np.float32)}},
+  'embed_tokens': {'embedding': np.full((6, 4), 0.5, np.float32)},
+  'layers': {
+    0: {
+      'mlp': {'up_proj': {'kernel': np.full((4, 8), -0.25, np.float32)}},
+      'moe_mlp': {'up_proj': {'kernel': np.full((4, 8), 0.75, np.float32)}},
+      'input_layernorm': {'scale': np.ones((4,), np.float32)},
+    }
+  },
+  'vision_tower': {
+    'patch_conv': {'kernel': np.full((12, 4), 0.1, np.float32), 'bias': np.zeros((4,), np.float32)}
+  },
 }
 
 
 def optim_cfg(**kw) -> OptimConfig:
-  base = dict(lr=1e-2, warmup_steps=2, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.99,
-              eps=1e-8, grad_clip=0.5, trainable='.*', frozen='', groups={})
+  base = dict(
+    lr=1e-2,
+    warmup_steps=2,
+    end_lr_ratio=0.1,
+    weight_decay=0.1,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    grad_clip=0.5,
+    trainable='.*',
+    frozen='',
+    groups={},
+  )
   return OptimConfig(**{**base, **kw})
 
 
@@ -28,26 +45,34 @@ def names(tree) -> dict[str, object]:
 
 
 def test_labels_follow_trainable_frozen_and_group_rules():
-  cfg = optim_cfg(trainable='^vision_tower/|/moe_|/mlp/', frozen='/mlp/',
-                  groups={'vision': {'pattern': '^vision_tower/', 'lr': 1e-3}})
+  cfg = optim_cfg(
+    trainable='^vision_tower/|/moe_|/mlp/',
+    frozen='/mlp/',
+    groups={'vision': {'pattern': '^vision_tower/', 'lr': 1e-3}},
+  )
   assert names(optim.param_labels(cfg, PARAMS)) == {
-      'embed_tokens/embedding': 'frozen',
-      'layers/0/mlp/up_proj/kernel': 'frozen',  # trainable, then excluded by `frozen`
-      'layers/0/moe_mlp/up_proj/kernel': 'base',
-      'layers/0/input_layernorm/scale': 'frozen',
-      'vision_tower/patch_conv/kernel': 'vision',
-      'vision_tower/patch_conv/bias': 'vision',
+    'embed_tokens/embedding': 'frozen',
+    'layers/0/mlp/up_proj/kernel': 'frozen',  # trainable, then excluded by `frozen`
+    'layers/0/moe_mlp/up_proj/kernel': 'base',
+    'layers/0/input_layernorm/scale': 'frozen',
+    'vision_tower/patch_conv/kernel': 'vision',
+    'vision_tower/patch_conv/bias': 'vision',
   }
 
 
-@pytest.mark.parametrize('kw, message', [
+@pytest.mark.parametrize(
+  'kw, message',
+  [
     (dict(trainable='^nothing'), 'leave no trainable parameter'),
     (dict(groups={'v': {'pattern': '^vison_tower/', 'lr': 1.0}}), 'matches no trainable'),
-    (dict(groups={'a': {'pattern': 'up_proj', 'lr': 1.0}, 'b': {'pattern': 'moe_', 'lr': 1.0}}),
-     'matches optim.groups'),
+    (
+      dict(groups={'a': {'pattern': 'up_proj', 'lr': 1.0}, 'b': {'pattern': 'moe_', 'lr': 1.0}}),
+      'matches optim.groups',
+    ),
     (dict(groups={'frozen': {'pattern': 'vision', 'lr': 1.0}}), 'reserved'),
     (dict(groups={'v': {'pattern': 'vision', 'peak': 1.0}}), 'pattern=REGEX and lr='),
-])
+  ],
+)
 def test_bad_rules_are_clear_errors(kw, message):
   with pytest.raises(ValueError, match=message):
     optim.param_labels(optim_cfg(**kw), PARAMS)
@@ -80,15 +105,17 @@ def numpy_adamw(params, grads_per_step, peaks, trainable, cfg, total_steps):
 
 
 def test_updates_match_numpy_adamw_per_group_and_frozen_stay_bit_identical():
-  cfg = optim_cfg(trainable='^vision_tower/|/moe_',
-                  groups={'vision': {'pattern': '^vision_tower/', 'lr': 3e-2}})
+  cfg = optim_cfg(
+    trainable='^vision_tower/|/moe_', groups={'vision': {'pattern': '^vision_tower/', 'lr': 3e-2}}
+  )
   total_steps = 5
   tx = optim.make_optimizer(cfg, total_steps)
   params = jax.tree.map(jnp.asarray, PARAMS)
   state = tx.init(params)
   rng = np.random.default_rng(0)
-  grads_per_step = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), PARAMS)
-                    for _ in range(4)]
+  grads_per_step = [
+    jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), PARAMS) for _ in range(4)
+  ]
   update = jax.jit(tx.update)
   for grads in grads_per_step:
     updates, state = update(jax.tree.map(jnp.asarray, grads), state, params)
@@ -97,8 +124,9 @@ def test_updates_match_numpy_adamw_per_group_and_frozen_stay_bit_identical():
   flat_init = names(PARAMS)
   trainable = {n for n in flat_init if n.startswith('vision_tower/') or '/moe_' in n}
   peaks = {n: 3e-2 if n.startswith('vision_tower/') else 1e-2 for n in flat_init}
-  expected = numpy_adamw(flat_init, [names(g) for g in grads_per_step], peaks, trainable, cfg,
-                         total_steps)
+  expected = numpy_adamw(
+    flat_init, [names(g) for g in grads_per_step], peaks, trainable, cfg, total_steps
+  )
   for name, value in names(params).items():
     if name in trainable:
       np.testing.assert_allclose(value, expected[name], rtol=2e-5, atol=1e-6, err_msg=name)
@@ -117,8 +145,9 @@ def test_frozen_parameters_hold_no_optimizer_state():
 
 
 def test_group_summary_counts():
-  cfg = optim_cfg(trainable='^vision_tower/|/moe_',
-                  groups={'vision': {'pattern': '^vision_tower/', 'lr': 1e-3}})
+  cfg = optim_cfg(
+    trainable='^vision_tower/|/moe_', groups={'vision': {'pattern': '^vision_tower/', 'lr': 1e-3}}
+  )
   table = optim.group_summary(cfg, PARAMS)
   rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
   assert rows['base'][1:4] == ['0.01', '1', '32']  # moe_mlp up_proj 4x8
@@ -132,9 +161,9 @@ def test_train_step_skips_frozen_weight_gradients():
   constants of the loss, so their weight gradients are not computed."""
   from flax import nnx
 
+  from evejax.batch import BatchSpec
   from evejax.models import EVE, ModelConfig
   from evejax.models.presets import model_preset
-  from evejax.batch import BatchSpec
   from evejax.sharding.synthetic import random_batch
   from evejax.train.step import TrainState, make_train_step
 
@@ -147,8 +176,9 @@ def test_train_step_skips_frozen_weight_gradients():
   batch = jax.tree.map(jnp.asarray, random_batch(spec, 4, cfg.vocab_size))
   results, flops = [], []
   for trainable in (None, optim.trainable_mask(ocfg, params)):
-    step = make_train_step(graphdef, tx, optim.learning_rate_schedule(ocfg, 10),
-                           trainable=trainable)
+    step = make_train_step(
+      graphdef, tx, optim.learning_rate_schedule(ocfg, 10), trainable=trainable
+    )
     train_state = TrainState.create(jax.tree.map(jnp.copy, params), tx.init(params))
     flops.append(step.lower(train_state, batch).compile().cost_analysis()['flops'])
     for _ in range(2):

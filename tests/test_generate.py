@@ -1,5 +1,6 @@
 """End-to-end: a checkpoint written by the training CLI answers through the generate and evaluation
 CLIs, with the training run's tokenizer, template and preprocessing."""
+
 import json
 import subprocess
 import sys
@@ -21,13 +22,18 @@ from evejax.models import EVE, ModelConfig
 # A training run (data cache, compile, checkpoint) plus three CLI processes: ~1 minute.
 pytestmark = pytest.mark.slow
 REPO = __file__.rsplit('/tests/', 1)[0]
-TRAIN_OVERRIDES = ['--config.total_steps=1', '--config.data.num_eval=8', '--config.eval_every=1',
-                   '--config.model.num_layers=1']
+TRAIN_OVERRIDES = [
+  '--config.total_steps=1',
+  '--config.data.num_eval=8',
+  '--config.eval_every=1',
+  '--config.model.num_layers=1',
+]
 
 
 def run_cli(*args):
-  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -38,8 +44,14 @@ def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
   bench = workdir / 'bench' / 'shapes.jsonl'
   write_jsonl(str(bench), converters.shapes(ShapesDataset(4, seed=7), str(bench.parent / 'images')))
-  run_cli('evejax.train', '--config=configs/demo.py', f'--workdir={workdir}', *TRAIN_OVERRIDES,
-          f'--config.benchmark.file={bench}', '--config.benchmark.max_new_tokens=4')
+  run_cli(
+    'evejax.train',
+    '--config=configs/demo.py',
+    f'--workdir={workdir}',
+    *TRAIN_OVERRIDES,
+    f'--config.benchmark.file={bench}',
+    '--config.benchmark.max_new_tokens=4',
+  )
   return workdir
 
 
@@ -53,10 +65,12 @@ def test_training_runs_the_benchmark(workdir):
 def test_checkpoint_loads_with_the_training_setup(workdir):
   config, graphdef, params, tokenizer = load_checkpoint(str(workdir))
   assert config.model.num_layers == 1 and config.data.template == 'chat'
-  expected = nnx.state(nnx.eval_shape(
-      lambda: EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0))), nnx.Param)
-  assert ([x.shape for x in jax.tree.leaves(params)] ==
-          [x.shape for x in jax.tree.leaves(nnx.to_pure_dict(expected))])
+  expected = nnx.state(
+    nnx.eval_shape(lambda: EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0))), nnx.Param
+  )
+  assert [x.shape for x in jax.tree.leaves(params)] == [
+    x.shape for x in jax.tree.leaves(nnx.to_pure_dict(expected))
+  ]
   assert tokenizer.backend.to_str() == Tokenizer.load(str(workdir)).backend.to_str()
   # The same answer through the Assistant built from the checkpoint and from these params.
   assistant = Assistant.from_checkpoint(str(workdir))
@@ -72,23 +86,50 @@ def test_checkpoint_loads_with_the_training_setup(workdir):
 
 def test_generate_and_evaluation_clis(workdir, tmp_path):
   bench = tmp_path / 'shapes.jsonl'
-  run_cli('evejax.evaluation.convert', '--format=shapes', '--config=configs/demo.py', '--limit=6',
-          f'--out={bench}')
+  run_cli(
+    'evejax.evaluation.convert',
+    '--format=shapes',
+    '--config=configs/demo.py',
+    '--limit=6',
+    f'--out={bench}',
+  )
   with open(bench) as f:
     items = [json.loads(line) for line in f]
   first = items[0]
-  result = run_cli('evejax.generate', f'--checkpoint={workdir}', f'--image={first["image"]}',
-                   f'--prompt={first["question"]}', '--max_new_tokens=5')
+  result = run_cli(
+    'evejax.generate',
+    f'--checkpoint={workdir}',
+    f'--image={first["image"]}',
+    f'--prompt={first["question"]}',
+    '--max_new_tokens=5',
+  )
   assert result.stdout.endswith('\n') and len(result.stdout.strip()) > 0
 
-  bad = subprocess.run([sys.executable, '-m', 'evejax.generate', f'--checkpoint={workdir}',
-                        f'--image={tmp_path / "nope.png"}', '--prompt=what?'], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'evejax.generate',
+      f'--checkpoint={workdir}',
+      f'--image={tmp_path / "nope.png"}',
+      '--prompt=what?',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode != 0 and 'nope.png' in bad.stderr
 
   out = tmp_path / 'eval'
-  result = run_cli('evejax.evaluation', f'--checkpoint={workdir}', f'--benchmark={bench}',
-                   f'--output={out}', '--max_new_tokens=6', '--batch_size=4')
+  result = run_cli(
+    'evejax.evaluation',
+    f'--checkpoint={workdir}',
+    f'--benchmark={bench}',
+    f'--output={out}',
+    '--max_new_tokens=6',
+    '--batch_size=4',
+  )
   assert '| exact/accuracy |' in result.stdout
   with open(out / 'metrics.json') as f:
     metrics = json.load(f)
@@ -96,9 +137,14 @@ def test_generate_and_evaluation_clis(workdir, tmp_path):
     predictions = [json.loads(line) for line in f]
   assert metrics['items'] == len(items) >= 6 and len(predictions) == len(items)
   assert 0 <= metrics['exact/accuracy'] <= 1
-  assert metrics['exact/accuracy'] == pytest.approx(np.mean(
-      [p['prediction'].strip().lower().rstrip('.') == p['answers'][0].lower().rstrip('.')
-       for p in predictions]))
+  assert metrics['exact/accuracy'] == pytest.approx(
+    np.mean(
+      [
+        p['prediction'].strip().lower().rstrip('.') == p['answers'][0].lower().rstrip('.')
+        for p in predictions
+      ]
+    )
+  )
 
 
 def test_generate_cli_converses_over_stdin(workdir, tmp_path):
@@ -108,20 +154,33 @@ def test_generate_cli_converses_over_stdin(workdir, tmp_path):
   record = held_out[0]
   image = tmp_path / 'image.png'
   image.write_bytes(record['image'])
-  first, second = (turn['value'].replace('<image>', '').strip()
-                   for turn in record['conversations'][0:3:2])
+  first, second = (
+    turn['value'].replace('<image>', '').strip() for turn in record['conversations'][0:3:2]
+  )
   result = subprocess.run(
-      [sys.executable, '-m', 'evejax.generate', f'--checkpoint={workdir}', f'--image={image}',
-       '--max_new_tokens=5'], input=f'{first}\n{second}\n/reset\n{second}\n', cwd=REPO,
-      capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'evejax.generate',
+      f'--checkpoint={workdir}',
+      f'--image={image}',
+      '--max_new_tokens=5',
+    ],
+    input=f'{first}\n{second}\n/reset\n{second}\n',
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
   assistant = Assistant.from_checkpoint(str(workdir))
   sampling = SamplingConfig(max_new_tokens=5)
 
   def answer(question, history=()):
-    return assistant.answer([assistant.encode(question, record['image'], history=history)],
-                            sampling)[0]
+    return assistant.answer(
+      [assistant.encode(question, record['image'], history=history)], sampling
+    )[0]
 
   answer_1 = answer(first)
   expected = [answer_1, answer(second, [(first, answer_1)]), answer(second)]

@@ -1,4 +1,5 @@
 """KV-cache generation against full recomputation, sampling against Hugging Face's processors."""
+
 import os
 import subprocess
 import sys
@@ -21,7 +22,6 @@ from evejax.inference.sampling import apply_repetition_penalty, filter_logits
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
 from tests.conftest import TINY
-
 
 
 def prompt_spec(cfg: ModelConfig) -> BatchSpec:
@@ -70,8 +70,14 @@ def model():
 
 def generator_for(model, **kw):
   graphdef, params = nnx.split(model, nnx.Param)
-  return Generator(graphdef, nnx.to_pure_dict(params), spec=prompt_spec(model.cfg), pad_id=0,
-                   length_multiple=8, **kw)
+  return Generator(
+    graphdef,
+    nnx.to_pure_dict(params),
+    spec=prompt_spec(model.cfg),
+    pad_id=0,
+    length_multiple=8,
+    **kw,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -84,8 +90,11 @@ def generator(model):
 def prompts():
   rng = np.random.default_rng(0)
   # Different text lengths and image sizes (16x24 -> 2x3 tokens, 32x16 -> 4x2), one without image.
-  return [make_prompt(rng, 3, 5, (16, 24)), make_prompt(rng, 1, 2, (32, 16)),
-          make_prompt(rng, 6, 1, None)]
+  return [
+    make_prompt(rng, 3, 5, (16, 24)),
+    make_prompt(rng, 1, 2, (32, 16)),
+    make_prompt(rng, 6, 1, None),
+  ]
 
 
 def test_cached_greedy_equals_uncached_recomputation(model, generator, prompts):
@@ -99,8 +108,10 @@ def test_cached_greedy_equals_uncached_recomputation(model, generator, prompts):
 
 def test_cached_equals_uncached_for_a_dense_llama_decoder(prompts):
   """EVEv1's decoder layout (Llama: no biases, no vision copies) on the same cached path."""
-  dense = EVE(ModelConfig(**{**TINY, 'family': 'llama', 'moe_part': '', 'attention_bias': False}),
-              rngs=nnx.Rngs(1))
+  dense = EVE(
+    ModelConfig(**{**TINY, 'family': 'llama', 'moe_part': '', 'attention_bias': False}),
+    rngs=nnx.Rngs(1),
+  )
   cached = generator_for(dense).generate(prompts[:2], SamplingConfig(max_new_tokens=5))
   assert cached == [uncached_greedy(dense, p, 5) for p in prompts[:2]]
 
@@ -130,7 +141,8 @@ def test_decode_uses_text_weights(model, prompts):
   spec = prompt_spec(model.cfg)
   base = Generator(graphdef, params, spec=spec, pad_id=0).generate(batch, cfg)
   changed = Generator(graphdef, scaled_vision_copies(params), spec=spec, pad_id=0).generate(
-      batch, cfg)
+    batch, cfg
+  )
   assert base[0] == changed[0]  # No visual token anywhere: the vision copies are never used.
   assert base[1] != changed[1]  # The image's tokens went through them at prefill.
 
@@ -139,18 +151,21 @@ def test_stop_tokens_max_length_and_streaming(model, generator, prompts):
   free = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6))[0]
   stop = free[2]
   first_stop = free.index(stop)
-  stopped = generator.generate(prompts[:1],
-                               SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[0]
+  stopped = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)))[
+    0
+  ]
   assert stopped == free[:first_stop]
 
   prompt_len = len(prompts[0]['tokens'])
   capped = generator_for(model, max_length=prompt_len + 3).generate(
-      prompts[:1], SamplingConfig(max_new_tokens=6))[0]
+    prompts[:1], SamplingConfig(max_new_tokens=6)
+  )[0]
   assert capped == free[:3]
 
   seen = []
-  streamed = generator.generate(prompts[:1], SamplingConfig(max_new_tokens=6),
-                                on_step=lambda rows: seen.append(rows[0]))
+  streamed = generator.generate(
+    prompts[:1], SamplingConfig(max_new_tokens=6), on_step=lambda rows: seen.append(rows[0])
+  )
   assert streamed[0] == free
   assert [len(s) for s in seen[:5]] == [1, 2, 3, 4, 5] and seen[-1] == free
 
@@ -168,6 +183,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(generator, prompts):
 def test_logit_processors_match_transformers():
   torch = pytest.importorskip('torch')
   from transformers.generation import logits_process as lp
+
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 50)).astype(np.float32) * 3
   seen_ids = rng.integers(0, 50, (3, 7))
@@ -191,8 +207,13 @@ def test_logit_processors_match_transformers():
 
 
 def test_sampling_config_rejects_bad_values():
-  for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0),
-              dict(repetition_penalty=0)):
+  for bad in (
+    dict(temperature=-1),
+    dict(top_p=0),
+    dict(top_k=-2),
+    dict(max_new_tokens=0),
+    dict(repetition_penalty=0),
+  ):
     with pytest.raises(ValueError, match=next(iter(bad))):
       SamplingConfig(**bad)
 
@@ -206,37 +227,49 @@ def shapes_tokenizer():
 def test_multi_turn_prompt_is_the_training_layout(template, shapes_tokenizer):
   """Turn k's prompt is the training tokenisation of the conversation up to answer k."""
   tokenizer = shapes_tokenizer
-  turns = [('what color is the circle?', 'red.'), ('how many shapes are there?', 'two.'),
-           ('what shape is at the top?', 'a circle.')]
-  conversation = [{'from': role, 'value': text} for turn in turns
-                  for role, text in zip(('human', 'gpt'), turn)]
+  turns = [
+    ('what color is the circle?', 'red.'),
+    ('how many shapes are there?', 'two.'),
+    ('what shape is at the top?', 'a circle.'),
+  ]
+  conversation = [
+    {'from': role, 'value': text} for turn in turns for role, text in zip(('human', 'gpt'), turn)
+  ]
   conversation[0]['value'] = '<image>\n' + conversation[0]['value']
-  ids, supervised = templates.tokenize_conversation(conversation, tokenizer,
-                                                    templates.get_template(template))
+  ids, supervised = templates.tokenize_conversation(
+    conversation, tokenizer, templates.get_template(template)
+  )
   answer_starts = [i for i in range(1, len(ids)) if supervised[i] and not supervised[i - 1]]
   assert len(answer_starts) == len(turns)
   for k, (question, _) in enumerate(turns):
-    prompt = prompt_lib.prompt_ids(question, tokenizer, templates.get_template(template),
-                                   with_image=True, history=turns[:k])
-    assert prompt == ids[:answer_starts[k]]
+    prompt = prompt_lib.prompt_ids(
+      question, tokenizer, templates.get_template(template), with_image=True, history=turns[:k]
+    )
+    assert prompt == ids[: answer_starts[k]]
     assert prompt.count(bf.IMAGE_TOKEN_INDEX) == 1
   with pytest.raises(ValueError, match='no image was given'):
-    prompt_lib.prompt_ids('and now?', tokenizer, templates.get_template(template),
-                          with_image=False, history=[('<image>\nwhat is it?', 'a circle.')])
+    prompt_lib.prompt_ids(
+      'and now?',
+      tokenizer,
+      templates.get_template(template),
+      with_image=False,
+      history=[('<image>\nwhat is it?', 'a circle.')],
+    )
 
 
 def test_left_padded_batch_right_aligns_prompts(prompts):
-  batch = prompt_lib.left_padded_batch(prompts, BatchSpec.for_model(
-      ModelConfig(**TINY), seq_len=24, patch_slots=16))
+  batch = prompt_lib.left_padded_batch(
+    prompts, BatchSpec.for_model(ModelConfig(**TINY), seq_len=24, patch_slots=16)
+  )
   for row, prompt in enumerate(prompts):
     n = len(prompt['tokens'])
     np.testing.assert_array_equal(batch['tokens'][row, -n:], prompt['tokens'])
     np.testing.assert_array_equal(batch['positions'][row, -n:], np.arange(n))
-    assert (batch['segment_ids'][row, :24 - n] == 0).all()
+    assert (batch['segment_ids'][row, : 24 - n] == 0).all()
     assert (batch['segment_ids'][row, -n:] == 1).all()
 
 
-SHARDED_SCRIPT = textwrap.dedent('''
+SHARDED_SCRIPT = textwrap.dedent("""
     import numpy as np, jax
     from flax import nnx
     from evejax import sharding
@@ -261,14 +294,20 @@ SHARDED_SCRIPT = textwrap.dedent('''
     single = Generator(graphdef, local, spec=spec, pad_id=0).generate(prompts, sampling)
     assert sharded == single, (sharded, single)
     print('OK', sharded)
-''')
+""")
 
 
 def test_sharded_generation_matches_single_device():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-c', SHARDED_SCRIPT],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'OK' in result.stdout
 
@@ -284,7 +323,7 @@ def test_cached_equals_uncached_for_eve_v1():
 
   def v1_prompt(before, after, image_hw):
     pixels = images.with_valid_channel(rng.integers(0, 256, (*image_hw, 3), dtype=np.uint8), token)
-    ids = ([*rng.integers(3, 97, before), bf.IMAGE_TOKEN_INDEX, *rng.integers(3, 97, after)])
+    ids = [*rng.integers(3, 97, before), bf.IMAGE_TOKEN_INDEX, *rng.integers(3, 97, after)]
     groups = [images.patchify(pixels, cfg.vision_patch_size, cfg.vision_merge)]
     return encode.encode_example(ids, [False] * len(ids), groups)
 

@@ -1,5 +1,6 @@
 """Launch scripts: syntax and lint, the exact commands of their dry runs, and the SLURM script's
 jax.distributed set-up with the SLURM environment simulated for 2 local processes."""
+
 import glob
 import json
 import os
@@ -7,14 +8,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = sorted(glob.glob(os.path.join(REPO, 'launch', '*.sh')) +
-                 [os.path.join(REPO, 'launch', 'slurm.sbatch')])
+SCRIPTS = sorted(
+  glob.glob(os.path.join(REPO, 'launch', '*.sh')) + [os.path.join(REPO, 'launch', 'slurm.sbatch')]
+)
 CONFIG = 'configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2'
 WORKDIR = "gs://b/eve_v2/stage1_0 it's"
 FLAGS = ['--config.optim.lr=0.0001', '--config.optim.trainable=^vision_tower/|/moe_']
@@ -22,18 +23,25 @@ TRAIN = ['python', '-m', 'evejax.train', f'--config={CONFIG}', f'--workdir={WORK
 
 
 def dry_run(script: str, *args: str, **env: str) -> str:
-  return subprocess.run([os.path.join(REPO, 'launch', script), *args], capture_output=True,
-                        text=True, check=True, cwd=REPO,
-                        env={'PATH': os.environ['PATH'], 'DRY_RUN': '1', **env}).stdout
+  return subprocess.run(
+    [os.path.join(REPO, 'launch', script), *args],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=REPO,
+    env={'PATH': os.environ['PATH'], 'DRY_RUN': '1', **env},
+  ).stdout
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=os.path.basename)
 def test_bash_syntax_and_shellcheck(script):
   subprocess.run(['bash', '-n', script], check=True)
-  shellcheck = shutil.which('shellcheck') or os.path.join(os.path.dirname(sys.executable),
-                                                         'shellcheck')
-  result = subprocess.run([shellcheck, '-x', script], capture_output=True, text=True,
-                          cwd=os.path.dirname(script))
+  shellcheck = shutil.which('shellcheck') or os.path.join(
+    os.path.dirname(sys.executable), 'shellcheck'
+  )
+  result = subprocess.run(
+    [shellcheck, '-x', script], capture_output=True, text=True, cwd=os.path.dirname(script)
+  )
   assert result.returncode == 0, result.stdout
 
 
@@ -41,30 +49,78 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
   env = dict(TPU_NAME='pod', ZONE='us-east5-a', PROJECT='proj')
   where = ['--zone=us-east5-a', '--project=proj']
   assert shlex.split(dry_run('tpu_vm.sh', 'create', **env, SPOT='1')) == [
-      'gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'pod', *where,
-      '--accelerator-type=v5p-64', '--version=v2-alpha-tpuv5', '--spot']
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'create',
+    'pod',
+    *where,
+    '--accelerator-type=v5p-64',
+    '--version=v2-alpha-tpuv5',
+    '--spot',
+  ]
   words = shlex.split(dry_run('tpu_vm.sh', 'run', CONFIG, WORKDIR, *FLAGS, **env))
-  assert words[:-1] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod', *where,
-                        '--worker=all', '--command']
+  assert words[:-1] == [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'ssh',
+    'pod',
+    *where,
+    '--worker=all',
+    '--command',
+  ]
   assert shlex.split(words[-1]) == [
-      'cd', '~/evejax', '&&', 'nohup', *TRAIN, '--config.distributed.auto=True',
-      '>', '~/evejax_train.log', '2>&1', '&']
+    'cd',
+    '~/evejax',
+    '&&',
+    'nohup',
+    *TRAIN,
+    '--config.distributed.auto=True',
+    '>',
+    '~/evejax_train.log',
+    '2>&1',
+    '&',
+  ]
   install = shlex.split(dry_run('tpu_vm.sh', 'setup', **env).splitlines()[-1])[-1]
-  assert shlex.split(install)[-8:] == ['cd', '~/evejax', '&&', 'pip', 'install', '-q', '-e',
-                                       '.[tpu]']  # The package with the TPU build of jax.
+  assert shlex.split(install)[-8:] == [
+    'cd',
+    '~/evejax',
+    '&&',
+    'pip',
+    'install',
+    '-q',
+    '-e',
+    '.[tpu]',
+  ]  # The package with the TPU build of jax.
   assert shlex.split(dry_run('tpu_vm.sh', 'teardown', **env)) == [
-      'gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', *where, '--quiet']
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'delete',
+    'pod',
+    *where,
+    '--quiet',
+  ]
 
 
 def test_tpu_vm_needs_its_settings():
-  result = subprocess.run([os.path.join(REPO, 'launch', 'tpu_vm.sh'), 'create'],
-                          capture_output=True, text=True, env={'PATH': os.environ['PATH']})
+  result = subprocess.run(
+    [os.path.join(REPO, 'launch', 'tpu_vm.sh'), 'create'],
+    capture_output=True,
+    text=True,
+    env={'PATH': os.environ['PATH']},
+  )
   assert result.returncode == 2 and 'set TPU_NAME and ZONE' in result.stderr
 
 
 def test_gke_dry_run_prints_a_jobset_running_the_trainer_on_every_host():
-  out = dry_run('gke.sh', CONFIG, WORKDIR, *FLAGS, IMAGE='gcr.io/p/evejax:1', NAME='eve-s1',
-                HOSTS='8')
+  out = dry_run(
+    'gke.sh', CONFIG, WORKDIR, *FLAGS, IMAGE='gcr.io/p/evejax:1', NAME='eve-s1', HOSTS='8'
+  )
   manifest, command = out.rstrip('\n').rsplit('\n', 1)
   assert command == 'kubectl apply -f -'
   jobset = yaml.safe_load(manifest)
@@ -76,12 +132,22 @@ def test_gke_dry_run_prints_a_jobset_running_the_trainer_on_every_host():
   assert container['command'][:2] == ['bash', '-c']
   assert shlex.split(container['command'][2]) == [*TRAIN, '--config.distributed.auto=True']
 
-  xpk = shlex.split(dry_run('gke.sh', CONFIG, WORKDIR, *FLAGS, IMAGE='img', NAME='eve-s1',
-                            XPK='1', CLUSTER='c'))
-  assert xpk[:7] == ['xpk', 'workload', 'create', '--cluster=c', '--workload=eve-s1',
-                     '--docker-image=img', '--tpu-type=v5p-128']
+  xpk = shlex.split(
+    dry_run('gke.sh', CONFIG, WORKDIR, *FLAGS, IMAGE='img', NAME='eve-s1', XPK='1', CLUSTER='c')
+  )
+  assert xpk[:7] == [
+    'xpk',
+    'workload',
+    'create',
+    '--cluster=c',
+    '--workload=eve-s1',
+    '--docker-image=img',
+    '--tpu-type=v5p-128',
+  ]
   assert shlex.split(xpk[-1].removeprefix('--command=')) == [
-      *TRAIN, '--config.distributed.auto=True']
+    *TRAIN,
+    '--config.distributed.auto=True',
+  ]
 
 
 def test_slurm_dry_run_prints_the_srun_command():
@@ -134,23 +200,46 @@ def test_slurm_sets_up_jax_distributed_from_slurm_variables(tmp_path):
   for name, text in [('srun', FAKE_SRUN), ('scontrol', FAKE_SCONTROL), ('python', PROBE)]:
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(0o755)
-  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', TASK_LOGS=str(logs),
-             PYTHON=str(bin_dir / 'python'), SLURM_JOB_ID='4242', SLURM_NTASKS='2',
-             SLURM_JOB_NODELIST='node[1-2]', SLURM_SUBMIT_DIR=REPO, JAX_PLATFORMS='cpu')
+  env = dict(
+    os.environ,
+    PATH=f'{bin_dir}:{os.environ["PATH"]}',
+    TASK_LOGS=str(logs),
+    PYTHON=str(bin_dir / 'python'),
+    SLURM_JOB_ID='4242',
+    SLURM_NTASKS='2',
+    SLURM_JOB_NODELIST='node[1-2]',
+    SLURM_SUBMIT_DIR=REPO,
+    JAX_PLATFORMS='cpu',
+  )
   env.pop('XLA_FLAGS', None)
-  result = subprocess.run([os.path.join(REPO, 'launch', 'slurm.sbatch'), CONFIG, WORKDIR, *FLAGS],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+  result = subprocess.run(
+    [os.path.join(REPO, 'launch', 'slurm.sbatch'), CONFIG, WORKDIR, *FLAGS],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   reports = [(logs / f'task{i}.log').read_text() for i in range(2)]
   assert result.returncode == 0, reports
   for index, report in enumerate(reports):
     seen = json.loads(report.strip().splitlines()[-1])
     # The coordinator: the first node, on a port derived from the job id (20000 + 4242).
-    assert seen == dict(index=index, count=2, devices=2, gathered=[10, 11],
-                        argv=['-m', 'evejax.train', f'--config={CONFIG}', f'--workdir={WORKDIR}',
-                              *FLAGS], address='localhost:24242')
+    assert seen == dict(
+      index=index,
+      count=2,
+      devices=2,
+      gathered=[10, 11],
+      argv=['-m', 'evejax.train', f'--config={CONFIG}', f'--workdir={WORKDIR}', *FLAGS],
+      address='localhost:24242',
+    )
 
 
 def test_slurm_env_outside_a_job_is_a_clear_error():
-  result = subprocess.run(['bash', '-c', f'source {REPO}/launch/slurm_env.sh'],
-                          capture_output=True, text=True, env={'PATH': os.environ['PATH']})
+  result = subprocess.run(
+    ['bash', '-c', f'source {REPO}/launch/slurm_env.sh'],
+    capture_output=True,
+    text=True,
+    env={'PATH': os.environ['PATH']},
+  )
   assert result.returncode != 0 and 'not inside a SLURM job' in result.stderr

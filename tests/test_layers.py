@@ -1,6 +1,7 @@
 """Decoder building blocks against NumPy implementations written here."""
-import numpy as np
+
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from evejax.models import layers
@@ -95,8 +96,10 @@ def test_attention_module_projections_and_rope(tiny_cfg):
   q = lin(attn.q_proj, x).reshape(1, 5, cfg.num_heads, cfg.head_dim)
   k = lin(attn.k_proj, x).reshape(1, 5, cfg.num_kv_heads, cfg.head_dim)
   v = lin(attn.v_proj, x).reshape(1, 5, cfg.num_kv_heads, cfg.head_dim)
-  q, k = np_rope(q, pos.astype(np.float32), cfg.rope_theta), np_rope(k, pos.astype(np.float32),
-                                                                      cfg.rope_theta)
+  q, k = (
+    np_rope(q, pos.astype(np.float32), cfg.rope_theta),
+    np_rope(k, pos.astype(np.float32), cfg.rope_theta),
+  )
   want = lin(attn.o_proj, np_attention(q, k, v, seg).reshape(1, 5, -1))
   np.testing.assert_allclose(got, want, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """`python -m evejax.plan`: AOT compile on fake devices, per-device memory table, FLOPs, HBM fit."""
+
 import os
 import re
 import subprocess
@@ -7,14 +8,28 @@ import sys
 import pytest
 
 REPO = __file__.rsplit('/tests/', 1)[0]
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def plan_command(*args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'evejax.plan', '--config=configs/demo.py',
-                         '--devices=8', '--config.batch_size=8', '--config.model.num_layers=2',
-                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'evejax.plan',
+      '--config=configs/demo.py',
+      '--devices=8',
+      '--config.batch_size=8',
+      '--config.model.num_layers=2',
+      *args,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def run_plan(*args):
@@ -24,8 +39,9 @@ def run_plan(*args):
 
 
 def row(text, label):
-  return float(re.search(rf'\| {re.escape(label)}\s+\|\s+[\d.]+ \|\s+([\d.]+) \|',
-                         text).group(1)) * MiB
+  return (
+    float(re.search(rf'\| {re.escape(label)}\s+\|\s+[\d.]+ \|\s+([\d.]+) \|', text).group(1)) * MiB
+  )
 
 
 @pytest.fixture(scope='module')
@@ -39,8 +55,11 @@ def expected_param_bytes_per_device(devices=8):
   `devices` ways, any other one (norms, the vision tower's patch axes) is whole on every device."""
   import dataclasses
   import runpy
+
   from flax import nnx
+
   from evejax.models import EVE, ModelConfig
+
   config = runpy.run_path(os.path.join(REPO, 'configs/demo.py'))['get_config']()
   cfg = dataclasses.replace(ModelConfig.from_dict(config.model), num_layers=2)
   state = nnx.state(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
@@ -69,16 +88,22 @@ def test_plan_rejects_an_unknown_model_field_naming_the_valid_ones():
 
 
 def test_plan_flops_match_the_analytic_count(fsdp_plan):
-  xla, analytic = map(float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)',
-                                       fsdp_plan).groups())
+  xla, analytic = map(
+    float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)', fsdp_plan).groups()
+  )
   assert 0.9 <= xla / analytic <= 1.3  # matmuls dominate; XLA also counts elementwise ops
 
 
 @pytest.mark.slow  # three compiles
 def test_plan_scanned_flops_count_every_layer():
-  text = run_plan('--mesh=data=2,fsdp=4', '--config.model.scan_layers=True',
-                  '--config.model.remat=full', '--hbm_gib=95')
+  text = run_plan(
+    '--mesh=data=2,fsdp=4',
+    '--config.model.scan_layers=True',
+    '--config.model.remat=full',
+    '--hbm_gib=95',
+  )
   assert 'FITS: ' in text
-  xla, analytic = map(float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)',
-                                       text).groups())
+  xla, analytic = map(
+    float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)', text).groups()
+  )
   assert 0.9 <= xla / analytic <= 1.6  # full remat recomputes the forward pass

@@ -4,6 +4,7 @@ Per stage: exactly the parameters the reference trains changed (its substring ru
 §5.2, written out here independently of the configs' regexes), frozen ones are bit-identical to the
 stage's starting weights, and the optimizer state holds moments for the trainable ones only.
 """
+
 import json
 import os
 import subprocess
@@ -28,9 +29,13 @@ OVERRIDES = {'data.num_train': 300, 'data.num_eval': 16, 'model.num_layers': 2}
 def reference_trainable(stage: str, name: str) -> bool:
   """The reference's rule: (vision_tower and tune_VE) or (moe and tune_MOE) or (neither and
   tune_LLM)."""
-  tune_moe, tune_llm = {'stage0': (False, False), 'stage1_0': (True, False),
-                        'stage1_1': (True, False), 'stage2': (True, True),
-                        'stage3': (True, True)}[stage]
+  tune_moe, tune_llm = {
+    'stage0': (False, False),
+    'stage1_0': (True, False),
+    'stage1_1': (True, False),
+    'stage2': (True, True),
+    'stage3': (True, True),
+  }[stage]
   if 'vision_tower' in name:
     return True
   if 'moe' in name:
@@ -39,8 +44,9 @@ def reference_trainable(stage: str, name: str) -> bool:
 
 
 def flat(params) -> dict[str, np.ndarray]:
-  return {'/'.join(map(str, k)): np.asarray(v)
-          for k, v in traverse_util.flatten_dict(params).items()}
+  return {
+    '/'.join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()
+  }
 
 
 def saved_moments(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
@@ -51,12 +57,13 @@ def saved_moments(step_dir: str) -> dict[str, dict[str, np.ndarray]]:
     keys = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
     for moment in moments:
       if moment in keys:
-        moments[moment]['/'.join(keys[keys.index(moment) + 1:])] = np.asarray(value)
+        moments[moment]['/'.join(keys[keys.index(moment) + 1 :])] = np.asarray(value)
   return moments
 
 
-def check_stage(root: str, stage: str, before: dict[str, np.ndarray], is_trainable, steps: int
-                ) -> tuple[set[str], set[str]]:
+def check_stage(
+  root: str, stage: str, before: dict[str, np.ndarray], is_trainable, steps: int
+) -> tuple[set[str], set[str]]:
   """Checks one finished stage against its starting weights: frozen parameters bit-identical,
   only trainable ones changed (the vision tower always), optimizer moments exactly for the
   trainable ones. Returns the (changed, trainable) parameter names."""
@@ -83,23 +90,35 @@ def recipe_root(tmp_path_factory):
   (the checks below see 2 layers and the short data)."""
   root = str(tmp_path_factory.mktemp('eve_v2_tiny'))
   result = subprocess.run(
-      [sys.executable, '-m', 'evejax.recipe', f'--config={RECIPE}', f'--workdir={root}',
-       *(f'--config.{key}={value}' for key, value in OVERRIDES.items())],
-      cwd=REPO, capture_output=True, text=True)
+    [
+      sys.executable,
+      '-m',
+      'evejax.recipe',
+      f'--config={RECIPE}',
+      f'--workdir={root}',
+      *(f'--config.{key}={value}' for key, value in OVERRIDES.items()),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert [line.split(':')[0] for line in result.stdout.splitlines()] == [
-      f'eve_v2/{stage}' for stage in recipe.stages(RECIPE) if stage != 'copy']
+    f'eve_v2/{stage}' for stage in recipe.stages(RECIPE) if stage != 'copy'
+  ]
   return root
 
 
-def initial_params(recipe_spec: str, stage: str, root: str,
-                   overrides: dict) -> dict[str, np.ndarray]:
+def initial_params(
+  recipe_spec: str, stage: str, root: str, overrides: dict
+) -> dict[str, np.ndarray]:
   """A first stage's random start, made as the trainer makes it (jitted init: eager init rounds
   differently)."""
   config = recipe.stage_config(recipe_spec, stage, root, overrides=overrides)
   cfg = ModelConfig.from_dict(config.model)
-  _, params = sharding.init_sharded(lambda: EVE(cfg, rngs=nnx.Rngs(config.seed)),
-                                    sharding.make_mesh(config.mesh))
+  _, params = sharding.init_sharded(
+    lambda: EVE(cfg, rngs=nnx.Rngs(config.seed)), sharding.make_mesh(config.mesh)
+  )
   return flat(params)
 
 
@@ -120,17 +139,22 @@ def test_copy_step_initialises_vision_copies_from_llm_weights(recipe_root):
 @pytest.mark.parametrize('stage', ['stage0', 'stage1_0', 'stage1_1', 'stage2', 'stage3'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
   order = recipe.stages(RECIPE)
-  before = (initial_params(RECIPE, 'stage0', recipe_root, OVERRIDES)
-            if stage == 'stage0' else
-            flat(checkpoints.load_params(os.path.join(recipe_root,
-                                                      order[order.index(stage) - 1]))[0]))
+  before = (
+    initial_params(RECIPE, 'stage0', recipe_root, OVERRIDES)
+    if stage == 'stage0'
+    else flat(checkpoints.load_params(os.path.join(recipe_root, order[order.index(stage) - 1]))[0])
+  )
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
   assert len(changed) >= 0.8 * len(trainable), sorted(trainable - changed)
 
 
 def test_stages_start_from_the_previous_stage(recipe_root):
-  for stage, previous in [('stage1_0', 'copy'), ('stage1_1', 'stage1_0'), ('stage2', 'stage1_1'),
-                          ('stage3', 'stage2')]:
+  for stage, previous in [
+    ('stage1_0', 'copy'),
+    ('stage1_1', 'stage1_0'),
+    ('stage2', 'stage1_1'),
+    ('stage3', 'stage2'),
+  ]:
     with open(os.path.join(recipe_root, stage, 'init_from_report.json')) as f:
       report = json.load(f)
     assert report['init_from'] == os.path.join(recipe_root, previous)

@@ -1,4 +1,5 @@
 """Stage configs against the reference's recipe tables (EVE_REFERENCE.md §5.1, §5.2)."""
+
 import os
 
 import pytest
@@ -8,17 +9,17 @@ from evejax.models import ModelConfig
 
 # stage: (peak LR, global batch, text length, image side, template, warmup ratio, starts from)
 EVE_V2_7B = {
-    'stage0': (2e-4, 1024, 2048, 800, 'plain', 'llm'),
-    'stage1_0': (1e-4, 1024, 2048, 800, 'plain', 'copy'),
-    'stage1_1': (5e-5, 1024, 4096, 1600, 'plain', 'stage1_0'),
-    'stage2': (2e-5, 512, 4096, 1600, 'qwen2', 'stage1_1'),
-    'stage3': (1e-5, 512, 5000, 1600, 'qwen2', 'stage2'),
+  'stage0': (2e-4, 1024, 2048, 800, 'plain', 'llm'),
+  'stage1_0': (1e-4, 1024, 2048, 800, 'plain', 'copy'),
+  'stage1_1': (5e-5, 1024, 4096, 1600, 'plain', 'stage1_0'),
+  'stage2': (2e-5, 512, 4096, 1600, 'qwen2', 'stage1_1'),
+  'stage3': (1e-5, 512, 5000, 1600, 'qwen2', 'stage2'),
 }
 EVE_V1_7B = {
-    'prealign': (4e-5, 512, 2048, 672, 'plain', 'llm'),
-    'pretrain': (4e-5, 512, 2048, 672, 'plain', 'prealign'),
-    'finetune': (2e-5, 128, 2048, 672, 'vicuna_v1', 'pretrain'),
-    'finetune_hd': (2e-5, 128, 4096, 1344, 'vicuna_v1', 'pretrain'),
+  'prealign': (4e-5, 512, 2048, 672, 'plain', 'llm'),
+  'pretrain': (4e-5, 512, 2048, 672, 'plain', 'prealign'),
+  'finetune': (2e-5, 128, 2048, 672, 'vicuna_v1', 'pretrain'),
+  'finetune_hd': (2e-5, 128, 4096, 1344, 'vicuna_v1', 'pretrain'),
 }
 
 
@@ -27,8 +28,13 @@ def test_7b_stages_follow_the_reference_tables(name, table):
   assert [s for s in recipe.stages(f'configs/{name}') if s != 'copy'] == list(table)
   for stage, (lr, batch, seq_len, side, template, start) in table.items():
     config = recipe.stage_config(f'configs/{name}:size=7b,data_root=/data', stage, '/runs')
-    assert (config.optim.lr, config.batch_size, config.data.seq_len, config.data.max_size,
-            config.data.template) == (lr, batch, seq_len, side, template), stage
+    assert (
+      config.optim.lr,
+      config.batch_size,
+      config.data.seq_len,
+      config.data.max_size,
+      config.data.template,
+    ) == (lr, batch, seq_len, side, template), stage
     assert config.init_from == os.path.join('/runs', start)
     assert config.data.path.startswith('/data/')
     assert config.optim.weight_decay == 0.0 and config.optim.end_lr_ratio == 0.0
@@ -38,8 +44,11 @@ def test_7b_stages_follow_the_reference_tables(name, table):
 
 
 def test_eve_v2_vision_copies_appear_at_the_copy_step():
-  parts = {s: recipe.stage_config('configs/eve_v2:size=7b', s, '/r').model.moe_part
-           for s in recipe.stages('configs/eve_v2') if s != 'copy'}
+  parts = {
+    s: recipe.stage_config('configs/eve_v2:size=7b', s, '/r').model.moe_part
+    for s in recipe.stages('configs/eve_v2')
+    if s != 'copy'
+  }
   assert parts == {'stage0': '', **{s: 'layernorm-self_attn-mlp' for s in list(parts)[1:]}}
 
 
@@ -58,7 +67,7 @@ def test_bad_arguments_are_clear_errors():
     recipe.stages('configs/eve_v3')
   with pytest.raises(ValueError, match='configs/eve_v2/common.py is not a recipe folder'):
     recipe.stages('configs/eve_v2/common.py')
-  with pytest.raises(ValueError, match=r"eve_v2/stage2: --config.optim.lrr"):
+  with pytest.raises(ValueError, match=r'eve_v2/stage2: --config.optim.lrr'):
     recipe.stage_config('configs/eve_v2', 'stage2', '/r', overrides={'optim.lrr': 1.0})
   with pytest.raises(ValueError, match='root=/elsewhere is not the recipe workdir /r'):
     recipe.stage_config('configs/eve_v2:root=/elsewhere', 'stage2', '/r')
@@ -78,8 +87,9 @@ def test_eve_v1_stages_all_train_with_pal(size):
     assert config.pal.weight == 1.0 and config.data.resize == 'eve_v1', stage
     assert config.pal.teacher == ('offline' if size == '7b' else 'online'), stage
     assert model.pal_pool == (2 if (size, stage) == ('7b', 'finetune_hd') else 1), stage
-  big = recipe.stage_config('configs/eve_v1:size=7b,teacher=online,'
-                            'clip_weights=/w/clip.safetensors', 'pretrain', '/r')
+  big = recipe.stage_config(
+    'configs/eve_v1:size=7b,teacher=online,clip_weights=/w/clip.safetensors', 'pretrain', '/r'
+  )
   assert (big.pal.teacher, big.pal.clip_weights) == ('online', '/w/clip.safetensors')
 
 

@@ -2,14 +2,15 @@
 parameters the reference trains changed, frozen ones are bit-identical, and optimizer moments exist
 for the trainable ones only. Stage graph: prealign -> pretrain -> finetune, pretrain -> finetune_hd.
 """
+
 import json
 import os
 
 import pytest
+from test_recipe import check_stage, flat, initial_params
 
 from evejax import recipe
 from evejax.convert import checkpoints
-from test_recipe import check_stage, flat, initial_params
 
 STEPS = 2
 RECIPE = f'configs/eve_v1:size=tiny,steps={STEPS}'
@@ -36,9 +37,11 @@ def recipe_root(tmp_path_factory):
 
 @pytest.mark.parametrize('stage', ['prealign', 'pretrain', 'finetune', 'finetune_hd'])
 def test_stage_trains_exactly_the_reference_parameters(recipe_root, stage):
-  before = (initial_params(RECIPE, 'prealign', recipe_root, OVERRIDES)
-            if stage == 'prealign' else
-            flat(checkpoints.load_params(os.path.join(recipe_root, STARTS_FROM[stage]))[0]))
+  before = (
+    initial_params(RECIPE, 'prealign', recipe_root, OVERRIDES)
+    if stage == 'prealign'
+    else flat(checkpoints.load_params(os.path.join(recipe_root, STARTS_FROM[stage]))[0])
+  )
   changed, trainable = check_stage(recipe_root, stage, before, reference_trainable, STEPS)
   assert len(changed) >= 0.8 * len(trainable), sorted(trainable - changed)
   # PAL is on in every stage of the reference: its layer trains and its loss is logged.

@@ -1,5 +1,6 @@
 """Preemption and exact resume through the CLI: SIGTERM saves the current step and exits 0; after a
 SIGKILL the same command continues; the losses and final parameters equal an uninterrupted run's."""
+
 import json
 import os
 import signal
@@ -14,16 +15,28 @@ import pytest
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 TOTAL_STEPS = 12
-FLAGS = ['--config=configs/demo.py', f'--config.total_steps={TOTAL_STEPS}', '--config.log_every=1',
-         '--config.eval_every=1000', '--config.data.num_eval=8', '--config.data.num_train=400',
-         '--config.model.num_layers=1', '--config.batch_size=4', '--config.checkpoint.every=3',
-         '--config.checkpoint.keep_last=3']
+FLAGS = [
+  '--config=configs/demo.py',
+  f'--config.total_steps={TOTAL_STEPS}',
+  '--config.log_every=1',
+  '--config.eval_every=1000',
+  '--config.data.num_eval=8',
+  '--config.data.num_train=400',
+  '--config.model.num_layers=1',
+  '--config.batch_size=4',
+  '--config.checkpoint.every=3',
+  '--config.checkpoint.keep_last=3',
+]
 
 
 def start(workdir, *extra) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, '-m', 'evejax.train', *FLAGS, *extra,
-                           f'--workdir={workdir}'], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'evejax.train', *FLAGS, *extra, f'--workdir={workdir}'],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def logged_losses(workdir) -> dict[int, float]:
@@ -86,10 +99,23 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_init_from_cli_loads_weights_and_reports(tmp_path):
   """Stage 2 from stage 1 with one more layer: shared weights load, the new layer is reported."""
+
   def run(workdir, *flags):
     result = subprocess.run(
-        [sys.executable, '-m', 'evejax.train', *FLAGS, '--config.total_steps=1', *flags,
-         f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+        sys.executable,
+        '-m',
+        'evejax.train',
+        *FLAGS,
+        '--config.total_steps=1',
+        *flags,
+        f'--workdir={workdir}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
   run(tmp_path / 'stage1', '--config.optim.warmup_steps=0')  # Changes the weights.

@@ -1,4 +1,5 @@
 """FLOP-exact modality routing ('sorted') against the reference select (the oracle)."""
+
 import dataclasses
 
 import jax
@@ -6,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_sharding import tiny_config
 
+from evejax.batch import BatchSpec
 from evejax.models import EVE, layers
 from evejax.models.decoder import DecoderLayer
 from evejax.models.routing import route
-from evejax.batch import BatchSpec
 from evejax.sharding.synthetic import random_batch
-from test_sharding import tiny_config
 
 
 @pytest.mark.parametrize('vision_fraction', [0.0, 0.3, 0.97, 1.0])
@@ -24,8 +25,9 @@ def test_sorted_matches_select_on_linear_ops(vision_fraction):
   mask[1] = vision_fraction > 0  # a row that is all image (when any)
   w_text, w_vision = rng.normal(size=(2, 16, 24)).astype(np.float32)
   expected = np.where(mask[..., None], x @ w_vision, x @ w_text)  # independent NumPy oracle
-  got = jax.jit(lambda x, m: route(x, m, lambda z: z @ w_text, lambda z: z @ w_vision,
-                                   'sorted'))(x, mask)
+  got = jax.jit(lambda x, m: route(x, m, lambda z: z @ w_text, lambda z: z @ w_vision, 'sorted'))(
+    x, mask
+  )
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -38,12 +40,16 @@ def test_decomposed_model_forward_and_grads_agree():
   tiny_cfg = tiny_config()
   select = EVE(tiny_cfg, rngs=nnx.Rngs(0))
   routed = EVE(dataclasses.replace(tiny_cfg, routing='sorted'), rngs=nnx.Rngs(0))
-  batch = {k: jnp.asarray(v) for k, v in random_batch(
-      BatchSpec.for_model(tiny_cfg, seq_len=24, patch_slots=6), 4, tiny_cfg.vocab_size, seed=1).items()}
+  batch = {
+    k: jnp.asarray(v)
+    for k, v in random_batch(
+      BatchSpec.for_model(tiny_cfg, seq_len=24, patch_slots=6), 4, tiny_cfg.vocab_size, seed=1
+    ).items()
+  }
 
   def loss(model):
     logits = model(batch)
-    return jnp.sum(logits ** 2) / 1e3, logits
+    return jnp.sum(logits**2) / 1e3, logits
 
   grad_fn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
   ((l_sel, logits_sel), g_sel), ((l_rt, logits_rt), g_rt) = grad_fn(select), grad_fn(routed)
@@ -55,8 +61,15 @@ def test_decomposed_model_forward_and_grads_agree():
 
 def layer_flops(cfg, moe_part, routing, tokens=(16, 128)):
   # Wide enough that the projections and MLP, not attention, dominate (as in real models).
-  cfg = dataclasses.replace(cfg, moe_part=moe_part, routing=routing, hidden_size=128,
-                            intermediate_size=384, num_heads=4, head_dim=32)
+  cfg = dataclasses.replace(
+    cfg,
+    moe_part=moe_part,
+    routing=routing,
+    hidden_size=128,
+    intermediate_size=384,
+    num_heads=4,
+    head_dim=32,
+  )
   graphdef, state = nnx.split(DecoderLayer(cfg, rngs=nnx.Rngs(0)))
   x = jnp.ones((*tokens, cfg.hidden_size))
   vision = jnp.arange(tokens[1])[None].repeat(tokens[0], 0) % 3 == 0

@@ -1,5 +1,6 @@
 """Scanned vs unrolled decoder layers, the remat policies, and gradient accumulation: each gives the
 plain path's loss and updated parameters (fp32, 1 device)."""
+
 import dataclasses
 
 import jax
@@ -7,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_sharding import TOLERANCE, max_diff, reference_setup, tiny_config, train_two_steps
 
 from evejax import sharding
 from evejax.models import EVE, stack
 from evejax.train.step import _loss_and_grads
-from test_sharding import TOLERANCE, max_diff, reference_setup, tiny_config, train_two_steps
 
 
 @pytest.fixture(scope='module')
@@ -34,8 +35,9 @@ def test_scanned_layers_equal_unrolled(setup):
   stacked = jax.device_get(dict(init, layers=stack.stack_params(init['layers'])))
   losses, params, _, _ = train_two_steps(scanned, mesh, stacked, batches)
   assert jax.tree.leaves(params['layers'])[0].shape[0] == cfg.num_layers
-  assert_same(losses, dict(params, layers=stack.unstack_params(params['layers'])), ref_losses,
-              ref_params)
+  assert_same(
+    losses, dict(params, layers=stack.unstack_params(params['layers'])), ref_losses, ref_params
+  )
 
 
 def test_stacked_parameters_get_the_layers_axis_name(setup):
@@ -51,8 +53,9 @@ def grads_and_flops(cfg, params, batch):
   """Gradients of the loss and the compiled FLOPs of computing them."""
   graphdef = nnx.split(EVE(cfg, rngs=nnx.Rngs(0)), nnx.Param)[0]
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  compiled = jax.jit(lambda p, b: _loss_and_grads(graphdef, p, b, 1)[2]).lower(
-      params, batch).compile()
+  compiled = (
+    jax.jit(lambda p, b: _loss_and_grads(graphdef, p, b, 1)[2]).lower(params, batch).compile()
+  )
   cost = compiled.cost_analysis()
   return compiled(params, batch), (cost[0] if isinstance(cost, list) else cost)['flops']
 
@@ -61,8 +64,9 @@ def test_full_remat_equals_plain_and_recomputes(setup):
   cfg, init, batches = setup[:3]
   stacked = jax.device_get(dict(init, layers=stack.stack_params(init['layers'])))
   (plain, plain_flops), (remat, remat_flops) = (
-      grads_and_flops(dataclasses.replace(cfg, remat=p, scan_layers=True), stacked, batches[0])
-      for p in ('none', 'full'))
+    grads_and_flops(dataclasses.replace(cfg, remat=p, scan_layers=True), stacked, batches[0])
+    for p in ('none', 'full')
+  )
   assert max_diff(remat, plain) <= TOLERANCE
   assert remat_flops > 1.1 * plain_flops
 
@@ -81,10 +85,12 @@ def test_remat_policies_equal_plain_and_recompute(setup):
   assert flops['full'] > 1.1 * flops['none']
   assert flops['save_dots'] < flops['full'] and flops['minimal'] < flops['full']
   # Unrolled layers take the same policies.
-  unrolled, unrolled_flops = grads_and_flops(dataclasses.replace(cfg, remat='full'), init,
-                                             batches[0])
-  assert max_diff(unrolled['layers'][1], stack.unstack_params(grads['none']['layers'])[1]) \
-      <= TOLERANCE
+  unrolled, unrolled_flops = grads_and_flops(
+    dataclasses.replace(cfg, remat='full'), init, batches[0]
+  )
+  assert (
+    max_diff(unrolled['layers'][1], stack.unstack_params(grads['none']['layers'])[1]) <= TOLERANCE
+  )
   assert unrolled_flops > 1.1 * grads_and_flops(cfg, init, batches[0])[1]
 
 

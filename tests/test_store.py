@@ -1,5 +1,6 @@
 """The checkpoint store: every kind of path finds its params item, a folder that is not a checkpoint
 is a clear error, metadata round-trips, and a run writes its config.json before any checkpoint."""
+
 import dataclasses
 import json
 import os
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evejax.checkpoint import CheckpointError, Checkpointer, load_params, store
+from evejax.checkpoint import Checkpointer, CheckpointError, load_params, store
 from evejax.config_utils import load_config_file
 from evejax.models import ModelConfig
 from evejax.train import trainer
@@ -36,8 +37,9 @@ def test_every_kind_of_path_resolves_to_its_params_item(workdir, tmp_path_factor
   newest = str(workdir / 'checkpoints' / '2' / 'params')
   assert store.resolve_params_dir(str(workdir)) == newest
   assert store.resolve_params_dir(str(workdir / 'checkpoints')) == newest
-  assert store.resolve_params_dir(str(workdir / 'checkpoints' / '1')) == \
-      str(workdir / 'checkpoints' / '1' / 'params')
+  assert store.resolve_params_dir(str(workdir / 'checkpoints' / '1')) == str(
+    workdir / 'checkpoints' / '1' / 'params'
+  )
   imported = tmp_path_factory.mktemp('import') / 'out'
   store.write_params_folder(str(imported), make_state(7).params, {'model': TINY})
   assert store.resolve_params_dir(str(imported)) == str(imported / 'params')

@@ -1,4 +1,5 @@
 """Sweeps: expansion of sweep(add), launch commands, local runs and the results table."""
+
 import os
 import shlex
 import subprocess
@@ -46,8 +47,8 @@ def test_expansion_counts_overrides_and_unique_workdirs(config_file, tmp_path):
   runs = sweep.expand(config_file, str(tmp_path / 'root'))
   assert len(runs) == 5
   assert [r.overrides for r in runs[:4]] == [
-      {'optim.lr': lr, 'data.blank_images': blank}
-      for lr in (1e-3, 3e-3) for blank in (False, True)]
+    {'optim.lr': lr, 'data.blank_images': blank} for lr in (1e-3, 3e-3) for blank in (False, True)
+  ]
   assert len({r.workdir for r in runs}) == 5
   assert all(os.path.dirname(r.workdir) == str(tmp_path / 'root') for r in runs)
   assert runs[1].name == '01_lr=0.001-blank_images=True'
@@ -55,13 +56,15 @@ def test_expansion_counts_overrides_and_unique_workdirs(config_file, tmp_path):
 
 def test_unknown_override_names_the_run_and_key(tmp_path):
   path = tmp_path / 'bad.py'
-  path.write_text(textwrap.dedent(f"""
+  path.write_text(
+    textwrap.dedent(f"""
       import runpy
       get_config = runpy.run_path({os.path.join(REPO, 'configs', 'demo.py')!r})['get_config']
       def sweep(add):
         add(**{{'optim.lr': 1e-3}})
         add(**{{'optim.lrr': 1e-3}})
-      """))
+      """)
+  )
   with pytest.raises(ValueError, match=r"run 1: --config.optim.lrr: config.optim has no key 'lrr'"):
     sweep.expand(str(path), str(tmp_path))
 
@@ -77,27 +80,49 @@ def test_commands_quote_overrides_for_each_launcher(config_file, tmp_path, launc
 
 
 def test_cli_lists_runs(config_file, tmp_path):
-  out = subprocess.run([sys.executable, '-m', 'evejax.sweep', f'--config={config_file}',
-                        f'--workdir={tmp_path}', '--runs=0,3'], capture_output=True, text=True,
-                       check=True, cwd=REPO).stdout.splitlines()
-  assert [line.split('\t')[0] for line in out] == ['00_lr=0.001-blank_images=False',
-                                                    '03_lr=0.003-blank_images=True']
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'evejax.sweep',
+      f'--config={config_file}',
+      f'--workdir={tmp_path}',
+      '--runs=0,3',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=REPO,
+  ).stdout.splitlines()
+  assert [line.split('\t')[0] for line in out] == [
+    '00_lr=0.001-blank_images=False',
+    '03_lr=0.003-blank_images=True',
+  ]
   assert out[1].split('\t')[2] == '--config.optim.lr=0.003 --config.data.blank_images=True'
 
 
 def test_cli_overrides_apply_to_every_run_and_unknown_ones_are_rejected(config_file, tmp_path):
-  command = [sys.executable, '-m', 'evejax.sweep', f'--config={config_file}:blank=True',
-             f'--workdir={tmp_path}', '--mode=commands', '--config.total_steps=7']
-  out = subprocess.run(command, capture_output=True, text=True, check=True,
-                       cwd=REPO).stdout.splitlines()
+  command = [
+    sys.executable,
+    '-m',
+    'evejax.sweep',
+    f'--config={config_file}:blank=True',
+    f'--workdir={tmp_path}',
+    '--mode=commands',
+    '--config.total_steps=7',
+  ]
+  out = subprocess.run(
+    command, capture_output=True, text=True, check=True, cwd=REPO
+  ).stdout.splitlines()
   assert len(out) == 5
   for line, run in zip(out, sweep.expand(config_file, str(tmp_path))):
     words = shlex.split(line)
     assert words[:4] == ['python', '-m', 'evejax.train', f'--config={config_file}:blank=True']
     assert words[5:] == ['--config.total_steps=7', *run.flags()]  # The run's own come last.
     assert words[4] == f'--workdir={run.workdir}'  # Named by its own overrides only.
-  bad = subprocess.run([*command[:-1], '--config.optim.lrr=1'], capture_output=True, text=True,
-                       cwd=REPO)
+  bad = subprocess.run(
+    [*command[:-1], '--config.optim.lrr=1'], capture_output=True, text=True, cwd=REPO
+  )
   assert bad.returncode != 0
   assert "Invalid command line: --config.optim.lrr: config.optim has no key 'lrr'" in bad.stderr
 

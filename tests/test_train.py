@@ -1,4 +1,5 @@
 """End-to-end: the training CLI learns on the embedded data and writes its metrics."""
+
 import glob
 import json
 import os
@@ -19,8 +20,8 @@ def read_events(path):
     data = f.read()
   offset = 0
   while offset < len(data):
-    (length,) = struct.unpack('<Q', data[offset:offset + 8])
-    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    (length,) = struct.unpack('<Q', data[offset : offset + 8])
+    event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
     offset += 12 + length + 4
     for value in event.summary.value:
       scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -31,12 +32,26 @@ def read_events(path):
 def short_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
   result = subprocess.run(
-      [sys.executable, '-m', 'evejax.train', '--config=configs/demo.py', f'--workdir={workdir}',
-       '--config.total_steps=40', '--config.log_every=10', '--config.eval_every=20',
-       '--config.data.num_eval=64', '--config.model.num_layers=2',
-       # Faster than the demo's recipe, so that 40 steps halve the loss.
-       '--config.optim.lr=2e-3', '--config.optim.warmup_steps=10'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'evejax.train',
+      '--config=configs/demo.py',
+      f'--workdir={workdir}',
+      '--config.total_steps=40',
+      '--config.log_every=10',
+      '--config.eval_every=20',
+      '--config.data.num_eval=64',
+      '--config.model.num_layers=2',
+      # Faster than the demo's recipe, so that 40 steps halve the loss.
+      '--config.optim.lr=2e-3',
+      '--config.optim.warmup_steps=10',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
 
@@ -65,7 +80,9 @@ def test_tensorboard_events_match_jsonl(short_run):
   got = scalars['train/loss']
   assert [s for s, _ in got] == [s for s, _ in want]
   assert all(abs(a - b) < 1e-5 * max(1, abs(b)) for (_, a), (_, b) in zip(got, want))
-  assert {'eval/accuracy', 'train/learning_rate', 'train/grad_norm', 'compile_time_s'} <= set(scalars)
+  assert {'eval/accuracy', 'train/learning_rate', 'train/grad_norm', 'compile_time_s'} <= set(
+    scalars
+  )
 
 
 def test_a_dataset_without_a_held_out_split_trains(tmp_path, caplog):
@@ -74,9 +91,15 @@ def test_a_dataset_without_a_held_out_split_trains(tmp_path, caplog):
   from evejax.data import records
   from evejax.data.shapes import ShapesDataset
   from evejax.train.trainer import train
+
   dataset = ShapesDataset(16, seed=2)
-  records.write_dataset(list(range(16)), dataset.__getitem__, str(tmp_path / 'data'), 'train',
-                        info={'corpus': dataset.corpus()})
+  records.write_dataset(
+    list(range(16)),
+    dataset.__getitem__,
+    str(tmp_path / 'data'),
+    'train',
+    info={'corpus': dataset.corpus()},
+  )
   config = demo.get_config()
   config.data.update(source='records', path=str(tmp_path / 'data'), pack_window=4)
   config.model.num_layers = 1

@@ -1,13 +1,14 @@
 """EVEv2 vision tokenizer, token layout and splicing against a NumPy convolution written here."""
+
 import math
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
-from evejax.batch import BatchSpec
 from evejax import batch as bf
+from evejax.batch import BatchSpec
 from evejax.data import encode, images
 from evejax.models import EVE
 from evejax.models.vision import CLIP_MEAN, CLIP_STD
@@ -22,7 +23,7 @@ def np_conv(x, kernel, bias, stride):
   out = np.zeros((rows, cols, kernel.shape[-1]), np.float64)
   for r in range(rows):
     for c in range(cols):
-      window = x[r * stride:r * stride + kh, c * stride:c * stride + kh]
+      window = x[r * stride : r * stride + kh, c * stride : c * stride + kh]
       out[r, c] = np.tensordot(window, kernel, axes=3) + bias
   return out
 
@@ -74,5 +75,5 @@ def test_tokenizer_and_splice_match_numpy(tiny_cfg):
   np.testing.assert_allclose(got[:n], want, atol=1e-4)
   # Labels: the last visual token predicts the first supervised text token; targets are shifted.
   assert row['loss_weights'][:n].tolist() == [0] * (1 + len(visual)) + [1, 1, 1, 0]
-  assert row['targets'][n - 4:n - 1].tolist() == [7, 8, 9]
+  assert row['targets'][n - 4 : n - 1].tolist() == [7, 8, 9]
   assert (row['segment_ids'][:n] == 1).all() and (row['segment_ids'][n:] == 0).all()

@@ -15,6 +15,7 @@ penultimate layer, is frozen and never a trainable parameter:
                    openai/clip-vit-large-patch14-336.
 size=tiny builds on configs/demo_v1.py: the tiny EVEv1 with a small random frozen CLIP teacher.
 """
+
 from configs import demo_v1
 from configs.eve_v2 import common as v2
 from evejax.config_utils import parse_arg
@@ -22,28 +23,67 @@ from evejax.models.presets import PRESETS
 
 ARGS = dict(v2.ARGS, teacher='', clip_weights='')  # teacher '': offline at 7b, online tiny
 STAGES = ('prealign', 'pretrain', 'finetune', 'finetune_hd')
-INIT = {'prealign': 'llm', 'pretrain': 'prealign', 'finetune': 'pretrain',
-        'finetune_hd': 'pretrain'}
+INIT = {
+  'prealign': 'llm',
+  'pretrain': 'prealign',
+  'finetune': 'pretrain',
+  'finetune_hd': 'pretrain',
+}
 # The reference's groups are substring rules: `vision_tower` (the PEL, and the PAL, its
 # `vision_tower_compressor`) and `mm_projector`; here the PAL is `pal/`.
 VISION = 'vision_tower|mm_projector|^pal/'
 
 
 _STAGE = {
-    'prealign': dict(trainable=VISION, groups={'vision': dict(pattern=VISION, lr=4e-4)},
-                     lr=4e-5, warmup_ratio=0.03, batch=512, seq_len=2048, max_size=672,
-                     template='plain', dataset='eve-cap33m',
-                     examples=16_000_000,  # README: the first 16M of EVE-cap33M.
-                     save_every=7813),
-    'pretrain': dict(trainable='.*', lr=4e-5, warmup_ratio=0.01, batch=512, seq_len=2048,
-                     max_size=672, template='plain', dataset='eve-cap33m', examples=33_000_000,
-                     save_every=7813),
-    'finetune': dict(trainable='.*', lr=2e-5, warmup_ratio=0.01, batch=128, seq_len=2048,
-                     max_size=672, template='vicuna_v1', dataset='llava-v1.5-mix665k',
-                     examples=665_000, save_every=50000),
-    'finetune_hd': dict(trainable='.*', lr=2e-5, warmup_ratio=0.01, batch=128, seq_len=4096,
-                        max_size=1344, template='vicuna_v1', dataset='eve-instruct-mix1.8m',
-                        examples=1_865_000, save_every=50000),
+  'prealign': dict(
+    trainable=VISION,
+    groups={'vision': dict(pattern=VISION, lr=4e-4)},
+    lr=4e-5,
+    warmup_ratio=0.03,
+    batch=512,
+    seq_len=2048,
+    max_size=672,
+    template='plain',
+    dataset='eve-cap33m',
+    examples=16_000_000,  # README: the first 16M of EVE-cap33M.
+    save_every=7813,
+  ),
+  'pretrain': dict(
+    trainable='.*',
+    lr=4e-5,
+    warmup_ratio=0.01,
+    batch=512,
+    seq_len=2048,
+    max_size=672,
+    template='plain',
+    dataset='eve-cap33m',
+    examples=33_000_000,
+    save_every=7813,
+  ),
+  'finetune': dict(
+    trainable='.*',
+    lr=2e-5,
+    warmup_ratio=0.01,
+    batch=128,
+    seq_len=2048,
+    max_size=672,
+    template='vicuna_v1',
+    dataset='llava-v1.5-mix665k',
+    examples=665_000,
+    save_every=50000,
+  ),
+  'finetune_hd': dict(
+    trainable='.*',
+    lr=2e-5,
+    warmup_ratio=0.01,
+    batch=128,
+    seq_len=4096,
+    max_size=1344,
+    template='vicuna_v1',
+    dataset='eve-instruct-mix1.8m',
+    examples=1_865_000,
+    save_every=50000,
+  ),
 }
 
 
@@ -51,9 +91,11 @@ def _pal_7b(arg) -> dict:
   """PAL as the reference: weight 1, CLIP ViT-L/14-336 (the CLIPVisionConfig defaults)."""
   teacher = arg.teacher or 'offline'
   if teacher == 'online' and not arg.clip_weights:
-    raise ValueError('EVEv1 at size=7b needs its PAL teacher: clip_weights=<local safetensors of '
-                     'openai/clip-vit-large-patch14-336>, or teacher=offline with precomputed '
-                     "features in the records' extras")
+    raise ValueError(
+      'EVEv1 at size=7b needs its PAL teacher: clip_weights=<local safetensors of '
+      'openai/clip-vit-large-patch14-336>, or teacher=offline with precomputed '
+      "features in the records' extras"
+    )
   return dict(weight=1.0, teacher=teacher, seed=0, clip_weights=arg.clip_weights)
 
 
@@ -66,8 +108,14 @@ def stage_config(stage: str, arg: str | None):
   # Tiny prealign starts from a random LLM: there is no pretrained one at that size.
   init_stage = '' if tiny and stage == STAGES[0] else INIT[stage]
   config = v2.build_stage_config(
-      _STAGE[stage], stage, arg, init_stage=init_stage, model_7b=dict(PRESETS['eve_v1_7b']),
-      tiny_base=demo_v1.get_config, args=ARGS)
+    _STAGE[stage],
+    stage,
+    arg,
+    init_stage=init_stage,
+    model_7b=dict(PRESETS['eve_v1_7b']),
+    tiny_base=demo_v1.get_config,
+    args=ARGS,
+  )
   if tiny:
     config.pal.teacher = parsed.teacher or config.pal.teacher
   else:

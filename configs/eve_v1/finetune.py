@@ -4,6 +4,7 @@
       --workdir=DIR/finetune
 Arguments and the stage table: configs/eve_v1/common.py.
 """
+
 from configs.eve_v1 import common
 
 

@@ -6,6 +6,7 @@ norms, attention, MLP, all three or none, each from the same stage-0 + copy weig
       --workdir=DIR/ablate --mode=run          # then --mode=results for the table
 Copies a variant lacks are dropped when its init_from loads (see init_from_report.json).
 """
+
 from configs.eve_v2 import common
 
 
@@ -14,6 +15,5 @@ def get_config(arg=None):
 
 
 def sweep(add):
-  for moe_part in ('layernorm-self_attn-mlp', 'self_attn-mlp', 'mlp', 'self_attn', 'layernorm',
-                   ''):
+  for moe_part in ('layernorm-self_attn-mlp', 'self_attn-mlp', 'mlp', 'self_attn', 'layernorm', ''):
     add(**{'model.moe_part': moe_part})

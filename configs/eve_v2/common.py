@@ -10,13 +10,15 @@ Arguments (`--config=configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2,data_
   size       '7b' (the paper's recipe) or 'tiny' (the same stages on the embedded shapes data, CPU).
   root       the recipe's output root: stage S writes to {root}/S (pass it as --workdir) and starts
              from {root}/<previous stage> (init_from). Stage 0 starts from {root}/llm, the imported
-             base LLM (`python -m evejax.convert import --hf_dir=Qwen2.5-7B-Instruct --out={root}/llm`).
+             base LLM (`python -m evejax.convert import --hf_dir=Qwen2.5-7B-Instruct
+             --out={root}/llm`).
   data_root  7b: the directory holding each stage's converted dataset (data.source='records').
   tokenizer  7b: the Qwen2.5 tokenizer.json or HF folder.
   steps      tiny: training steps per stage.
 """
+
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 
@@ -34,19 +36,57 @@ VISION_COPIES = '/moe_'  # Decoder layers' `moe_*` modules (the reference's subs
 # one group.
 _NO_COPIES = dict(moe_part='')  # No vision copies before the copy step.
 _STAGE = {
-    'stage0': dict(model=_NO_COPIES, trainable=VISION_TOKENIZER, lr=2e-4, batch=1024,
-                   seq_len=2048, max_size=800, template='plain', dataset='datacomp1b-10m-index',
-                   examples=10_000_000),
-    'stage1_0': dict(trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=1e-4, batch=1024,
-                     seq_len=2048, max_size=800, template='plain',
-                     dataset='datacomp1b-30m-index', examples=29_000_000),
-    'stage1_1': dict(trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}', lr=5e-5, batch=1024,
-                     seq_len=4096, max_size=1600, template='plain',
-                     dataset='laion-openimages-sam-datacomp1b-48m-index', examples=48_000_000),
-    'stage2': dict(trainable='.*', lr=2e-5, batch=512, seq_len=4096, max_size=1600,
-                   template='qwen2', dataset='infinity-mm-generalqa-index', examples=15_000_000),
-    'stage3': dict(trainable='.*', lr=1e-5, batch=512, seq_len=5000, max_size=1600,
-                   template='qwen2', dataset='infinity-mm-llava-ov-index', examples=7_300_000),
+  'stage0': dict(
+    model=_NO_COPIES,
+    trainable=VISION_TOKENIZER,
+    lr=2e-4,
+    batch=1024,
+    seq_len=2048,
+    max_size=800,
+    template='plain',
+    dataset='datacomp1b-10m-index',
+    examples=10_000_000,
+  ),
+  'stage1_0': dict(
+    trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}',
+    lr=1e-4,
+    batch=1024,
+    seq_len=2048,
+    max_size=800,
+    template='plain',
+    dataset='datacomp1b-30m-index',
+    examples=29_000_000,
+  ),
+  'stage1_1': dict(
+    trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}',
+    lr=5e-5,
+    batch=1024,
+    seq_len=4096,
+    max_size=1600,
+    template='plain',
+    dataset='laion-openimages-sam-datacomp1b-48m-index',
+    examples=48_000_000,
+  ),
+  'stage2': dict(
+    trainable='.*',
+    lr=2e-5,
+    batch=512,
+    seq_len=4096,
+    max_size=1600,
+    template='qwen2',
+    dataset='infinity-mm-generalqa-index',
+    examples=15_000_000,
+  ),
+  'stage3': dict(
+    trainable='.*',
+    lr=1e-5,
+    batch=512,
+    seq_len=5000,
+    max_size=1600,
+    template='qwen2',
+    dataset='infinity-mm-llava-ov-index',
+    examples=7_300_000,
+  ),
 }
 WARMUP_RATIO = 0.03
 ARGS = dict(size='tiny', root='', data_root='', tokenizer='', steps=60)  # See the docstring.
@@ -68,11 +108,20 @@ def _cluster_base(model: dict, arg, spec: dict) -> ml_collections.ConfigDict:
   config.model.update(model)
   config.model.update(scan_layers=True, remat='full')  # Reference: gradient checkpointing.
   config.data.update(
-      source='records', path=os.path.join(arg.data_root, spec['dataset']) if arg.data_root else '',
-      train_split='train', eval_split='eval', tokenizer=arg.tokenizer, template=spec['template'],
-      seq_len=spec['seq_len'], max_size=spec['max_size'], resize='eve_v2_train',
-      pack_window=1, row_patches=0,  # The reference packs nothing: one example per row.
-      num_threads=16, num_workers=4)
+    source='records',
+    path=os.path.join(arg.data_root, spec['dataset']) if arg.data_root else '',
+    train_split='train',
+    eval_split='eval',
+    tokenizer=arg.tokenizer,
+    template=spec['template'],
+    seq_len=spec['seq_len'],
+    max_size=spec['max_size'],
+    resize='eve_v2_train',
+    pack_window=1,
+    row_patches=0,  # The reference packs nothing: one example per row.
+    num_threads=16,
+    num_workers=4,
+  )
   config.batch_size = spec['batch']
   config.total_steps = spec['examples'] // spec['batch']  # One epoch.
   # grad_clip 1.0: the HF default; under DeepSpeed probably none (§5).
@@ -85,8 +134,9 @@ def _cluster_base(model: dict, arg, spec: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def _tiny(arg, spec: dict, tiny_model: dict,
-          tiny_base: Callable[[], ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+def _tiny(
+  arg, spec: dict, tiny_model: dict, tiny_base: Callable[[], ml_collections.ConfigDict]
+) -> ml_collections.ConfigDict:
   config = tiny_base()
   config.model.update(tiny_model)
   config.total_steps = arg.steps
@@ -99,10 +149,17 @@ def _tiny(arg, spec: dict, tiny_model: dict,
   return config
 
 
-def build_stage_config(spec: dict, stage: str, arg: str | None, *, init_stage: str,
-                       model_7b: dict, tiny_model: dict | None = None,
-                       tiny_base: Callable[[], ml_collections.ConfigDict] = demo.get_config,
-                       args: dict | None = None) -> ml_collections.ConfigDict:
+def build_stage_config(
+  spec: dict,
+  stage: str,
+  arg: str | None,
+  *,
+  init_stage: str,
+  model_7b: dict,
+  tiny_model: dict | None = None,
+  tiny_base: Callable[[], ml_collections.ConfigDict] = demo.get_config,
+  args: dict | None = None,
+) -> ml_collections.ConfigDict:
   """One stage's config from its table row `spec` (EVEv1 shares this builder). `init_stage`: the
   stage whose output it starts from ('' = none at tiny size, where no pretrained LLM exists);
   `tiny_base`: the CPU demo config the tiny size builds on; `args`: the accepted arguments."""
@@ -110,14 +167,18 @@ def build_stage_config(spec: dict, stage: str, arg: str | None, *, init_stage: s
   if arg.size not in ('7b', 'tiny'):
     raise ValueError(f"size={arg.size!r}: use '7b' or 'tiny'")
   tiny = arg.size == 'tiny'
-  config = (_tiny(arg, spec, tiny_model or {}, tiny_base) if tiny else
-            _cluster_base(model_7b, arg, spec))
+  config = (
+    _tiny(arg, spec, tiny_model or {}, tiny_base) if tiny else _cluster_base(model_7b, arg, spec)
+  )
   config.model.update(spec.get('model', {}))
-  config.optim.warmup_steps = max(1, round(spec.get('warmup_ratio', WARMUP_RATIO) *
-                                           config.total_steps))
+  config.optim.warmup_steps = max(
+    1, round(spec.get('warmup_ratio', WARMUP_RATIO) * config.total_steps)
+  )
   scale = TINY_LR_SCALE if tiny else 1.0
-  groups = {name: dict(pattern=g['pattern'], lr=g['lr'] * scale)
-            for name, g in spec.get('groups', {}).items()}
+  groups = {
+    name: dict(pattern=g['pattern'], lr=g['lr'] * scale)
+    for name, g in spec.get('groups', {}).items()
+  }
   config.optim.update(trainable=spec['trainable'], frozen=spec.get('frozen', ''), groups=groups)
   config.init_from = stage_dir(arg.root, init_stage)
   config.stage = stage
@@ -131,5 +192,6 @@ def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
   tiny = parse_arg(arg, **ARGS).size == 'tiny'
   # Tiny stage 0 starts from a random LLM: there is no pretrained one at that size.
   init_stage = '' if tiny and stage == STAGES[0] else previous_stage(stage)
-  return build_stage_config(_STAGE[stage], stage, arg, init_stage=init_stage,
-                            model_7b=model_preset('eve_v2_7b'))
+  return build_stage_config(
+    _STAGE[stage], stage, arg, init_stage=init_stage, model_7b=model_preset('eve_v2_7b')
+  )

@@ -4,6 +4,7 @@
       --workdir=DIR/stage0
 Arguments and the stage table: configs/eve_v2/common.py.
 """
+
 from configs.eve_v2 import common
 
 

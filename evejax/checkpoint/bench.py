@@ -3,6 +3,7 @@ how long a restore takes, for a few model sizes (parameters + AdamW state, float
 
   python -m evejax.checkpoint.bench [--sizes=tiny,small] [--dir=/tmp/evejax_ckpt_bench]
 """
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ import time
 
 import grain
 import jax
-import jax.numpy as jnp
 import optax
 from absl import app, flags
 from flax import nnx
@@ -23,12 +23,27 @@ from evejax.models.presets import model_preset
 from evejax.train.step import TrainState
 
 SIZES = {
-    'tiny': model_preset('eve_v2_tiny'),
-    'small': dict(model_preset('eve_v2_tiny'), vocab_size=32_000, hidden_size=512,
-                  intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64),
-    'medium': dict(model_preset('eve_v2_tiny'), vocab_size=32_000, hidden_size=1024,
-                   intermediate_size=2816, num_layers=12, num_heads=16, num_kv_heads=4,
-                   head_dim=64),
+  'tiny': model_preset('eve_v2_tiny'),
+  'small': dict(
+    model_preset('eve_v2_tiny'),
+    vocab_size=32_000,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+  ),
+  'medium': dict(
+    model_preset('eve_v2_tiny'),
+    vocab_size=32_000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_layers=12,
+    num_heads=16,
+    num_kv_heads=4,
+    head_dim=64,
+  ),
 }
 _SIZES = flags.DEFINE_list('sizes', ['tiny', 'small'], f'Model sizes from {sorted(SIZES)}.')
 _DIR = flags.DEFINE_string('dir', '/tmp/evejax_ckpt_bench', 'Scratch directory (deleted).')
@@ -42,8 +57,9 @@ def train_state(cfg: ModelConfig, mesh) -> TrainState:
 
 
 def directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
-             for f in files)
+  return sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+  )
 
 
 def measure(name: str, mesh) -> dict:
@@ -63,8 +79,14 @@ def measure(name: str, mesh) -> dict:
   restore = time.perf_counter() - start
   size = directory_bytes(os.path.join(directory, '1'))
   shutil.rmtree(directory)
-  return dict(size=name, params=sum(x.size for x in jax.tree.leaves(state.params)),
-              mb=size / 2**20, blocking=blocking, total=total, restore=restore)
+  return dict(
+    size=name,
+    params=sum(x.size for x in jax.tree.leaves(state.params)),
+    mb=size / 2**20,
+    blocking=blocking,
+    total=total,
+    restore=restore,
+  )
 
 
 def main(argv):
@@ -72,12 +94,16 @@ def main(argv):
   mesh = sharding.make_mesh(dict(data=-1))
   rows = [measure(name, mesh) for name in _SIZES.value]
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}; async Orbax saves, OCDBT format')
-  print('| size | parameters | on disk (MiB) | save blocks loop (s) | save on disk (s) | restore (s) '
-        '| write MiB/s |')
+  print(
+    '| size | parameters | on disk (MiB) | save blocks loop (s) | save on disk (s) | restore (s) '
+    '| write MiB/s |'
+  )
   print('| --- | --- | --- | --- | --- | --- | --- |')
   for r in rows:
-    print(f"| {r['size']} | {r['params']:,} | {r['mb']:.1f} | {r['blocking']:.3f} | "
-          f"{r['total']:.3f} | {r['restore']:.3f} | {r['mb'] / r['total']:.0f} |")
+    print(
+      f'| {r["size"]} | {r["params"]:,} | {r["mb"]:.1f} | {r["blocking"]:.3f} | '
+      f'{r["total"]:.3f} | {r["restore"]:.3f} | {r["mb"] / r["total"]:.0f} |'
+    )
 
 
 if __name__ == '__main__':

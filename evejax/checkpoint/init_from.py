@@ -1,4 +1,5 @@
 """`init_from`: start a new run (the next training stage) from another run's weights only."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +10,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from evejax.checkpoint.manager import (PER_LAYER, abstract_like, compare_params, layer_layout,
-                                      param_shapes, saved_param_shapes)
+from evejax.checkpoint.manager import (
+  PER_LAYER,
+  abstract_like,
+  compare_params,
+  layer_layout,
+  param_shapes,
+  saved_param_shapes,
+)
 from evejax.checkpoint.store import CheckpointError, resolve_params_dir
 
 PyTree = Any
@@ -28,12 +35,14 @@ def _relayout(flat: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]
       match = PER_LAYER.match(name)
       key = f'layers/{match[2]}' if match else name
       groups.setdefault(key, {})[int(match[1]) if match else 0] = value
-    return {k: np.stack([v[i] for i in sorted(v)]) if k.startswith('layers/') else v[0]
-            for k, v in groups.items()}
+    return {
+      k: np.stack([v[i] for i in sorted(v)]) if k.startswith('layers/') else v[0]
+      for k, v in groups.items()
+    }
   out = {}
   for name, value in flat.items():
     if name.startswith('layers/'):
-      rest = name[len('layers/'):]
+      rest = name[len('layers/') :]
       out.update({f'layers/{i}/{rest}': layer for i, layer in enumerate(value)})
     else:
       out[name] = value
@@ -44,7 +53,8 @@ def _read_on_host(params_dir: str) -> dict[str, np.ndarray]:
   metadata = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
   restored = ocp.PyTreeCheckpointer().restore(
-      params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+  )
   return traverse_util.flatten_dict(restored, sep='/')
 
 
@@ -72,22 +82,35 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
     saved = {k: v.shape for k, v in host.items()}
   report = compare_params(saved, param_shapes(params))
   if report['mismatched']:
-    raise CheckpointError(f'init_from={params_dir}: parameters with other shapes than the model: '
-                          f'{report["mismatched"]}')
+    raise CheckpointError(
+      f'init_from={params_dir}: parameters with other shapes than the model: {report["mismatched"]}'
+    )
   if host is None:  # Read straight into the target shardings: no full copy on any host.
     target = _nested({k: abstract_like(by_name[k]) for k in report['loaded']})
     restore = ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,  # Skips the dropped ones.
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    loaded = traverse_util.flatten_dict(ocp.PyTreeCheckpointer().restore(params_dir, args=restore),
-                                        sep='/')
+      item=target,
+      partial_restore=True,  # Skips the dropped ones.
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    )
+    loaded = traverse_util.flatten_dict(
+      ocp.PyTreeCheckpointer().restore(params_dir, args=restore), sep='/'
+    )
   else:
-    loaded = {k: jax.make_array_from_callback(host[k].shape, by_name[k].sharding,
-                                              lambda index, k=k: host[k][index])
-              for k in report['loaded']}
-  logging.info('init_from %s: loaded %d parameters, newly initialised %d %s, dropped %d %s',
-               params_dir, len(report['loaded']), len(report['new']), report['new'],
-               len(report['dropped']), report['dropped'])
+    loaded = {
+      k: jax.make_array_from_callback(
+        host[k].shape, by_name[k].sharding, lambda index, k=k: host[k][index]
+      )
+      for k in report['loaded']
+    }
+  logging.info(
+    'init_from %s: loaded %d parameters, newly initialised %d %s, dropped %d %s',
+    params_dir,
+    len(report['loaded']),
+    len(report['new']),
+    report['new'],
+    len(report['dropped']),
+    report['dropped'],
+  )
   del report['mismatched']
   new_leaves = [loaded.get(name, leaf) for name, leaf in zip(names, leaves)]
   return jax.tree.unflatten(jax.tree.structure(params), new_leaves), report

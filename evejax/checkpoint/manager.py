@@ -5,13 +5,15 @@ Orbax writes each step into a temporary directory and renames it when complete (
 `commit_success.txt`), so a save killed half-way is never listed as a step. Restores read into the
 shardings of the given target, so a checkpoint moves between meshes and device counts.
 """
+
 from __future__ import annotations
 
 import logging as std_logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import grain
 import jax
@@ -40,8 +42,11 @@ _ORBAX_INFO_FILTER = _OrbaxInfoFilter()
 
 def _state_items(state: TrainState) -> dict[str, PyTree]:
   """The state's trees by their item (store.STATE_ITEMS) in a step directory."""
-  return {store.PARAMS: state.params, store.OPT_STATE: state.opt_state,
-          store.PROGRESS: {'step': state.step, 'rng': state.rng}}
+  return {
+    store.PARAMS: state.params,
+    store.OPT_STATE: state.opt_state,
+    store.PROGRESS: {'step': state.step, 'rng': state.rng},
+  }
 
 
 def _non_empty(items: Mapping[str, PyTree]) -> list[str]:
@@ -56,8 +61,10 @@ def abstract_like(tree: PyTree) -> PyTree:
 
 def param_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   """'a/b/0/kernel' -> shape, for arrays, abstract arrays and Orbax array metadata alike."""
+
   def name(path) -> str:
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
   return {name(path): tuple(leaf.shape) for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
@@ -81,24 +88,36 @@ def compare_params(saved: Mapping[str, tuple], current: Mapping[str, tuple]) -> 
   """Which parameters a checkpoint can fill: loaded, new (model only), dropped (checkpoint only)."""
   common = sorted(set(saved) & set(current))
   return {
-      'loaded': [k for k in common if saved[k] == current[k]],
-      'mismatched': [f'{k}: checkpoint {saved[k]} vs model {current[k]}'
-                     for k in common if saved[k] != current[k]],
-      'new': sorted(set(current) - set(saved)),
-      'dropped': sorted(set(saved) - set(current)),
+    'loaded': [k for k in common if saved[k] == current[k]],
+    'mismatched': [
+      f'{k}: checkpoint {saved[k]} vs model {current[k]}' for k in common if saved[k] != current[k]
+    ],
+    'new': sorted(set(current) - set(saved)),
+    'dropped': sorted(set(saved) - set(current)),
   }
 
 
 class Checkpointer:
   """Orbax `CheckpointManager`: save interval, keep the last N plus every K-th, fallback restore."""
 
-  def __init__(self, directory: str, *, every: int, keep_last: int, keep_every: int = 0,
-               async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    every: int,
+    keep_last: int,
+    keep_every: int = 0,
+    async_save: bool = True,
+  ):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every, max_to_keep=keep_last, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)  # Leftovers of a save killed half-way.
+      save_interval_steps=every,
+      max_to_keep=keep_last,
+      keep_period=keep_every or None,
+      enable_async_checkpointing=async_save,
+      create=True,
+      cleanup_tmp_directories=True,
+    )  # Leftovers of a save killed half-way.
     logging.get_absl_logger().addFilter(_ORBAX_INFO_FILTER)  # A set: adding twice is harmless.
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -116,8 +135,15 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: TrainState, data_iterator, metadata: Mapping[str, Any], *,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: TrainState,
+    data_iterator,
+    metadata: Mapping[str, Any],
+    *,
+    force: bool = False,
+  ) -> bool:
     """Starts an (async) save of `state` when the interval is due or `force`."""
     items = _state_items(state)
     args = {name: ocp.args.StandardSave(items[name]) for name in _non_empty(items)}
@@ -137,8 +163,10 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         self._check_params(step, target.params)
-        args = {name: ocp.args.StandardRestore(abstract_like(target_items[name]))
-                for name in _non_empty(target_items)}
+        args = {
+          name: ocp.args.StandardRestore(abstract_like(target_items[name]))
+          for name in _non_empty(target_items)
+        }
         args[store.METADATA] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except CheckpointError:
@@ -148,21 +176,33 @@ class Checkpointer:
         self._move_aside(step, error)
         continue
       self._restore_data(step, data_iterator)
-      items = {name: restored[name] if name in args else target_items[name]
-               for name in store.STATE_ITEMS}
+      items = {
+        name: restored[name] if name in args else target_items[name] for name in store.STATE_ITEMS
+      }
       progress = items[store.PROGRESS]
-      state = target.replace(params=items[store.PARAMS], opt_state=items[store.OPT_STATE],
-                             step=progress['step'], rng=progress['rng'])
+      state = target.replace(
+        params=items[store.PARAMS],
+        opt_state=items[store.OPT_STATE],
+        step=progress['step'],
+        rng=progress['rng'],
+      )
       return step, state, dict(restored[store.METADATA])
     raise CheckpointError(
-        f'No readable checkpoint in {self.directory}: ' + '; '.join(failures) +
-        '. Remove the directory (or use another --workdir) to start from scratch.')
+      f'No readable checkpoint in {self.directory}: '
+      + '; '.join(failures)
+      + '. Remove the directory (or use another --workdir) to start from scratch.'
+    )
 
   def _move_aside(self, step: int, error: Exception) -> None:
     step_dir = store.step_dir(self.directory, step)
     aside = f'{step_dir}.unreadable-{int(time.time())}'
-    logging.error('Checkpoint %s is unreadable (%s: %s). Moved it to %s; trying the previous '
-                  'checkpoint.', step_dir, type(error).__name__, str(error)[:500], aside)
+    logging.error(
+      'Checkpoint %s is unreadable (%s: %s). Moved it to %s; trying the previous checkpoint.',
+      step_dir,
+      type(error).__name__,
+      str(error)[:500],
+      aside,
+    )
     if jax.process_index() == 0:
       os.rename(step_dir, aside)
     multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')
@@ -172,14 +212,17 @@ class Checkpointer:
     """A failure here is not a damaged model state: stop rather than fall back and lose steps."""
     step_dir = store.step_dir(self.directory, step)
     try:
-      self._manager.restore(step, args=ocp.args.Composite(
-          **{store.DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+      self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{store.DATA: grain.checkpoint.CheckpointRestore(data_iterator)}),
+      )
     except Exception as error:
       raise CheckpointError(
-          f'The data-iterator state in {store.item_dir(step_dir, store.DATA)} cannot be restored '
-          f'({type(error).__name__}: {error}). It is damaged, or the data config changed since '
-          'the run started: resume with the same data settings, or start a new --workdir with '
-          f'--config.init_from={step_dir}.') from error
+        f'The data-iterator state in {store.item_dir(step_dir, store.DATA)} cannot be restored '
+        f'({type(error).__name__}: {error}). It is damaged, or the data config changed since '
+        'the run started: resume with the same data settings, or start a new --workdir with '
+        f'--config.init_from={step_dir}.'
+      ) from error
 
   def _check_params(self, step: int, target_params: PyTree) -> None:
     step_dir = store.step_dir(self.directory, step)
@@ -188,15 +231,17 @@ class Checkpointer:
     saved_layout, layout = layer_layout(saved), layer_layout(param_shapes(target_params))
     if saved_layout != layout:
       raise CheckpointError(
-          f'Checkpoint {step_dir} stores the layers {saved_layout}, the model {layout} '
-          '(model.scan_layers): resume with the setting the run started with, or start a new '
-          f'--workdir with --config.init_from={step_dir} (converts them).')
+        f'Checkpoint {step_dir} stores the layers {saved_layout}, the model {layout} '
+        '(model.scan_layers): resume with the setting the run started with, or start a new '
+        f'--workdir with --config.init_from={step_dir} (converts them).'
+      )
     if diff['new'] or diff['dropped'] or diff['mismatched']:
       raise CheckpointError(
-          f'Checkpoint {step_dir} holds parameters of another model: '
-          f'missing from it {diff["new"][:10]}, not in the model {diff["dropped"][:10]}, '
-          f'other shapes {diff["mismatched"][:10]}. Use a fresh --workdir, and '
-          f'--config.init_from={step_dir} to start from these weights.')
+        f'Checkpoint {step_dir} holds parameters of another model: '
+        f'missing from it {diff["new"][:10]}, not in the model {diff["dropped"][:10]}, '
+        f'other shapes {diff["mismatched"][:10]}. Use a fresh --workdir, and '
+        f'--config.init_from={step_dir} to start from these weights.'
+      )
 
   def wait(self) -> None:
     """Blocks until the pending async save is on disk."""

@@ -1,5 +1,6 @@
 """Preemption: a SIGTERM (or, multi-host, JAX's preemption sync point) asks for a save and exit at
 the next step boundary."""
+
 from __future__ import annotations
 
 import signal

@@ -17,11 +17,13 @@ the `params` and `metadata` ({'config': {'model': ...}, ...}) items. So whatever
 their config (init_from, inference, export) takes a workdir, its checkpoints/ folder (newest
 step), one step folder or an import output alike (`resolve_checkpoint`).
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -31,10 +33,14 @@ PARAMS, OPT_STATE, PROGRESS, DATA, METADATA = 'params', 'opt_state', 'progress',
 STATE_ITEMS = (PARAMS, OPT_STATE, PROGRESS)
 CONFIG = 'config'  # The metadata entry holding the config the weights were saved with.
 
-_PATH_HINT = ('give a training workdir, its checkpoints/ folder (newest step), one step folder '
-              '(…/checkpoints/STEP) or an import output (python -m evejax.convert import --out)')
-_CONFIG_HINT = ('python -m evejax.train and evejax.convert import write it; where a command takes '
-                '--config, pass the model config with it')
+_PATH_HINT = (
+  'give a training workdir, its checkpoints/ folder (newest step), one step folder '
+  '(…/checkpoints/STEP) or an import output (python -m evejax.convert import --out)'
+)
+_CONFIG_HINT = (
+  'python -m evejax.train and evejax.convert import write it; where a command takes '
+  '--config, pass the model config with it'
+)
 
 
 class CheckpointError(RuntimeError):
@@ -97,8 +103,10 @@ def resolve_checkpoint(path: str) -> str:
   with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False)) as manager:
     step = manager.latest_step()
   if step is None:
-    raise CheckpointError(f'{path} is not a checkpoint: it has no {PARAMS}/ item and {root} no '
-                          f'complete step folder; {_PATH_HINT}')
+    raise CheckpointError(
+      f'{path} is not a checkpoint: it has no {PARAMS}/ item and {root} no '
+      f'complete step folder; {_PATH_HINT}'
+    )
   return step_dir(root, step)
 
 
@@ -107,9 +115,14 @@ def resolve_params_dir(path: str) -> str:
   return item_dir(resolve_checkpoint(path), PARAMS)
 
 
-def write_params_folder(directory: str, params: Mapping, config: Mapping[str, Any], *,
-                        params_handler: ocp.PyTreeCheckpointHandler | None = None,
-                        **details: Any) -> None:
+def write_params_folder(
+  directory: str,
+  params: Mapping,
+  config: Mapping[str, Any],
+  *,
+  params_handler: ocp.PyTreeCheckpointHandler | None = None,
+  **details: Any,
+) -> None:
   """Writes an import output: `params` and the metadata {'config': config, **details}.
 
   `params_handler` (default: Orbax's) writes the parameters, e.g. one that limits the memory
@@ -117,9 +130,11 @@ def write_params_folder(directory: str, params: Mapping, config: Mapping[str, An
   """
   directory = os.path.abspath(directory)
   ocp.Checkpointer(params_handler or ocp.PyTreeCheckpointHandler()).save(
-      item_dir(directory, PARAMS), args=ocp.args.PyTreeSave(params))
+    item_dir(directory, PARAMS), args=ocp.args.PyTreeSave(params)
+  )
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
-      item_dir(directory, METADATA), args=ocp.args.JsonSave({CONFIG: dict(config), **details}))
+    item_dir(directory, METADATA), args=ocp.args.JsonSave({CONFIG: dict(config), **details})
+  )
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -127,10 +142,12 @@ def read_metadata(path: str) -> dict[str, Any]:
   folder = resolve_checkpoint(path)
   metadata_dir = item_dir(folder, METADATA)
   if not os.path.isdir(metadata_dir):
-    raise CheckpointError(f'{folder} has no {METADATA}/ item (the config its weights were saved '
-                          f'with); {_CONFIG_HINT}')
+    raise CheckpointError(
+      f'{folder} has no {METADATA}/ item (the config its weights were saved with); {_CONFIG_HINT}'
+    )
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      metadata_dir, args=ocp.args.JsonRestore())
+    metadata_dir, args=ocp.args.JsonRestore()
+  )
 
 
 def saved_config(path: str) -> dict[str, Any]:

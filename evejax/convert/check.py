@@ -8,6 +8,7 @@ prompt, otherwise with evejax.convert.torch_reference (the reference EVEv2 forwa
 is `--params` (an evejax checkpoint) or, by default, `--hf_dir` imported with evejax.convert. Prints
 max abs / relative logit difference, KL divergence and top-k agreement; exits 1 above `--atol`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,23 +30,32 @@ from evejax.data import encode, images
 from evejax.data.tokenizer import Tokenizer
 from evejax.models import EVE, ModelConfig
 
-_IMAGE = flags.DEFINE_string('image', None, 'Image file; default: a fixed random image when the '
-                             'model has a vision tower.')
-_PROMPT = flags.DEFINE_string('prompt', f'{bf.IMAGE_PLACEHOLDER}\nDescribe the image.',
-                              f'Prompt; {bf.IMAGE_PLACEHOLDER} marks where the image goes.')
+_IMAGE = flags.DEFINE_string(
+  'image', None, 'Image file; default: a fixed random image when the model has a vision tower.'
+)
+_PROMPT = flags.DEFINE_string(
+  'prompt',
+  f'{bf.IMAGE_PLACEHOLDER}\nDescribe the image.',
+  f'Prompt; {bf.IMAGE_PLACEHOLDER} marks where the image goes.',
+)
 _IDS = flags.DEFINE_list('ids', None, 'Token ids instead of --prompt (-200 = the image).')
-_TOKENIZER = flags.DEFINE_string('tokenizer_dir', None, 'Folder of tokenizer.json (default '
-                                 '--hf_dir).')
+_TOKENIZER = flags.DEFINE_string(
+  'tokenizer_dir', None, 'Folder of tokenizer.json (default --hf_dir).'
+)
 _MAX_SIZE = flags.DEFINE_integer('max_size', 448, 'Image area budget (side of a square), pixels.')
-_TORCH = flags.DEFINE_enum('torch_impl', 'auto', ['auto', 'transformers', 'reference'],
-                           'PyTorch model: transformers (plain LLM, text) or the reference '
-                           'forward.')
+_TORCH = flags.DEFINE_enum(
+  'torch_impl',
+  'auto',
+  ['auto', 'transformers', 'reference'],
+  'PyTorch model: transformers (plain LLM, text) or the reference forward.',
+)
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'k of the top-k agreement.')
 _ATOL = flags.DEFINE_float('atol', None, 'Exit with status 1 if max |logit diff| exceeds this.')
 
 
-def compare_logits(evejax_logits: np.ndarray, torch_logits: np.ndarray,
-                   top_k: int = 5) -> dict[str, float]:
+def compare_logits(
+  evejax_logits: np.ndarray, torch_logits: np.ndarray, top_k: int = 5
+) -> dict[str, float]:
   """Parity metrics over positions; both (L, vocab). KL is KL(torch || evejax), mean over L."""
   a, b = np.asarray(evejax_logits, np.float64), np.asarray(torch_logits, np.float64)
   if a.shape != b.shape:
@@ -57,11 +67,11 @@ def compare_logits(evejax_logits: np.ndarray, torch_logits: np.ndarray,
   top_b = np.argsort(-b, axis=-1)[:, :top_k]
   overlap = [len(set(x) & set(y)) / top_k for x, y in zip(top_a, top_b)]
   return {
-      'max_abs_diff': float(diff.max()),
-      'max_rel_diff': float(diff.max() / max(np.abs(b).max(), 1e-30)),
-      'kl_divergence': float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()),
-      'top1_agreement': float((top_a[:, 0] == top_b[:, 0]).mean()),
-      f'top{top_k}_overlap': float(np.mean(overlap)),
+    'max_abs_diff': float(diff.max()),
+    'max_rel_diff': float(diff.max() / max(np.abs(b).max(), 1e-30)),
+    'kl_divergence': float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()),
+    'top1_agreement': float((top_a[:, 0] == top_b[:, 0]).mean()),
+    f'top{top_k}_overlap': float(np.mean(overlap)),
   }
 
 
@@ -72,8 +82,7 @@ def format_report(metrics: dict[str, float], positions: int) -> str:
   return '\n'.join(lines)
 
 
-def model_config(hf_dir: str, reader: CheckpointReader,
-                 cfg: ModelConfig | None) -> ModelConfig:
+def model_config(hf_dir: str, reader: CheckpointReader, cfg: ModelConfig | None) -> ModelConfig:
   """`cfg` (a `--config` model), checked against the folder's config.json, or else the model of
   config.json and the weights."""
   hf = importer.read_hf_config(hf_dir)
@@ -95,8 +104,9 @@ def prompt_ids(prompt: str, tokenizer_dir: str) -> list[int]:
 def image_spec(cfg: ModelConfig, max_size: int) -> BatchSpec:
   """The model's batch format for one image resized by the EVEv2 training rule (the row's length
   and patch slots are set per input)."""
-  return BatchSpec.for_model(cfg, seq_len=0, patch_slots=0, max_size=max_size,
-                             resize='eve_v2_train')
+  return BatchSpec.for_model(
+    cfg, seq_len=0, patch_slots=0, max_size=max_size, resize='eve_v2_train'
+  )
 
 
 def load_pixels(path: str | None, spec: BatchSpec) -> np.ndarray:
@@ -109,12 +119,17 @@ def load_pixels(path: str | None, spec: BatchSpec) -> np.ndarray:
   return np.asarray(images.resize(image, spec))
 
 
-def evejax_logits(cfg: ModelConfig, spec: BatchSpec, params, ids: list[int],
-                  pixels: np.ndarray | None) -> np.ndarray:
+def evejax_logits(
+  cfg: ModelConfig, spec: BatchSpec, params, ids: list[int], pixels: np.ndarray | None
+) -> np.ndarray:
   image_list = [] if pixels is None else [images.patch_groups(pixels, spec)]
   example = encode.encode_example(ids, [False] * len(ids), image_list)
-  row = encode.pack_row([example], spec.replace(
-      seq_len=len(example['tokens']), patch_slots=max(1, sum(len(g) for g, _ in image_list))))
+  row = encode.pack_row(
+    [example],
+    spec.replace(
+      seq_len=len(example['tokens']), patch_slots=max(1, sum(len(g) for g, _ in image_list))
+    ),
+  )
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   forward = jax.jit(lambda p, b: nnx.merge(graphdef, nnx.State(p))(b))
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
@@ -123,14 +138,17 @@ def evejax_logits(cfg: ModelConfig, spec: BatchSpec, params, ids: list[int],
 
 def torch_logits(hf_dir: str, impl: str, ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
   import torch  # pylint: disable=import-outside-toplevel
+
   if impl == 'transformers':
     import transformers  # pylint: disable=import-outside-toplevel
+
     if pixels is not None:
       raise ValueError('--torch_impl=transformers runs text only; use reference for images')
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
       return model.eval()(torch.tensor([ids])).logits[0].numpy()
   from evejax.convert.torch_reference import TorchEVE  # pylint: disable=import-outside-toplevel
+
   with torch.no_grad():
     return TorchEVE.from_folder(hf_dir).logits(ids, [] if pixels is None else [pixels]).numpy()
 
@@ -159,8 +177,10 @@ def main(argv):
   del params
   want = torch_logits(hf_dir, impl, ids, pixels)
   metrics = compare_logits(got, want, _TOP_K.value)
-  print(f'evejax vs PyTorch ({impl}) on {os.path.basename(os.path.normpath(hf_dir))}: '
-        f'{len(ids)} ids, {"one image" if pixels is not None else "no image"}')
+  print(
+    f'evejax vs PyTorch ({impl}) on {os.path.basename(os.path.normpath(hf_dir))}: '
+    f'{len(ids)} ids, {"one image" if pixels is not None else "no image"}'
+  )
   print(format_report(metrics, len(got)), flush=True)
   if _ATOL.value is not None and metrics['max_abs_diff'] > _ATOL.value:
     sys.exit(f'FAILED: max |logit diff| {metrics["max_abs_diff"]:.3g} > --atol={_ATOL.value}')

@@ -3,14 +3,16 @@
 copies batched to bound the memory, and parameters read back, whole or one tensor at a time, from
 an import output or a training run alike.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
 # Not re-exported publicly: the transfer-priority enum and the array metadata store that a
 # custom ArrayHandler needs (orbax's own default handler is built with one).
 from orbax.checkpoint._src.metadata import array_metadata_store
@@ -44,9 +46,12 @@ def _batched_host_copies():
   """Orbax reads the jax.Array handler from its global registry; swap ours in for one save."""
   previous = ocp.type_handlers.get_type_handler(jax.Array)
   ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=array_metadata_store.Store(), callback=_BatchedHostCopies()),
-      override=True)
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(), callback=_BatchedHostCopies()
+    ),
+    override=True,
+  )
   try:
     yield
   finally:
@@ -57,14 +62,19 @@ def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) 
   """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
   # Orbax needs the largest array to fit within the limit.
   limit_gb = max([CONCURRENT_GB] + [1.05 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
-  params_handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit_gb,
-                                               save_device_host_concurrent_gb=limit_gb)
+  params_handler = ocp.PyTreeCheckpointHandler(
+    save_concurrent_gb=limit_gb, save_device_host_concurrent_gb=limit_gb
+  )
   # import_checkpoint gives jax arrays on the CPU; numpy leaves are copied into jax arrays, because
   # Orbax buffers numpy leaves whole.
   with _batched_host_copies():
-    store.write_params_folder(directory, jax.tree.map(jax.device_put, params),
-                              {'model': dataclasses.asdict(cfg)}, params_handler=params_handler,
-                              converted_from=source)
+    store.write_params_folder(
+      directory,
+      jax.tree.map(jax.device_put, params),
+      {'model': dataclasses.asdict(cfg)},
+      params_handler=params_handler,
+      converted_from=source,
+    )
 
 
 def _restore(params_dir: str, target: Mapping) -> dict:
@@ -72,8 +82,10 @@ def _restore(params_dir: str, target: Mapping) -> dict:
   (what `import_checkpoint` gives and `save_params` writes without another copy)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target)
-  return ocp.PyTreeCheckpointer().restore(params_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
+  return ocp.PyTreeCheckpointer().restore(
+    params_dir,
+    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+  )
 
 
 def _params_dir_and_config(path: str, cfg: ModelConfig | None) -> tuple[str, ModelConfig]:
@@ -93,8 +105,9 @@ class LazyParams(Mapping):
   """A saved parameter tree that restores a leaf only when it is indexed, keeping just the last one:
   streaming an export through it holds one tensor, not the model (see `lazy_params`)."""
 
-  def __init__(self, params_dir: str, abstract: Mapping, path: tuple = (),
-               last: dict | None = None):
+  def __init__(
+    self, params_dir: str, abstract: Mapping, path: tuple = (), last: dict | None = None
+  ):
     self._dir, self._abstract, self._path = params_dir, abstract, path
     self._last = {} if last is None else last
 

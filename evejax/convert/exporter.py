@@ -1,4 +1,4 @@
-"""Export evejax parameters to the official EVE (v1) / EVEv2 format or to a plain HF Llama/Qwen2 LLM.
+"""Export evejax parameters to the official EVE (v1) / EVEv2 format or a plain HF Llama/Qwen2 LLM.
 
 A folder the official code (and `transformers`, for the LLM) loads: safetensors shards + index,
 `config.json`, `generation_config.json` and the tokenizer files. Parameters may be numpy arrays or
@@ -6,13 +6,15 @@ A folder the official code (and `transformers`, for the LLM) loads: safetensors 
 as the collective requires), converted to the PyTorch layout and streamed into its shard by
 process 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,32 +23,72 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from evejax.convert import keymap
-from evejax.convert.files import (DEFAULT_SHARD_BYTES, DTYPES, PlannedTensor, SafetensorsFile,
-                                  ShardedSafetensorsWriter)
+from evejax.convert.files import (
+  DEFAULT_SHARD_BYTES,
+  DTYPES,
+  PlannedTensor,
+  SafetensorsFile,
+  ShardedSafetensorsWriter,
+)
 from evejax.models import ModelConfig
 
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                   'added_tokens.json', 'vocab.json', 'merges.txt', 'tokenizer.model',
-                   'chat_template.jinja')
+TOKENIZER_FILES = (
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'added_tokens.json',
+  'vocab.json',
+  'merges.txt',
+  'tokenizer.model',
+  'chat_template.jinja',
+)
 HF_CLASSES = {'qwen2': ('Qwen2ForCausalLM', 'qwen2'), 'llama': ('LlamaForCausalLM', 'llama')}
 # Per vision tokenizer: the LLM family, architecture and model_type of the official code.
-EVE_CLASSES = {'v2': ('qwen2', 'EVEQwen2ForCausalLM', 'eve-qwen2'),
-               'v1': ('llama', 'EVELlamaForCausalLM', 'eve')}
+EVE_CLASSES = {
+  'v2': ('qwen2', 'EVEQwen2ForCausalLM', 'eve-qwen2'),
+  'v1': ('llama', 'EVELlamaForCausalLM', 'eve'),
+}
 DEFAULT_MAX_POSITIONS = {'qwen2': 32768, 'llama': 4096}
 # The releases' processor folders (relative to the working directory of the official code).
-EVE_PROCESSORS = {'v2': 'openai/eve-anyratio-res1600-patch16',
-                  'v1': 'openai/eve-patch14-anypixel-672'}
+EVE_PROCESSORS = {
+  'v2': 'openai/eve-anyratio-res1600-patch16',
+  'v1': 'openai/eve-patch14-anypixel-672',
+}
 EVE_V1_TEACHER = 'openai/clip-vit-large-patch14-336'
 # config.json fields the official EVE code adds to the LLM config (dropped for a plain LLM export).
-EVE_FIELDS = ('mm_vision_tower', 'mm_hidden_size', 'add_moe', 'moe_part', 'tune_LLM', 'tune_VE',
-              'tune_MOE', 'vision_tower_lr', 'mm_use_im_start_end', 'mm_use_im_patch_token',
-              'mm_projector_lr', 'tokenizer_model_max_length', 'mm_vision_tower_clip',
-              'mm_projector_type', 'mm_vision_select_layer', 'mm_vision_select_feature',
-              'requires_cliploss', 'use_mm_proj', 'tune_mm_mlp_adapter', 'image_aspect_ratio',
-              'image_grid_pinpoints')
+EVE_FIELDS = (
+  'mm_vision_tower',
+  'mm_hidden_size',
+  'add_moe',
+  'moe_part',
+  'tune_LLM',
+  'tune_VE',
+  'tune_MOE',
+  'vision_tower_lr',
+  'mm_use_im_start_end',
+  'mm_use_im_patch_token',
+  'mm_projector_lr',
+  'tokenizer_model_max_length',
+  'mm_vision_tower_clip',
+  'mm_projector_type',
+  'mm_vision_select_layer',
+  'mm_vision_select_feature',
+  'requires_cliploss',
+  'use_mm_proj',
+  'tune_mm_mlp_adapter',
+  'image_aspect_ratio',
+  'image_grid_pinpoints',
+)
 # Fields of the source config that describe its files or class, never the exported model.
-STALE_FIELDS = ('_name_or_path', 'transformers_version', 'architectures', 'model_type',
-                'torch_dtype', 'dtype', 'rope_scaling')
+STALE_FIELDS = (
+  '_name_or_path',
+  'transformers_version',
+  'architectures',
+  'model_type',
+  'torch_dtype',
+  'dtype',
+  'rope_scaling',
+)
 
 
 def host_value(x) -> np.ndarray:
@@ -56,8 +98,9 @@ def host_value(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def hf_llm_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None,
-                  dtype: str = 'bfloat16') -> dict:
+def hf_llm_config(
+  cfg: ModelConfig, base: Mapping[str, Any] | None = None, dtype: str = 'bfloat16'
+) -> dict:
   """config.json of the plain HF LLM; `base` (the source LLM's config) supplies the fields evejax
   does not model (max_position_embeddings, special token ids, ...)."""
   if cfg.family == 'qwen2' and not cfg.attention_bias:
@@ -67,59 +110,96 @@ def hf_llm_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None,
   architecture, model_type = HF_CLASSES[cfg.family]
   out = {k: v for k, v in (base or {}).items() if k not in EVE_FIELDS + STALE_FIELDS}
   out.update(
-      architectures=[architecture], model_type=model_type, vocab_size=cfg.vocab_size,
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act='silu',
-      rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-      rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-      tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype=dtype)
+    architectures=[architecture],
+    model_type=model_type,
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    hidden_act='silu',
+    rms_norm_eps=cfg.rms_norm_eps,
+    rope_theta=cfg.rope_theta,
+    rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+    tie_word_embeddings=cfg.tie_word_embeddings,
+    torch_dtype=dtype,
+  )
   out.setdefault('max_position_embeddings', DEFAULT_MAX_POSITIONS[cfg.family])
   if cfg.family == 'llama':
     out.update(attention_bias=False, mlp_bias=False)
   return out
 
 
-def eve_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None, dtype: str = 'bfloat16',
-               vision_tower: str | None = None, with_teacher: bool = False) -> dict:
+def eve_config(
+  cfg: ModelConfig,
+  base: Mapping[str, Any] | None = None,
+  dtype: str = 'bfloat16',
+  vision_tower: str | None = None,
+  with_teacher: bool = False,
+) -> dict:
   """config.json of the official EVE (v1) or EVEv2 model (EVE_REFERENCE.md §4.3). EVEv1:
   `with_teacher` sets requires_cliploss (the official code then builds PAL and its CLIP)."""
   family, architecture, model_type = EVE_CLASSES[cfg.vision_tokenizer]
   if cfg.family != family:
-    raise ValueError(f'The official EVE{cfg.vision_tokenizer} model is a {family} LLM; this one is '
-                     f'{cfg.family!r}')
+    raise ValueError(
+      f'The official EVE{cfg.vision_tokenizer} model is a {family} LLM; this one is {cfg.family!r}'
+    )
   official_geometry = (16, 2) if cfg.vision_tokenizer == 'v2' else (14, 2)
   if (cfg.vision_patch_size, cfg.vision_merge) != official_geometry:
-    logging.warning('Vision patch %d / merge %d differ from the official processor folders (%d/%d):'
-                    ' point mm_vision_tower at a processor with matching strides',
-                    cfg.vision_patch_size, cfg.vision_merge, *official_geometry)
+    logging.warning(
+      'Vision patch %d / merge %d differ from the official processor folders (%d/%d):'
+      ' point mm_vision_tower at a processor with matching strides',
+      cfg.vision_patch_size,
+      cfg.vision_merge,
+      *official_geometry,
+    )
   out = hf_llm_config(cfg, base, dtype)
   out['architectures'], out['model_type'] = [architecture], model_type
-  out.update(mm_vision_tower=vision_tower or EVE_PROCESSORS[cfg.vision_tokenizer],
-             mm_hidden_size=cfg.vision_hidden_size, mm_use_im_start_end=False,
-             mm_use_im_patch_token=False)
+  out.update(
+    mm_vision_tower=vision_tower or EVE_PROCESSORS[cfg.vision_tokenizer],
+    mm_hidden_size=cfg.vision_hidden_size,
+    mm_use_im_start_end=False,
+    mm_use_im_patch_token=False,
+  )
   if cfg.vision_tokenizer == 'v2':
-    out.update(add_moe=bool(cfg.decomposed_parts), moe_part=cfg.moe_part or None,
-               tune_LLM=True, tune_VE=True, tune_MOE=True, vision_tower_lr=None)
+    out.update(
+      add_moe=bool(cfg.decomposed_parts),
+      moe_part=cfg.moe_part or None,
+      tune_LLM=True,
+      tune_VE=True,
+      tune_MOE=True,
+      vision_tower_lr=None,
+    )
   else:
-    out.update(mm_vision_tower_clip=EVE_V1_TEACHER, mm_projector_type='mlp2x_gelu',
-               mm_vision_select_layer=-2, mm_vision_select_feature='patch',
-               requires_cliploss=with_teacher, use_mm_proj=True, tune_mm_mlp_adapter=False,
-               image_aspect_ratio='square', image_grid_pinpoints=None)
+    out.update(
+      mm_vision_tower_clip=EVE_V1_TEACHER,
+      mm_projector_type='mlp2x_gelu',
+      mm_vision_select_layer=-2,
+      mm_vision_select_feature='patch',
+      requires_cliploss=with_teacher,
+      use_mm_proj=True,
+      tune_mm_mlp_adapter=False,
+      image_aspect_ratio='square',
+      image_grid_pinpoints=None,
+    )
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class CopiedTensor:
   """A tensor written unchanged (but for the dtype of floats) from another safetensors file."""
+
   key: str
   file: SafetensorsFile
   source_key: str
 
   def planned(self, dtype: str) -> PlannedTensor:
     stored = np.dtype(DTYPES[self.file.entries[self.source_key]['dtype']])
-    return PlannedTensor(self.key, self.file.shape(self.source_key),
-                         np.dtype(dtype) if stored.kind == 'f' else stored)
+    return PlannedTensor(
+      self.key, self.file.shape(self.source_key), np.dtype(dtype) if stored.kind == 'f' else stored
+    )
 
 
 def teacher_tensors(clip_weights: str) -> list[CopiedTensor]:
@@ -127,18 +207,31 @@ def teacher_tensors(clip_weights: str) -> list[CopiedTensor]:
   prefixes of the official checkpoints (keymap.TEACHER_PREFIXES)."""
   file = SafetensorsFile(clip_weights)
   tower = keymap.clip_official_keys(file.entries, clip_weights)
-  return [CopiedTensor(prefix + key, file, source) for prefix in keymap.TEACHER_PREFIXES
-          for key, source in sorted(tower.items())]
+  return [
+    CopiedTensor(prefix + key, file, source)
+    for prefix in keymap.TEACHER_PREFIXES
+    for key, source in sorted(tower.items())
+  ]
 
 
 def generation_config(hf_config: Mapping[str, Any]) -> dict:
-  return {k: hf_config[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')
-          if hf_config.get(k) is not None}
+  return {
+    k: hf_config[k]
+    for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')
+    if hf_config.get(k) is not None
+  }
 
 
-def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, *,
-                  dtype: str = 'bfloat16', max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  progress: bool = True, copies: Sequence[CopiedTensor] = ()) -> list[str]:
+def write_tensors(
+  params: Mapping,
+  specs: list[keymap.TensorSpec],
+  folder: str,
+  *,
+  dtype: str = 'bfloat16',
+  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+  progress: bool = True,
+  copies: Sequence[CopiedTensor] = (),
+) -> list[str]:
   """Streams the tensors of `specs` from `params`, then `copies`, into safetensors shards; returns
   the files."""
   is_main = jax.process_index() == 0
@@ -146,13 +239,20 @@ def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, 
   copied = [c.planned(dtype) for c in copies]
   writer = ShardedSafetensorsWriter(folder, plan + copied, max_shard_bytes) if is_main else None
   total = sum(t.nbytes for t in plan + copied)
-  with tqdm(total=total, desc=f'export {os.path.basename(os.path.normpath(folder))}', unit='B',
-            unit_scale=True, disable=not (progress and is_main)) as bar:
+  with tqdm(
+    total=total,
+    desc=f'export {os.path.basename(os.path.normpath(folder))}',
+    unit='B',
+    unit_scale=True,
+    disable=not (progress and is_main),
+  ) as bar:
     for spec, planned in zip(specs, plan):
       value = host_value(keymap.get_param(params, spec))
       if tuple(value.shape) != spec.param_shape:
-        raise ValueError(f'parameter {"/".join(map(str, spec.path))} has shape {value.shape}, the '
-                         f'config needs {spec.param_shape}')
+        raise ValueError(
+          f'parameter {"/".join(map(str, spec.path))} has shape {value.shape}, the '
+          f'config needs {spec.param_shape}'
+        )
       if writer:
         writer.write(spec.key, keymap.to_torch_layout(spec, value))
       bar.update(planned.nbytes)
@@ -168,8 +268,9 @@ def write_tensors(params: Mapping, specs: list[keymap.TensorSpec], folder: str, 
 def copy_tokenizer(tokenizer_dir: str, folder: str) -> list[str]:
   names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, n))]
   if not names:
-    raise FileNotFoundError(f'No tokenizer files in {tokenizer_dir}; expected some of '
-                            f'{TOKENIZER_FILES}')
+    raise FileNotFoundError(
+      f'No tokenizer files in {tokenizer_dir}; expected some of {TOKENIZER_FILES}'
+    )
   for name in names:
     shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(folder, name))
   return names
@@ -205,10 +306,19 @@ def _source_config(source_dir: str | None) -> dict | None:
     return json.load(f)
 
 
-def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: str | None = None,
-               tokenizer_dir: str | None = None, dtype: str = 'bfloat16',
-               vision_tower: str | None = None, clip_weights: str | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> list[str]:
+def export_eve(
+  params: Mapping,
+  cfg: ModelConfig,
+  folder: str,
+  *,
+  source_dir: str | None = None,
+  tokenizer_dir: str | None = None,
+  dtype: str = 'bfloat16',
+  vision_tower: str | None = None,
+  clip_weights: str | None = None,
+  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+  progress: bool = True,
+) -> list[str]:
   """Writes the whole EVE (v1) or EVEv2 model in the official format.
 
   EVEv1: with `clip_weights` the export is the training checkpoint the releases are (PAL, and the
@@ -236,22 +346,38 @@ def export_eve(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: st
   specs = [s for s in keymap.tensor_specs(cfg) if clip_weights or not s.is_pal]
   copies = teacher_tensors(clip_weights) if clip_weights else ()
   config = eve_config(cfg, _source_config(source_dir), dtype, vision_tower, bool(clip_weights))
-  written = write_tensors(params, specs, folder, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                          progress=progress, copies=copies)
+  written = write_tensors(
+    params,
+    specs,
+    folder,
+    dtype=dtype,
+    max_shard_bytes=max_shard_bytes,
+    progress=progress,
+    copies=copies,
+  )
   if jax.process_index() == 0:
     _finish(folder, config, source_dir, tokenizer_dir)
   return written
 
 
-def export_hf_llm(params: Mapping, cfg: ModelConfig, folder: str, *, source_dir: str | None = None,
-                  tokenizer_dir: str | None = None, dtype: str = 'bfloat16',
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> list[str]:
+def export_hf_llm(
+  params: Mapping,
+  cfg: ModelConfig,
+  folder: str,
+  *,
+  source_dir: str | None = None,
+  tokenizer_dir: str | None = None,
+  dtype: str = 'bfloat16',
+  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+  progress: bool = True,
+) -> list[str]:
   """Writes the text LLM alone (no vision tower, no vision copies) as a plain HF Llama/Qwen2
   checkpoint that `transformers.AutoModelForCausalLM` loads. Arguments as `export_eve`."""
   config = hf_llm_config(cfg, _source_config(source_dir), dtype)
   specs = [s for s in keymap.tensor_specs(cfg) if s.is_llm]
-  files = write_tensors(params, specs, folder, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                        progress=progress)
+  files = write_tensors(
+    params, specs, folder, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress
+  )
   if jax.process_index() == 0:
     _finish(folder, config, source_dir, tokenizer_dir)
   return files

@@ -7,6 +7,7 @@ front and then streaming each tensor into place. Neither direction holds more th
 `pytorch_model*.bin` files are read with `torch.load(weights_only=True, mmap=True)`: tensors only,
 never arbitrary pickled objects.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,14 +15,23 @@ import json
 import math
 import os
 import struct
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
 
-DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-          'BOOL': np.bool_}
+DTYPES = {
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
+}
 DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 BIN_INDEX = 'pytorch_model.bin.index.json'
@@ -64,8 +74,9 @@ class TorchBinFile:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise ImportError(f'Reading {path} needs PyTorch (pip install torch); safetensors '
-                        'checkpoints do not') from e
+      raise ImportError(
+        f'Reading {path} needs PyTorch (pip install torch); safetensors checkpoints do not'
+      ) from e
     self.path, self._torch = path, torch
     try:  # Zip-format files are memory-mapped, so only the tensor being read is loaded.
       state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
@@ -100,8 +111,9 @@ def checkpoint_files(folder: str) -> list[str]:
     if os.path.exists(os.path.join(folder, single)):
       return [os.path.join(folder, single)]
   raise FileNotFoundError(
-      f'No checkpoint in {folder}: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors or '
-      'pytorch_model.bin')
+    f'No checkpoint in {folder}: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors or '
+    'pytorch_model.bin'
+  )
 
 
 class CheckpointReader:
@@ -148,8 +160,9 @@ class ShardedSafetensorsWriter:
   """Writes planned tensors, in plan order, into safetensors shards of at most `max_shard_bytes`
   (a larger tensor gets a shard of its own), plus `model.safetensors.index.json` when sharded."""
 
-  def __init__(self, folder: str, plan: Sequence[PlannedTensor],
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+  def __init__(
+    self, folder: str, plan: Sequence[PlannedTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+  ):
     self.folder = folder
     shards, size = [[]], 0
     for tensor in plan:
@@ -170,8 +183,11 @@ class ShardedSafetensorsWriter:
   def _open(self, name: str, tensors: Iterable[PlannedTensor]):
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for t in tensors:
-      header[t.key] = {'dtype': DTYPE_NAMES[t.dtype], 'shape': list(t.shape),
-                       'data_offsets': [offset, offset + t.nbytes]}
+      header[t.key] = {
+        'dtype': DTYPE_NAMES[t.dtype],
+        'shape': list(t.shape),
+        'data_offsets': [offset, offset + t.nbytes],
+      }
       offset += t.nbytes
     blob = json.dumps(header, separators=(',', ':')).encode()
     blob += b' ' * (-len(blob) % 8)  # data starts 8-byte aligned
@@ -184,8 +200,9 @@ class ShardedSafetensorsWriter:
       raise ValueError(f'Tensor {key!r} was not planned; all planned tensors are written')
     name, planned = self._queue[self._next]
     if key != planned.key:
-      raise ValueError(f'Tensors must be written in plan order: expected {planned.key!r}, '
-                       f'got {key!r}')
+      raise ValueError(
+        f'Tensors must be written in plan order: expected {planned.key!r}, got {key!r}'
+      )
     if tuple(value.shape) != planned.shape:
       raise ValueError(f'{key}: shape {tuple(value.shape)} differs from planned {planned.shape}')
     if name != self._file_name:
@@ -203,10 +220,14 @@ class ShardedSafetensorsWriter:
     """Finishes the last shard and writes the index; every planned tensor must have been written."""
     self._close_file()
     if self._next != len(self._queue):
-      raise ValueError(f'{len(self._queue) - self._next} planned tensors were never written, '
-                       f'first {self._queue[self._next][1].key!r}')
+      raise ValueError(
+        f'{len(self._queue) - self._next} planned tensors were never written, '
+        f'first {self._queue[self._next][1].key!r}'
+      )
     if len(self._shards) > 1:
-      index = {'metadata': {'total_size': sum(t.nbytes for _, t in self._queue)},
-               'weight_map': {t.key: name for name, t in self._queue}}
+      index = {
+        'metadata': {'total_size': sum(t.nbytes for _, t in self._queue)},
+        'weight_map': {t.key: name for name, t in self._queue},
+      }
       with open(os.path.join(self.folder, SAFETENSORS_INDEX), 'w') as f:
         json.dump(index, f, indent=2)

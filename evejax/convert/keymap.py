@@ -21,10 +21,12 @@ Layouts: a Flax Linear kernel is (in, out), PyTorch's weight (out, in). The visi
 kernel == stride, so evejax holds them as Linear kernels over the patch flattened in
 (ky, kx, in_channel) order; PyTorch holds Conv2d weights (out, in, kh, kw).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,23 +36,38 @@ from evejax.models import EVE, ModelConfig
 from evejax.models.clip import CLIPVision, CLIPVisionConfig
 
 # evejax module name -> reference module name.
-MODULE_RENAMES = {'patch_conv': 'patch_embedding.0', 'merge_conv': 'patch_embedding.2',
-                  'pal': 'vision_tower_compressor', 'fc1': '0', 'fc2': '2'}
+MODULE_RENAMES = {
+  'patch_conv': 'patch_embedding.0',
+  'merge_conv': 'patch_embedding.2',
+  'pal': 'vision_tower_compressor',
+  'fc1': '0',
+  'fc2': '2',
+}
 NORM_LINEAR_RENAMES = {'norm': '0', 'proj': '1'}  # inside the EVEv1 LayerNorm -> Linear blocks
 NORM_LINEAR_PARENTS = ('q', 'kv')  # ... and every `pal/norm_layer/N`
 CONV_MODULES = frozenset({'patch_conv', 'merge_conv', 'patch_embedding'})
 # The modules the map knows; anything else has no official name.
 KNOWN_MODULES = ('embed_tokens', 'layers', 'norm', 'lm_head', 'vision_tower', 'pal')
-KNOWN_VISION_PARAMS = ('patch_conv', 'merge_conv', 'class_embedding', 'split_embedding',
-                       'patch_embedding', 'local_attention', 'global_attention', 'mm_projector')
+KNOWN_VISION_PARAMS = (
+  'patch_conv',
+  'merge_conv',
+  'class_embedding',
+  'split_embedding',
+  'patch_embedding',
+  'local_attention',
+  'global_attention',
+  'mm_projector',
+)
 # Reference buffers that are recomputed at load time and may appear in old checkpoints.
 IGNORED_KEY_SUFFIXES = ('rotary_emb.inv_freq',)
 VISION_PREFIX = 'model.vision_tower.'
 # What a stage-0 import of a plain LLM initialises: the vision tower, the EVEv1 projector and PAL.
 VISION_SIDE_PREFIXES = (VISION_PREFIX, 'model.mm_projector.', 'model.vision_tower_compressor.')
 # EVEv1's frozen CLIP teacher, stored twice (one shared module) in the official checkpoints.
-TEACHER_PREFIXES = ('model.vision_clip.backbone.',
-                    'model.vision_tower_compressor.clip_layer.backbone.')
+TEACHER_PREFIXES = (
+  'model.vision_clip.backbone.',
+  'model.vision_tower_compressor.clip_layer.backbone.',
+)
 # The CLIP vision tower inside a CLIPModel, and inside the official checkpoints' teacher.
 CLIP_TOWER = 'vision_model.'
 CLIP_EMBEDDINGS = ('class_embedding', 'patch_embedding', 'position_embedding')
@@ -59,6 +76,7 @@ CLIP_EMBEDDINGS = ('class_embedding', 'patch_embedding', 'position_embedding')
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
   """One official tensor and where it lives in the evejax parameter tree."""
+
   path: tuple[Any, ...]  # keys into the evejax pure-dict parameters
   layer: int | None  # index into the leading axis of a stacked (scanned) parameter, else None
   key: str  # official state-dict key
@@ -87,7 +105,6 @@ class TensorSpec:
     return not (self.is_vision_tower or self.is_vision_copy)
 
 
-
 def _abstract(build: Callable[[nnx.Rngs], nnx.Module]) -> dict:
   """The parameter tree of the module `build` makes, as ShapeDtypeStructs (nothing is allocated)."""
   return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param))
@@ -100,7 +117,7 @@ def abstract_params(cfg: ModelConfig) -> dict:
 
 def llm_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
   """The LLM parameter a vision copy (`moe_*`) duplicates; other paths map to themselves."""
-  return tuple(k[len('moe_'):] if isinstance(k, str) and k.startswith('moe_') else k for k in path)
+  return tuple(k[len('moe_') :] if isinstance(k, str) and k.startswith('moe_') else k for k in path)
 
 
 def _is_stacked(path: tuple[Any, ...]) -> bool:
@@ -109,11 +126,13 @@ def _is_stacked(path: tuple[Any, ...]) -> bool:
 
 
 def _official_key(path: tuple[Any, ...], layer: int | None) -> tuple[str, str]:
-  if path[0] not in KNOWN_MODULES or (path[0] == 'vision_tower' and
-                                      path[1] not in KNOWN_VISION_PARAMS):
+  if path[0] not in KNOWN_MODULES or (
+    path[0] == 'vision_tower' and path[1] not in KNOWN_VISION_PARAMS
+  ):
     raise NotImplementedError(
-        f'No official checkpoint name is known for parameter {"/".join(map(str, path))}: the '
-        'converter maps EVEv1, EVEv2 and plain Llama/Qwen2 parameters')
+      f'No official checkpoint name is known for parameter {"/".join(map(str, path))}: the '
+      'converter maps EVEv1, EVEv2 and plain Llama/Qwen2 parameters'
+    )
   *modules, leaf = [str(p) for p in path]
   if layer is not None:
     modules.insert(1, str(layer))
@@ -163,8 +182,11 @@ def _torch_shape(kind: str, shape: tuple[int, ...], conv_side: int) -> tuple[int
   return shape
 
 
-def _specs(params: Mapping, official_key: Callable[[tuple[Any, ...], int | None], tuple[str, str]],
-           conv_side: Callable[[str], int]) -> list[TensorSpec]:
+def _specs(
+  params: Mapping,
+  official_key: Callable[[tuple[Any, ...], int | None], tuple[str, str]],
+  conv_side: Callable[[str], int],
+) -> list[TensorSpec]:
   """The TensorSpecs of a parameter tree: `official_key(path, layer)` names each tensor and its
   layout kind, `conv_side(key)` is the kernel side of a conv tensor."""
   specs = []
@@ -174,8 +196,17 @@ def _specs(params: Mapping, official_key: Callable[[tuple[Any, ...], int | None]
     for layer in layers:
       shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
       key, kind = official_key(path, layer)
-      specs.append(TensorSpec(path, layer, key, kind, _torch_shape(kind, shape, conv_side(key)),
-                              shape, np.dtype(leaf.dtype)))
+      specs.append(
+        TensorSpec(
+          path,
+          layer,
+          key,
+          kind,
+          _torch_shape(kind, shape, conv_side(key)),
+          shape,
+          np.dtype(leaf.dtype),
+        )
+      )
   return specs
 
 
@@ -213,8 +244,10 @@ def clip_official_keys(file_keys: Iterable[str], source: str) -> dict[str, str]:
   if not tower and any(k.startswith('encoder.layers.') for k in file_keys):
     tower = {CLIP_TOWER + k: k for k in file_keys}
   if not tower:
-    raise ValueError(f'{source} holds no CLIP vision tower: expected the safetensors file of a HF '
-                     'CLIPVisionModel or CLIPModel')
+    raise ValueError(
+      f'{source} holds no CLIP vision tower: expected the safetensors file of a HF '
+      'CLIPVisionModel or CLIPModel'
+    )
   return tower
 
 

@@ -5,6 +5,7 @@ It follows the reference code path, not evejax's: convolutions on the pixel tens
 `f_text(x) * (1 - m) + f_vision(x) * m` for every decomposed op, one causal SDPA over all tokens.
 Needs torch (the `test` extra).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,19 +62,21 @@ class TorchEVE:
     inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
     angles = torch.arange(length).float()[:, None] * inv_freq
     angles = torch.cat([angles, angles], -1)
-    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * angles.cos().to(x.dtype) + torch.cat([-x2, x1], -1) * angles.sin().to(x.dtype)
 
   def _attention(self, pre: str, h: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     cfg, length = self.cfg, h.shape[0]
-    proj = lambda name, heads: self._routed(self._linear, pre, name, h, m).view(
-        length, heads, cfg.head_dim).transpose(0, 1)
+    proj = lambda name, heads: (
+      self._routed(self._linear, pre, name, h, m).view(length, heads, cfg.head_dim).transpose(0, 1)
+    )
     q = self._rope(proj('q_proj', cfg.num_heads))
     k = self._rope(proj('k_proj', cfg.num_kv_heads))
     v = proj('v_proj', cfg.num_kv_heads)
     group = cfg.num_heads // cfg.num_kv_heads
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0),
-                                         v.repeat_interleave(group, 0), is_causal=True)
+    out = F.scaled_dot_product_attention(
+      q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), is_causal=True
+    )
     return self._routed(self._linear, pre, 'o_proj', out.transpose(0, 1).reshape(length, -1), m)
 
   def vision_tokens(self, pixels: np.ndarray) -> torch.Tensor:

@@ -6,6 +6,7 @@ The preprocessing map returns a `BadRecord` instead of raising; `FilterBadRecord
 counts them per kind in its (checkpointed) state, appends one JSON line per record to the
 quarantine file, and raises `TooManyBadRecords` when the bad fraction passes the threshold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ class TooManyBadRecords(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class BadRecord:
   """What the preprocessing map returns for a record it cannot use."""
+
   shard: str
   index: int
   kind: str
@@ -36,6 +38,7 @@ class BadRecord:
 class Policy:
   """Fail once more than `max_fraction` of the records read are bad, checked from `min_records`
   records on (and at the end of a finite pass); `quarantine` is a JSON-lines file, '' for none."""
+
   max_fraction: float = 0.01
   min_records: int = 1000
   quarantine: str = ''
@@ -54,7 +57,6 @@ def read_quarantine(path: str) -> list[dict[str, Any]]:
 
 
 class _FilterIterator(grain.DatasetIterator):
-
   def __init__(self, parent: grain.DatasetIterator, policy: Policy):
     super().__init__(parent)
     self._policy = policy
@@ -64,8 +66,9 @@ class _FilterIterator(grain.DatasetIterator):
   def _quarantine(self, record: BadRecord) -> None:
     self.bad += 1
     self.by_kind[record.kind] += 1
-    logging.warning('Skipping bad record %s[%d] (%s): %s', record.shard, record.index, record.kind,
-                    record.reason)
+    logging.warning(
+      'Skipping bad record %s[%d] (%s): %s', record.shard, record.index, record.kind, record.reason
+    )
     if self._policy.quarantine:
       # One short line per O_APPEND write: safe with several worker processes on one file.
       with open(self._policy.quarantine, 'a') as f:
@@ -78,10 +81,11 @@ class _FilterIterator(grain.DatasetIterator):
     if fraction > self._policy.max_fraction:
       where = f'; see {self._policy.quarantine}' if self._policy.quarantine else ''
       raise TooManyBadRecords(
-          f'{self.bad} of {self.seen} records ({fraction:.1%}) were bad, over '
-          f'data.bad_records.max_fraction={self._policy.max_fraction} '
-          f'({", ".join(f"{k}: {v}" for k, v in self.by_kind.items() if v)}){where}. Fix or '
-          're-convert the data, or raise the threshold.')
+        f'{self.bad} of {self.seen} records ({fraction:.1%}) were bad, over '
+        f'data.bad_records.max_fraction={self._policy.max_fraction} '
+        f'({", ".join(f"{k}: {v}" for k, v in self.by_kind.items() if v)}){where}. Fix or '
+        're-convert the data, or raise the threshold.'
+      )
 
   def __next__(self):
     while True:
@@ -98,8 +102,12 @@ class _FilterIterator(grain.DatasetIterator):
       self._check(final=False)
 
   def get_state(self) -> dict[str, Any]:
-    return {'parent': self._parent.get_state(), 'seen': self.seen, 'bad': self.bad,
-            'by_kind': dict(self.by_kind)}
+    return {
+      'parent': self._parent.get_state(),
+      'seen': self.seen,
+      'bad': self.bad,
+      'by_kind': dict(self.by_kind),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
@@ -107,7 +115,6 @@ class _FilterIterator(grain.DatasetIterator):
 
 
 class FilterBadRecords(grain.IterDataset):
-
   def __init__(self, parent: grain.IterDataset, policy: Policy):
     super().__init__(parent)
     self._policy = policy

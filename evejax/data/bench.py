@@ -8,6 +8,7 @@ Prints one table: images/s and non-pad tokens/s for the bare PIL decode loop and
 (read, decode, any-res resize, patchify, tokenise, pack, batch) with 0/1/2 worker processes, the
 loader/bare ratio, and the packing efficiency (non-pad fraction of the rows).
 """
+
 from __future__ import annotations
 
 import io
@@ -25,10 +26,12 @@ from evejax.config_utils import load_config_file
 from evejax.data import pipeline, records
 
 DEFAULT_CONFIG = 'configs/demo.py'
-_CONFIG = cli.define_config_flag(f'Training config (data, model patch geometry), as path[:arg] '
-                                 f'(default: {DEFAULT_CONFIG}).', required=False)
+_CONFIG = cli.define_config_flag(
+  f'Training config (data, model patch geometry), as path[:arg] (default: {DEFAULT_CONFIG}).',
+  required=False,
+)
 _DATASET = flags.DEFINE_enum('dataset', 'demo', ['demo', 'photos', 'records'], 'Which images.')
-_RECORDS_DIR = flags.DEFINE_string('records_dir', '', "--dataset=records: a converted dataset.")
+_RECORDS_DIR = flags.DEFINE_string('records_dir', '', '--dataset=records: a converted dataset.')
 _SPLIT = flags.DEFINE_string('split', 'train', '--dataset=records: the split.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Images per measurement (at most).')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker-process counts to measure.')
@@ -43,9 +46,14 @@ def photo_record(i: int) -> dict:
   image = Image.fromarray(small).resize((width, height), Image.BILINEAR)
   buffer = io.BytesIO()
   image.save(buffer, format='JPEG', quality=90)
-  return {'id': f'photo{i}', 'image': buffer.getvalue(),
-          'conversations': [{'from': 'human', 'value': '<image>\ndescribe the image.'},
-                            {'from': 'gpt', 'value': 'a photo of random colours.'}]}
+  return {
+    'id': f'photo{i}',
+    'image': buffer.getvalue(),
+    'conversations': [
+      {'from': 'human', 'value': '<image>\ndescribe the image.'},
+      {'from': 'gpt', 'value': 'a photo of random colours.'},
+    ],
+  }
 
 
 class Subset:
@@ -71,9 +79,16 @@ def make_source(config, workdir: str):
   if _DATASET.value == 'records':
     return records.RecordSource(_RECORDS_DIR.value, _SPLIT.value)
   directory = os.path.join(workdir, 'photos')
-  records.write_dataset(list(range(_NUM_IMAGES.value)), photo_record, directory, 'train',
-                        records_per_shard=500, num_workers=os.cpu_count() or 1, describe=str,
-                        info={'corpus': [photo_record(0)['conversations'][1]['value']]})
+  records.write_dataset(
+    list(range(_NUM_IMAGES.value)),
+    photo_record,
+    directory,
+    'train',
+    records_per_shard=500,
+    num_workers=os.cpu_count() or 1,
+    describe=str,
+    info={'corpus': [photo_record(0)['conversations'][1]['value']]},
+  )
   return records.RecordSource(directory, 'train')
 
 
@@ -91,14 +106,23 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
   imports excluded)."""
   data = config.data
   ds = pipeline.make_dataset(
-      source, preprocess, batch_size, seed=0, shuffle=False, num_epochs=1,
-      pack_window=data.pack_window, num_threads=data.num_threads, num_workers=workers,
-      prefetch=data.prefetch)
+    source,
+    preprocess,
+    batch_size,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+    pack_window=data.pack_window,
+    num_threads=data.num_threads,
+    num_workers=workers,
+    prefetch=data.prefetch,
+  )
   counts = np.zeros(3)  # images, non-pad tokens, positions
 
   def add(batch):
     seg = batch['segment_ids']
     counts[:] += [sum(len(np.unique(r[r > 0])) for r in seg), (seg > 0).sum(), seg.size]
+
   it = iter(ds)
   for _ in range(max(1, workers)):  # Workers deliver batches round-robin.
     add(next(it))
@@ -108,8 +132,11 @@ def loader(source, config, preprocess, batch_size: int, workers: int) -> dict[st
     add(batch)
   seconds = time.perf_counter() - start
   images, tokens, _ = counts - after_warmup
-  return {'images_per_s': images / seconds, 'tokens_per_s': tokens / seconds,
-          'efficiency': counts[1] / counts[2]}
+  return {
+    'images_per_s': images / seconds,
+    'tokens_per_s': tokens / seconds,
+    'efficiency': counts[1] / counts[2],
+  }
 
 
 def main(argv):
@@ -123,19 +150,24 @@ def main(argv):
     bare_decode(Subset(source, 50))  # Warm the page cache.
     bare = bare_decode(source)
     sizes = [Image.open(io.BytesIO(source[i]['image'])).size for i in range(min(50, len(source)))]
-    print(f'\n{_DATASET.value}: {len(source)} images (e.g. {sizes[0][0]}x{sizes[0][1]} px), '
-          f'data.max_size={config.data.max_size} ({config.data.resize}), seq_len='
-          f'{config.data.seq_len}, pack_window={config.data.pack_window}, '
-          f'batch {batch_size}, {os.cpu_count()} CPU cores')
-    print(f'| {"pipeline":<28} | {"images/s":>9} | {"tokens/s":>9} | {"vs bare":>7} | '
-          f'{"non-pad":>7} |')
+    print(
+      f'\n{_DATASET.value}: {len(source)} images (e.g. {sizes[0][0]}x{sizes[0][1]} px), '
+      f'data.max_size={config.data.max_size} ({config.data.resize}), seq_len='
+      f'{config.data.seq_len}, pack_window={config.data.pack_window}, '
+      f'batch {batch_size}, {os.cpu_count()} CPU cores'
+    )
+    print(
+      f'| {"pipeline":<28} | {"images/s":>9} | {"tokens/s":>9} | {"vs bare":>7} | {"non-pad":>7} |'
+    )
     print(f'|{"-" * 30}|{"-" * 11}|{"-" * 11}|{"-" * 9}|{"-" * 9}|')
     print(f'| {"bare PIL decode loop":<28} | {bare:9.0f} | {"":>9} | {1:7.2f} | {"":>7} |')
     for workers in map(int, _WORKERS.value):
       m = loader(source, config, preprocess, batch_size, workers)
       name = f'loader, {workers} workers'
-      print(f'| {name:<28} | {m["images_per_s"]:9.0f} | {m["tokens_per_s"]:9.0f} | '
-            f'{m["images_per_s"] / bare:7.2f} | {m["efficiency"]:7.1%} |')
+      print(
+        f'| {name:<28} | {m["images_per_s"]:9.0f} | {m["tokens_per_s"]:9.0f} | '
+        f'{m["images_per_s"] / bare:7.2f} | {m["efficiency"]:7.1%} |'
+      )
 
 
 if __name__ == '__main__':

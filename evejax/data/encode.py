@@ -1,7 +1,8 @@
 """From a tokenised conversation and its images to rows of the batch format (evejax/batch.py)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,8 +26,11 @@ def visual_token_layout(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
   return kind, index
 
 
-def encode_example(ids: Sequence[int], supervised: Sequence[bool],
-                   images: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> dict[str, np.ndarray]:
+def encode_example(
+  ids: Sequence[int],
+  supervised: Sequence[bool],
+  images: Sequence[tuple[np.ndarray, tuple[int, int]]],
+) -> dict[str, np.ndarray]:
   """Expands every IMAGE_TOKEN_INDEX into its visual tokens and shifts the labels.
 
   Args:
@@ -39,8 +43,10 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
   """
   placeholders = sum(1 for i in ids if i == bf.IMAGE_TOKEN_INDEX)
   if placeholders != len(images):
-    raise ValueError(f'the conversation has {placeholders} {bf.IMAGE_PLACEHOLDER} placeholders but '
-                     f'{len(images)} images; every image needs exactly one placeholder')
+    raise ValueError(
+      f'the conversation has {placeholders} {bf.IMAGE_PLACEHOLDER} placeholders but '
+      f'{len(images)} images; every image needs exactly one placeholder'
+    )
   tokens, kinds, index, labelled = [], [], [], []
   image_iter, offset, image_numbers, coords = iter(images), 0, [], []
   for token, is_target in zip(ids, supervised):
@@ -58,19 +64,21 @@ def encode_example(ids: Sequence[int], supervised: Sequence[bool],
   labelled = np.asarray(labelled, bool)
   patches = [g for g, _ in images]
   return {
-      'tokens': tokens,
-      'token_kind': np.asarray(kinds, np.int32),
-      'patch_index': np.asarray(index, np.int32),
-      # Position t predicts token t+1; the last position predicts nothing.
-      'targets': np.append(tokens[1:], 0).astype(np.int32),
-      'loss_weights': np.append(labelled[1:], False).astype(np.float32),
-      'patches': np.concatenate(patches) if patches else None,
-      'patch_image': np.concatenate(image_numbers) if patches else np.zeros(0, np.int32),
-      'patch_coords': np.concatenate(coords) if patches else np.zeros((0, 2), np.int32),
+    'tokens': tokens,
+    'token_kind': np.asarray(kinds, np.int32),
+    'patch_index': np.asarray(index, np.int32),
+    # Position t predicts token t+1; the last position predicts nothing.
+    'targets': np.append(tokens[1:], 0).astype(np.int32),
+    'loss_weights': np.append(labelled[1:], False).astype(np.float32),
+    'patches': np.concatenate(patches) if patches else None,
+    'patch_image': np.concatenate(image_numbers) if patches else np.zeros(0, np.int32),
+    'patch_coords': np.concatenate(coords) if patches else np.zeros((0, 2), np.int32),
   }
 
 
-def pack_row(examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec) -> dict[str, np.ndarray]:
+def pack_row(
+  examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec
+) -> dict[str, np.ndarray]:
   """Lays examples end to end in one row of `spec`; segment ids keep them apart.
 
   The EVEv1 keys (`spec.image_keys`) and offline teacher features (`spec.teacher_size`) are filled
@@ -83,12 +91,16 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec) -> d
     n = len(ex['tokens'])
     n_patches = 0 if ex['patches'] is None else len(ex['patches'])
     if start + n > seq_len:
-      raise ValueError(f'example of {n} tokens (visual tokens included) does not fit the '
-                       f'{seq_len - start} positions left of data.seq_len={seq_len}; raise '
-                       'data.seq_len or lower data.max_size')
+      raise ValueError(
+        f'example of {n} tokens (visual tokens included) does not fit the '
+        f'{seq_len - start} positions left of data.seq_len={seq_len}; raise '
+        'data.seq_len or lower data.max_size'
+      )
     if patch_start + n_patches > max_patches:
-      raise ValueError(f'{n_patches} visual tokens do not fit the {max_patches - patch_start} '
-                       'patch slots left in the row; raise data.max_size')
+      raise ValueError(
+        f'{n_patches} visual tokens do not fit the {max_patches - patch_start} '
+        'patch slots left in the row; raise data.max_size'
+      )
     span = slice(start, start + n)
     for key in EXAMPLE_KEYS:
       row[key][span] = ex[key]
@@ -108,17 +120,20 @@ def pack_row(examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec) -> d
   return row
 
 
-def teacher_features_at_anchors(features: np.ndarray | None, coords: np.ndarray, pool: int,
-                                size: int) -> np.ndarray:
+def teacher_features_at_anchors(
+  features: np.ndarray | None, coords: np.ndarray, pool: int, size: int
+) -> np.ndarray:
   """HD offline PAL: features of the teacher's grid (one per pool x pool block of visual tokens,
   row-major) placed at each block's top-left token (pal.block_anchors); other tokens get zeros."""
   anchors = (coords[:, 0] % pool == 0) & (coords[:, 1] % pool == 0)
   want = (int(anchors.sum()), size)
   if features is None or np.shape(features) != want:
-    raise ValueError(f'offline PAL with model.pal_pool={pool} needs a teacher_features field of '
-                     f'shape {want} (one teacher vector per {pool}x{pool} block of visual tokens, '
-                     f'row-major: the features of the {pool}x smaller image), got '
-                     f'{None if features is None else np.shape(features)}')
+    raise ValueError(
+      f'offline PAL with model.pal_pool={pool} needs a teacher_features field of '
+      f'shape {want} (one teacher vector per {pool}x{pool} block of visual tokens, '
+      f'row-major: the features of the {pool}x smaller image), got '
+      f'{None if features is None else np.shape(features)}'
+    )
   out = np.zeros((len(coords), size), np.float32)
   out[anchors] = features
   return out
@@ -128,8 +143,10 @@ def teacher_features(example: dict[str, np.ndarray], n_patches: int, size: int) 
   """An example's precomputed teacher features, checked against its visual tokens."""
   features = example.get('teacher_features')
   if features is None or np.shape(features) != (n_patches, size):
-    raise ValueError(f'offline PAL needs a teacher_features field of shape ({n_patches}, {size}) '
-                     f'(one teacher vector per visual token, row-major) in every image record, got '
-                     f'{None if features is None else np.shape(features)}; precompute it or set '
-                     "pal.teacher='online'")
+    raise ValueError(
+      f'offline PAL needs a teacher_features field of shape ({n_patches}, {size}) '
+      f'(one teacher vector per visual token, row-major) in every image record, got '
+      f'{None if features is None else np.shape(features)}; precompute it or set '
+      "pal.teacher='online'"
+    )
   return features

@@ -1,4 +1,5 @@
 """Image decoding, the EVE any-resolution resize policies, and patchify into patch groups."""
+
 from __future__ import annotations
 
 import io
@@ -28,14 +29,16 @@ def decode_image(data: bytes) -> Image.Image:
   return image.convert('RGB')
 
 
-def target_size(width: int, height: int, max_size: int, multiple: int, policy: str) -> tuple[int, int]:
+def target_size(
+  width: int, height: int, max_size: int, multiple: int, policy: str
+) -> tuple[int, int]:
   """Output (width, height) of an image under one of the reference resize policies.
 
   eve_v2_train: scale down (never up) to an area of max_size**2, then round each side to the nearest
     multiple (Python's round-half-even), at least one multiple.
   eve_v2_infer: scale to an area of max_size**2 (also up), then round each side up to a multiple.
   eve_v1: the long side becomes max_size (also up), the short side keeps the aspect ratio rounded
-    up to a multiple (the EVE-7B processor at 672 px: base 336 px sides in multiples of 14, doubled).
+    up to a multiple (the EVE-7B processor at 672 px: base 336 px sides, multiples of 14, doubled).
   pad: keep the size; `with_valid_channel` pads each side up to a multiple (EVEv1 only).
   none: keep the size; each side must already be a multiple.
   """
@@ -45,12 +48,16 @@ def target_size(width: int, height: int, max_size: int, multiple: int, policy: s
       width, height = width / ratio, height / ratio
     return (max(round(width / multiple), 1) * multiple, max(round(height / multiple), 1) * multiple)
   if policy == 'eve_v2_infer':
-    return (max(math.ceil(width / ratio / multiple), 1) * multiple,
-            max(math.ceil(height / ratio / multiple), 1) * multiple)
+    return (
+      max(math.ceil(width / ratio / multiple), 1) * multiple,
+      max(math.ceil(height / ratio / multiple), 1) * multiple,
+    )
   if policy == 'eve_v1':
     if max_size % multiple:
-      raise ValueError(f'data.max_size={max_size} must be a multiple of {multiple} px for '
-                       "data.resize='eve_v1' (the long side becomes max_size)")
+      raise ValueError(
+        f'data.max_size={max_size} must be a multiple of {multiple} px for '
+        "data.resize='eve_v1' (the long side becomes max_size)"
+      )
     long, short = max(width, height), min(width, height)
     short = min(max(math.ceil(max_size * short / long / multiple), 1) * multiple, max_size)
     return (max_size, short) if width >= height else (short, max_size)
@@ -58,8 +65,10 @@ def target_size(width: int, height: int, max_size: int, multiple: int, policy: s
     return width, height
   if policy == 'none':
     if width % multiple or height % multiple:
-      raise ValueError(f'image of {width}x{height} px is not a multiple of {multiple} px per side; '
-                       "use data.resize='eve_v2_train' or resize it beforehand")
+      raise ValueError(
+        f'image of {width}x{height} px is not a multiple of {multiple} px per side; '
+        "use data.resize='eve_v2_train' or resize it beforehand"
+      )
     return width, height
   raise ValueError(f'Unknown data.resize {policy!r}; available: {RESIZE_POLICIES}')
 
@@ -77,10 +86,12 @@ def patch_groups(pixels: np.ndarray, spec: BatchSpec) -> tuple[np.ndarray, tuple
     pixels = with_valid_channel(pixels, spec.token_pixels)
   groups, grid = patchify(pixels, spec.patch_size, spec.merge)
   if len(groups) > spec.image_budget:
-    raise ValueError(f'image of {pixels.shape[1]}x{pixels.shape[0]} px needs {len(groups)} visual '
-                     f'tokens, over the budget of {spec.image_budget} for data.max_size='
-                     f"{spec.max_size}; resize it with data.resize='eve_v2_train' or raise "
-                     'data.max_size')
+    raise ValueError(
+      f'image of {pixels.shape[1]}x{pixels.shape[0]} px needs {len(groups)} visual '
+      f'tokens, over the budget of {spec.image_budget} for data.max_size='
+      f"{spec.max_size}; resize it with data.resize='eve_v2_train' or raise "
+      'data.max_size'
+    )
   return groups, grid
 
 

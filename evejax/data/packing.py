@@ -6,6 +6,7 @@ length, put each into the first row with room for both its tokens and its patch 
 rows. The state is (parent state at the window's start, rows already emitted), so a restore re-reads
 the window and skips what was emitted: the next row is identical to an uninterrupted run.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,7 +49,6 @@ def first_fit_decreasing(examples: list[Example], spec: BatchSpec) -> list[list[
 
 
 class _PackIterator(grain.DatasetIterator):
-
   def __init__(self, parent: grain.DatasetIterator, spec: BatchSpec, window: int):
     super().__init__(parent)
     self._spec, self._window = spec, window
@@ -108,12 +108,13 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
   rows = len(batch['tokens'])
   if rows == batch_size:
     return batch
-  return {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
-          for k, v in batch.items()}
+  return {
+    k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
+    for k, v in batch.items()
+  }
 
 
 class _FillIterator(grain.DatasetIterator):
-
   def __init__(self, parent: grain.DatasetIterator, empty: dict[str, np.ndarray], count: int):
     super().__init__(parent)
     self._empty, self._count, self._emitted = empty, count, 0

@@ -8,6 +8,7 @@
 `grain.checkpoint.CheckpointSave/Restore`) the checkpoint stores; `eval_batches` is one ordered pass
 over a held-out set in which every supervised token is counted once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,8 @@ import functools
 import hashlib
 import inspect
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grain
 import numpy as np
@@ -34,6 +36,7 @@ DEMO_TOKENIZER_VOCAB = 512
 @dataclasses.dataclass(frozen=True)
 class Rejected:
   """Why a record cannot be used: its bad-record kind (bad_records.KINDS) and the reason."""
+
   kind: str
   reason: str
 
@@ -41,6 +44,7 @@ class Rejected:
 @dataclasses.dataclass(frozen=True)
 class Preprocessor:
   """One record (LLaVA layout: `image` bytes, `conversations`) -> one encoded example of `spec`."""
+
   tokenizer: Tokenizer
   template: templates.Template
   spec: BatchSpec
@@ -61,28 +65,36 @@ class Preprocessor:
       image_bytes = record.get('image')
       image_list = [] if image_bytes is None else [self.image_patches(image_bytes)]
       kind = 'bad_conversation'
-      ids, supervised = templates.tokenize_conversation(record['conversations'], self.tokenizer,
-                                                        self.template)
+      ids, supervised = templates.tokenize_conversation(
+        record['conversations'], self.tokenizer, self.template
+      )
       example = encode.encode_example(ids, supervised, image_list)
       kind = 'bad_teacher_features'
       example = self.with_teacher(example, record)
     except (ValueError, KeyError) as e:
       return Rejected(kind, f'{type(e).__name__}: {e}')
     if not packing.fits(example, self.spec):
-      return Rejected('too_long', f'{len(example["tokens"])} tokens and '
-                      f'{packing.num_patches(example)} patch groups do not fit a row of '
-                      f'data.seq_len={self.spec.seq_len} and {self.spec.patch_slots} patch groups')
+      return Rejected(
+        'too_long',
+        f'{len(example["tokens"])} tokens and '
+        f'{packing.num_patches(example)} patch groups do not fit a row of '
+        f'data.seq_len={self.spec.seq_len} and {self.spec.patch_slots} patch groups',
+      )
     return example
 
-  def with_teacher(self, example: dict[str, np.ndarray],
-                   record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def with_teacher(
+    self, example: dict[str, np.ndarray], record: Mapping[str, Any]
+  ) -> dict[str, np.ndarray]:
     """Offline PAL: the record's precomputed teacher features, one per visual token, checked."""
     size, pool = self.spec.teacher_size, self.spec.pal_pool
     if size and example['patches'] is not None:
       extras = record.get('extras') or {}
       if pool > 1:
-        extras = {'teacher_features': encode.teacher_features_at_anchors(
-            extras.get('teacher_features'), example['patch_coords'], pool, size)}
+        extras = {
+          'teacher_features': encode.teacher_features_at_anchors(
+            extras.get('teacher_features'), example['patch_coords'], pool, size
+          )
+        }
       example['teacher_features'] = encode.teacher_features(extras, len(example['patches']), size)
     return example
 
@@ -106,8 +118,11 @@ class Source(Protocol):
 
 
 def cache_dir(data: DataConfig) -> str:
-  return (data.cache_dir or os.environ.get('EVEJAX_CACHE')
-          or os.path.join(os.path.expanduser('~'), '.cache', 'evejax'))
+  return (
+    data.cache_dir
+    or os.environ.get('EVEJAX_CACHE')
+    or os.path.join(os.path.expanduser('~'), '.cache', 'evejax')
+  )
 
 
 def shapes_source(data: DataConfig, split: str) -> records.RecordSource:
@@ -118,16 +133,25 @@ def shapes_source(data: DataConfig, split: str) -> records.RecordSource:
   """
   kw = data.shapes.dataset_kwargs()
   # Held-out examples come from another seed, so they are images the model never saw.
-  num, seed = ((data.num_train, data.seed) if split == 'train' else
-               (data.num_eval, data.seed + 1_000_003))
+  num, seed = (
+    (data.num_train, data.seed) if split == 'train' else (data.num_eval, data.seed + 1_000_003)
+  )
   dataset = shapes.ShapesDataset(num, seed, **kw)
   key = repr((num, seed, sorted(kw.items()))) + inspect.getsource(shapes)
-  directory = os.path.join(cache_dir(data),
-                           f'shapes-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}')
+  directory = os.path.join(
+    cache_dir(data), f'shapes-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}'
+  )
   if not os.path.exists(records.manifest_path(directory, split)):
     # In this process: callers (scripts, notebooks) need no __main__ guard.
-    records.write_dataset(list(range(num)), dataset.__getitem__, directory, split,
-                          records_per_shard=5000, describe=str, info={'corpus': dataset.corpus()})
+    records.write_dataset(
+      list(range(num)),
+      dataset.__getitem__,
+      directory,
+      split,
+      records_per_shard=5000,
+      describe=str,
+      info={'corpus': dataset.corpus()},
+    )
   return records.RecordSource(directory, split)
 
 
@@ -146,15 +170,22 @@ def make_sources(data: DataConfig) -> tuple[Source, Source | None]:
     if data.eval_split and os.path.exists(records.manifest_path(data.path, data.eval_split)):
       held_out = records.RecordSource(data.path, data.eval_split)
     elif data.eval_split:
-      logging.warning("%s has no split %r (no %s): training without held-out evaluation; set "
-                      "data.eval_split to the held-out split, or '' to say there is none",
-                      data.path, data.eval_split,
-                      records.manifest_path(data.path, data.eval_split))
+      logging.warning(
+        '%s has no split %r (no %s): training without held-out evaluation; set '
+        "data.eval_split to the held-out split, or '' to say there is none",
+        data.path,
+        data.eval_split,
+        records.manifest_path(data.path, data.eval_split),
+      )
     return records.RecordSource(data.path, data.train_split), held_out
   from evejax.data import tfds_source  # Imports tensorflow_datasets (slow) only when used.
+
   tfds = data.tfds
-  held_out = (tfds_source.TfdsSource(tfds.name, tfds.data_dir, tfds.eval_split)
-              if tfds.eval_split and data.eval_split else None)
+  held_out = (
+    tfds_source.TfdsSource(tfds.name, tfds.data_dir, tfds.eval_split)
+    if tfds.eval_split and data.eval_split
+    else None
+  )
   return tfds_source.TfdsSource(tfds.name, tfds.data_dir, tfds.train_split), held_out
 
 
@@ -165,19 +196,26 @@ def load_tokenizer(data: DataConfig, source: Source) -> Tokenizer:
     return Tokenizer.load(data.tokenizer)
   corpus = getattr(source, 'info', {}).get('corpus')
   if not corpus:
-    raise ValueError(f'{source!r} ships no tokenizer corpus: set data.tokenizer to a '
-                     'tokenizer.json or a Hugging Face tokenizer folder')
+    raise ValueError(
+      f'{source!r} ships no tokenizer corpus: set data.tokenizer to a '
+      'tokenizer.json or a Hugging Face tokenizer folder'
+    )
   return train_bpe(corpus, DEMO_TOKENIZER_VOCAB)
 
 
 def make_preprocessor(data: DataConfig, tokenizer: Tokenizer, spec: BatchSpec) -> Preprocessor:
-  return Preprocessor(tokenizer=tokenizer, template=templates.get_template(data.template),
-                      spec=spec, blank_images=data.blank_images)
+  return Preprocessor(
+    tokenizer=tokenizer,
+    template=templates.get_template(data.template),
+    spec=spec,
+    blank_images=data.blank_images,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadAndEncode:
   """Record index -> unpadded encoded example, or a `BadRecord` saying where and why."""
+
   source: Source
   preprocess: Preprocessor
 
@@ -197,10 +235,22 @@ class ReadAndEncode:
     return bad_records.BadRecord(**where, kind=result.kind, reason=result.reason)
 
 
-def make_dataset(source: Source, preprocess: Preprocessor, batch_size: int, *, seed: int, shuffle: bool, num_epochs: int | None,
-                 process_index: int = 0, process_count: int = 1, pack_window: int = 1,
-                 policy: bad_records.Policy = bad_records.Policy(), num_threads: int = 2,
-                 num_workers: int = 0, prefetch: int = 4) -> grain.IterDataset:
+def make_dataset(
+  source: Source,
+  preprocess: Preprocessor,
+  batch_size: int,
+  *,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int = 0,
+  process_count: int = 1,
+  pack_window: int = 1,
+  policy: bad_records.Policy | None = None,
+  num_threads: int = 2,
+  num_workers: int = 0,
+  prefetch: int = 4,
+) -> grain.IterDataset:
   """Batches of packed rows from `source`; `num_epochs=None` repeats forever.
 
   Training (`shuffle=True`) drops a short final batch; evaluation pads it with empty rows so every
@@ -211,23 +261,26 @@ def make_dataset(source: Source, preprocess: Preprocessor, batch_size: int, *, s
     ds = ds.shuffle(seed=seed)  # Global: the same permutation on every process.
   ds = ds.repeat(num_epochs)[process_index::process_count]
   ds = ds.map(ReadAndEncode(source, preprocess))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=max(prefetch, num_threads)))
-  ds = bad_records.FilterBadRecords(ds, policy)
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))
+  )
+  ds = bad_records.FilterBadRecords(ds, policy or bad_records.Policy())
   ds = packing.PackIterDataset(ds, preprocess.spec, pack_window)
   ds = ds.batch(batch_size, drop_remainder=shuffle)
   if not shuffle:
     ds = ds.map(functools.partial(packing.pad_batch, batch_size=batch_size))
   if num_workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+    )
   return ds
 
 
 def local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(f'batch_size={batch_size} (global) is not divisible by the {process_count} '
-                     'processes')
+    raise ValueError(
+      f'batch_size={batch_size} (global) is not divisible by the {process_count} processes'
+    )
   return batch_size // process_count
 
 
@@ -241,35 +294,69 @@ def quarantine_path(workdir: str, process_index: int = 0, process_count: int = 1
 
 
 def _options(data: DataConfig, quarantine: str) -> dict[str, Any]:
-  return dict(pack_window=data.pack_window, num_threads=data.num_threads,
-              num_workers=data.num_workers, prefetch=data.prefetch,
-              policy=bad_records.Policy(data.bad_records.max_fraction,
-                                        data.bad_records.min_records, quarantine))
+  return dict(
+    pack_window=data.pack_window,
+    num_threads=data.num_threads,
+    num_workers=data.num_workers,
+    prefetch=data.prefetch,
+    policy=bad_records.Policy(
+      data.bad_records.max_fraction, data.bad_records.min_records, quarantine
+    ),
+  )
 
 
-def make_train_iterator(data: DataConfig, source: Source, preprocess: Preprocessor, batch_size: int, *,
-                        process_index: int = 0, process_count: int = 1,
-                        workdir: str = '') -> grain.DatasetIterator:
+def make_train_iterator(
+  data: DataConfig,
+  source: Source,
+  preprocess: Preprocessor,
+  batch_size: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  workdir: str = '',
+) -> grain.DatasetIterator:
   """The training iterator: an endless shuffled stream of this process's share of `batch_size`
   (global) rows. Checkpoint it with `grain.checkpoint.CheckpointSave(iterator)` (or
   `get_state()`); restoring the state continues with exactly the next batch. Bad records go to
   `quarantine_path(workdir, ...)`."""
-  ds = make_dataset(source, preprocess, local_batch_size(batch_size, process_count),
-                    seed=data.seed, shuffle=True, num_epochs=None, process_index=process_index,
-                    process_count=process_count,
-                    **_options(data, quarantine_path(workdir, process_index, process_count)))
+  ds = make_dataset(
+    source,
+    preprocess,
+    local_batch_size(batch_size, process_count),
+    seed=data.seed,
+    shuffle=True,
+    num_epochs=None,
+    process_index=process_index,
+    process_count=process_count,
+    **_options(data, quarantine_path(workdir, process_index, process_count)),
+  )
   return iter(ds)
 
 
-def eval_batches(data: DataConfig, source: Source, preprocess: Preprocessor, batch_size: int, *,
-                 process_index: int = 0, process_count: int = 1,
-                 workdir: str = '') -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  data: DataConfig,
+  source: Source,
+  preprocess: Preprocessor,
+  batch_size: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  workdir: str = '',
+) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over a held-out source, each example exactly once (packed like training).
   With several processes each reads its slice, and all yield the same number of batches."""
   local = local_batch_size(batch_size, process_count)
-  ds = make_dataset(source, preprocess, local, seed=0, shuffle=False, num_epochs=1,
-                    process_index=process_index, process_count=process_count,
-                    **_options(data, quarantine_path(workdir, process_index, process_count)))
+  ds = make_dataset(
+    source,
+    preprocess,
+    local,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+    process_index=process_index,
+    process_count=process_count,
+    **_options(data, quarantine_path(workdir, process_index, process_count)),
+  )
   if process_count > 1:
     # Every process runs the same number of eval steps: the count for one example per row, the
     # most any process's share can need; the packed batches are followed by empty ones.

@@ -9,6 +9,7 @@ A dataset directory holds `{split}-{k:05d}-of-{n:05d}.array_record` shards and
 `{split}.manifest.json` with each shard's record count and SHA-256, so a reader can check every
 shard at start-up.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,12 +20,13 @@ import hashlib
 import json
 import multiprocessing
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+import grain
 import msgpack
 import numpy as np
 from array_record.python import array_record_module
-import grain
 
 FORMAT = 'evejax-records-v1'
 SHARD_SUFFIX = '.array_record'
@@ -34,25 +36,42 @@ def serialize(record: Mapping[str, Any]) -> bytes:
   """Record dict -> bytes. Raises ValueError naming the bad field."""
   unknown = set(record) - {'id', 'image', 'conversations', 'extras'}
   if unknown:
-    raise ValueError(f'record {record.get("id")!r} has unknown fields {sorted(unknown)}; put '
-                     "additional data under 'extras' as numpy arrays")
+    raise ValueError(
+      f'record {record.get("id")!r} has unknown fields {sorted(unknown)}; put '
+      "additional data under 'extras' as numpy arrays"
+    )
   image = record.get('image')
   if image is not None and not isinstance(image, bytes):
-    raise ValueError(f'record {record.get("id")!r}: image must be encoded bytes, got '
-                     f'{type(image).__name__}')
-  return msgpack.packb({'id': str(record.get('id', '')), 'image': image,
-                        'conversations': list(record['conversations']),
-                        'extras': _array_fields(record.get('extras', {}))}, use_bin_type=True)
+    raise ValueError(
+      f'record {record.get("id")!r}: image must be encoded bytes, got {type(image).__name__}'
+    )
+  return msgpack.packb(
+    {
+      'id': str(record.get('id', '')),
+      'image': image,
+      'conversations': list(record['conversations']),
+      'extras': _array_fields(record.get('extras', {})),
+    },
+    use_bin_type=True,
+  )
 
 
 def _array_fields(arrays: Mapping[str, np.ndarray]) -> dict[str, dict]:
-  return {name: {'dtype': np.asarray(v).dtype.str, 'shape': list(np.shape(v)),
-                 'data': np.ascontiguousarray(v).tobytes()} for name, v in arrays.items()}
+  return {
+    name: {
+      'dtype': np.asarray(v).dtype.str,
+      'shape': list(np.shape(v)),
+      'data': np.ascontiguousarray(v).tobytes(),
+    }
+    for name, v in arrays.items()
+  }
 
 
 def _arrays(fields: Mapping[str, dict]) -> dict[str, np.ndarray]:
-  return {name: np.frombuffer(v['data'], np.dtype(v['dtype'])).reshape(v['shape'])
-          for name, v in fields.items()}
+  return {
+    name: np.frombuffer(v['data'], np.dtype(v['dtype'])).reshape(v['shape'])
+    for name, v in fields.items()
+  }
 
 
 def pack_extras(extras: Mapping[str, np.ndarray]) -> bytes:
@@ -109,6 +128,7 @@ def _write_shard(path: str, records: Iterable[bytes]) -> int:
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
   """Shard `index` of a conversion: the items it holds and the fingerprint of its inputs."""
+
   path: str
   items: Sequence[Any]
   fingerprint: str
@@ -131,17 +151,29 @@ def _run_shard(job: ShardJob, make_record: Callable[[Any], Mapping[str, Any]]) -
   if entry is not None:
     return entry
   count = _write_shard(job.path, (serialize(make_record(item)) for item in job.items))
-  entry = {'file': os.path.basename(job.path), 'num_records': count,
-           'sha256': file_sha256(job.path), 'fingerprint': job.fingerprint}
+  entry = {
+    'file': os.path.basename(job.path),
+    'num_records': count,
+    'sha256': file_sha256(job.path),
+    'fingerprint': job.fingerprint,
+  }
   _write_json(job.path + '.json', entry)
   return entry
 
 
-def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str, Any]],
-                  directory: str, split: str, *, num_shards: int | None = None,
-                  records_per_shard: int = 10_000, num_workers: int = 1,
-                  describe: Callable[[Any], str] = repr, progress: bool = False,
-                  info: Mapping[str, Any] | None = None) -> dict:
+def write_dataset(
+  items: Sequence[Any],
+  make_record: Callable[[Any], Mapping[str, Any]],
+  directory: str,
+  split: str,
+  *,
+  num_shards: int | None = None,
+  records_per_shard: int = 10_000,
+  num_workers: int = 1,
+  describe: Callable[[Any], str] = repr,
+  progress: bool = False,
+  info: Mapping[str, Any] | None = None,
+) -> dict:
   """Converts `items` (cheap descriptions, e.g. file paths) into ArrayRecord shards + manifest.
 
   Shard k holds a contiguous slice of `items`; shards are written by `num_workers` processes.
@@ -159,10 +191,11 @@ def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str
   bounds = np.linspace(0, len(items), num_shards + 1).astype(int)
   jobs = []
   for k in range(num_shards):
-    shard_items = items[bounds[k]:bounds[k + 1]]
+    shard_items = items[bounds[k] : bounds[k + 1]]
     fingerprint = hashlib.sha256('\n'.join(map(describe, shard_items)).encode()).hexdigest()
-    jobs.append(ShardJob(os.path.join(directory, shard_name(split, k, num_shards)), shard_items,
-                         fingerprint))
+    jobs.append(
+      ShardJob(os.path.join(directory, shard_name(split, k, num_shards)), shard_items, fingerprint)
+    )
   bar = _progress_bar(len(jobs), f'{split} shards', progress)
   if num_workers > 1:
     # Spawned (forking a process that runs JAX threads can deadlock): the caller's entry point
@@ -180,10 +213,13 @@ def write_dataset(items: Sequence[Any], make_record: Callable[[Any], Mapping[str
       entries.append(_run_shard(job, make_record))
       bar.update()
   bar.close()
-  manifest = {'format': FORMAT, 'split': split,
-              'num_records': sum(e['num_records'] for e in entries),
-              'shards': [{k: e[k] for k in ('file', 'num_records', 'sha256')} for e in entries],
-              'info': dict(info or {})}
+  manifest = {
+    'format': FORMAT,
+    'split': split,
+    'num_records': sum(e['num_records'] for e in entries),
+    'shards': [{k: e[k] for k in ('file', 'num_records', 'sha256')} for e in entries],
+    'info': dict(info or {}),
+  }
   _write_json(manifest_path(directory, split), manifest)
   _remove_stale_shards(directory, split, {e['file'] for e in entries})
   return manifest
@@ -208,14 +244,17 @@ def _write_json(path: str, content: Any) -> None:
 
 def _progress_bar(total: int, desc: str, enabled: bool):
   import tqdm  # Only the CLIs show progress.
+
   return tqdm.tqdm(total=total, desc=desc, unit='shard', disable=not enabled)
 
 
 def read_manifest(directory: str, split: str) -> dict:
   path = manifest_path(directory, split)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no manifest {path}: convert the data with data_pipelines/ first (or '
-                            'check data.path and data.train_split / data.eval_split)')
+    raise FileNotFoundError(
+      f'no manifest {path}: convert the data with data_pipelines/ first (or '
+      'check data.path and data.train_split / data.eval_split)'
+    )
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get('format') != FORMAT:
@@ -239,11 +278,15 @@ class RecordSource:
     for shard in manifest['shards']:
       path = os.path.join(directory, shard['file'])
       if not os.path.exists(path):
-        raise FileNotFoundError(f'shard {path} listed in {manifest_path(directory, split)} is '
-                                'missing; re-run the converter or restore the file')
+        raise FileNotFoundError(
+          f'shard {path} listed in {manifest_path(directory, split)} is '
+          'missing; re-run the converter or restore the file'
+        )
       if verify_checksums and file_sha256(path) != shard['sha256']:
-        raise ValueError(f'shard {path} does not match its SHA-256 in the manifest: the file is '
-                         'corrupt or was rewritten; re-run the converter')
+        raise ValueError(
+          f'shard {path} does not match its SHA-256 in the manifest: the file is '
+          'corrupt or was rewritten; re-run the converter'
+        )
       paths.append(path)
     try:
       self._source = grain.sources.ArrayRecordDataSource(paths)
@@ -251,8 +294,10 @@ class RecordSource:
       raise ValueError(f'cannot read the shards of {directory}/{split}: {e}') from e
     counts = [s['num_records'] for s in manifest['shards']]
     if len(self._source) != sum(counts):
-      raise ValueError(f'{directory}/{split}: the shards hold {len(self._source)} records but the '
-                       f'manifest lists {sum(counts)}; re-run the converter')
+      raise ValueError(
+        f'{directory}/{split}: the shards hold {len(self._source)} records but the '
+        f'manifest lists {sum(counts)}; re-run the converter'
+      )
     self._files = [s['file'] for s in manifest['shards']]
     self._starts = np.cumsum([0] + counts[:-1]).tolist()
 

@@ -1,13 +1,15 @@
 """The embedded demo dataset: coloured shapes on a plain background, with captions and questions.
 
 Every example is a pure function of (seed, index), so any index can be regenerated on any host. The
-text is a function of the image (colours, shapes, count, top-to-bottom order), so a model that ignores
-the image cannot answer well. Images are grids of `cell`-pixel cells of varied size and aspect ratio;
-each shape sits inside one cell, at most one per cell row, so shapes are listed top to bottom, the order
-in which the visual token sequence meets them. With cells equal to the visual token size (32 px for the
-reference 16 px patches merged 2x2) a token sees a whole shape, which a tiny model learns in minutes on a
-CPU. Records use the LLaVA layout with encoded PNG bytes, like converted data.
+text is a function of the image (colours, shapes, count, top-to-bottom order), so a model that
+ignores the image cannot answer well. Images are grids of `cell`-pixel cells of varied size and
+aspect ratio; each shape sits inside one cell, at most one per cell row, so shapes are listed top to
+bottom, the order in which the visual token sequence meets them. With cells equal to the visual
+token size (32 px for the reference 16 px patches merged 2x2) a token sees a whole shape, which a
+tiny model learns in minutes on a CPU. Records use the LLaVA layout with encoded PNG bytes, like
+converted data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +19,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {
-    'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 90, 235),
-    'yellow': (235, 215, 40), 'purple': (150, 60, 200), 'white': (240, 240, 240),
+  'red': (220, 40, 40),
+  'green': (40, 180, 60),
+  'blue': (50, 90, 235),
+  'yellow': (235, 215, 40),
+  'purple': (150, 60, 200),
+  'white': (240, 240, 240),
 }
 SHAPES = ('circle', 'square', 'triangle')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -47,8 +53,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _place_shapes(rng: np.random.Generator, rows: int, cols: int, cell: int,
-                  count: int) -> list[Shape]:
+def _place_shapes(
+  rng: np.random.Generator, rows: int, cols: int, cell: int, count: int
+) -> list[Shape]:
   """Shapes with distinct kinds and colours, one per grid cell and at most one per cell row, sorted
   top to bottom. Each sits inside its cell at a random size and offset."""
   kinds = rng.choice(len(SHAPES), count, replace=False)
@@ -87,17 +94,27 @@ def _question(rng: np.random.Generator, shapes: list[Shape], kind: str) -> tuple
 class ShapesDataset:
   """A random-access source of `num_examples` demo records (LLaVA layout, PNG bytes)."""
 
-  def __init__(self, num_examples: int, seed: int, *, cell: int = 32, min_cells: int = 2,
-               max_cells: int = 5, max_shapes: int = 3, turns: int = 1,
-               question_kinds: tuple[str, ...] = QUESTION_KINDS):
+  def __init__(
+    self,
+    num_examples: int,
+    seed: int,
+    *,
+    cell: int = 32,
+    min_cells: int = 2,
+    max_cells: int = 5,
+    max_shapes: int = 3,
+    turns: int = 1,
+    question_kinds: tuple[str, ...] = QUESTION_KINDS,
+  ):
     unknown = set(question_kinds) - set(QUESTION_KINDS)
     if unknown:
       raise ValueError(f'Unknown question kinds {sorted(unknown)}; available: {QUESTION_KINDS}')
     if not 1 <= max_shapes <= len(SHAPES):
       raise ValueError(f'max_shapes must be in [1, {len(SHAPES)}], got {max_shapes}')
     if not 1 <= turns <= len(question_kinds):
-      raise ValueError(f'turns must be in [1, {len(question_kinds)}] (one question kind per turn), '
-                       f'got {turns}')
+      raise ValueError(
+        f'turns must be in [1, {len(question_kinds)}] (one question kind per turn), got {turns}'
+      )
     if min_cells < 1 or max_cells < min_cells:
       raise ValueError(f'Need 1 <= min_cells <= max_cells, got {min_cells}, {max_cells}')
     self.num_examples, self.seed = num_examples, seed
@@ -128,12 +145,17 @@ class ShapesDataset:
     conversation = []
     for turn, kind in enumerate(kinds):
       question, answer = _question(rng, shapes, self.question_kinds[kind])
-      conversation += [{'from': 'human', 'value': ('<image>\n' if turn == 0 else '') + question},
-                       {'from': 'gpt', 'value': answer}]
+      conversation += [
+        {'from': 'human', 'value': ('<image>\n' if turn == 0 else '') + question},
+        {'from': 'gpt', 'value': answer},
+      ]
     buffer = io.BytesIO()
     image.save(buffer, format='PNG')
-    return {'id': f'shapes-{self.seed}-{index}', 'image': buffer.getvalue(),
-            'conversations': conversation}
+    return {
+      'id': f'shapes-{self.seed}-{index}',
+      'image': buffer.getvalue(),
+      'conversations': conversation,
+    }
 
   def corpus(self) -> list[str]:
     """Every question and answer the dataset can produce, as they appear in a prompt (answers follow
@@ -143,7 +165,11 @@ class ShapesDataset:
     for color in COLORS:
       for kind in SHAPES:
         questions += [f'what color is the {kind}?', f'what shape is {color}?']
-        answers += [f'{color}.', f'{kind}.',
-                    f'a {color} {kind}, a {color} {kind} and a {color} {kind}.']
-    return [f'USER: <image>\n{q} ASSISTANT: {a}<|im_end|>USER: {q}' for q in questions
-            for a in answers]
+        answers += [
+          f'{color}.',
+          f'{kind}.',
+          f'a {color} {kind}, a {color} {kind} and a {color} {kind}.',
+        ]
+    return [
+      f'USER: <image>\n{q} ASSISTANT: {a}<|im_end|>USER: {q}' for q in questions for a in answers
+    ]

@@ -1,23 +1,27 @@
 """Conversation templates and label masking (loss on caption / assistant tokens only).
 
-A conversation is tokenised segment by segment, each segment carrying its own "supervised" flag, which
-gives the reference's masks without its re-tokenise-and-count bookkeeping.
+A conversation is tokenised segment by segment, each segment carrying its own "supervised" flag,
+which gives the reference's masks without its re-tokenise-and-count bookkeeping.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from evejax.batch import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from evejax.data.tokenizer import Tokenizer
 
-VICUNA_SYSTEM = ('A chat between a curious user and an artificial intelligence assistant. '
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+  'A chat between a curious user and an artificial intelligence assistant. '
+  "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Template:
-  """`{system}{sep}USER: {q1} ASSISTANT: {a1}{sep2}USER: ...`; plain templates keep only captions."""
+  """`{system}{sep}USER: {q1} ASSISTANT: {a1}{sep2}USER: ...`; plain templates: captions only."""
+
   name: str
   system: str = ''
   roles: tuple[str, str] = ('USER', 'ASSISTANT')
@@ -27,10 +31,10 @@ class Template:
 
 
 TEMPLATES = {
-    'plain': Template('plain', sep='\n', plain=True),
-    'qwen2': Template('qwen2', system=VICUNA_SYSTEM, sep2='<|im_end|>'),
-    'vicuna_v1': Template('vicuna_v1', system=VICUNA_SYSTEM, sep2='</s>'),
-    'chat': Template('chat', sep2='<|im_end|>'),  # qwen2 without the system prompt (demo).
+  'plain': Template('plain', sep='\n', plain=True),
+  'qwen2': Template('qwen2', system=VICUNA_SYSTEM, sep2='<|im_end|>'),
+  'vicuna_v1': Template('vicuna_v1', system=VICUNA_SYSTEM, sep2='</s>'),
+  'chat': Template('chat', sep2='<|im_end|>'),  # qwen2 without the system prompt (demo).
 }
 
 
@@ -49,8 +53,9 @@ def _turn_pairs(conversation: Sequence[dict]) -> list[tuple[str, str]]:
   pairs = []
   for human, gpt in zip(turns[::2], turns[1::2]):
     if human.get('from') != 'human' or gpt.get('from') != 'gpt':
-      raise ValueError(f"Turns must alternate 'human' and 'gpt', got {human.get('from')!r}, "
-                       f"{gpt.get('from')!r}")
+      raise ValueError(
+        f"Turns must alternate 'human' and 'gpt', got {human.get('from')!r}, {gpt.get('from')!r}"
+      )
     pairs.append((human['value'], gpt['value']))
   return pairs
 
@@ -75,8 +80,9 @@ def _encode_with_images(text: str, tokenizer: Tokenizer) -> list[int]:
   return ids
 
 
-def tokenize_conversation(conversation: Sequence[dict], tokenizer: Tokenizer,
-                          template: Template) -> tuple[list[int], list[bool]]:
+def tokenize_conversation(
+  conversation: Sequence[dict], tokenizer: Tokenizer, template: Template
+) -> tuple[list[int], list[bool]]:
   """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised."""
   pairs = _turn_pairs(conversation)
   segments: list[tuple[str, bool]] = []
@@ -90,7 +96,9 @@ def tokenize_conversation(conversation: Sequence[dict], tokenizer: Tokenizer,
     user, assistant = template.roles
     prefix = template.system + template.sep if template.system else ''
     for question, answer in pairs:
-      segments.append((f'{prefix}{user}: {_image_first(question)}{template.sep}{assistant}:', False))
+      segments.append(
+        (f'{prefix}{user}: {_image_first(question)}{template.sep}{assistant}:', False)
+      )
       segments.append((f' {answer}{template.sep2}', True))
       prefix = ''
   ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]

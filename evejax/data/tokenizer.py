@@ -1,9 +1,10 @@
-"""Tokenizers: any HF `tokenizer.json` from a local path, and the demo tokenizer trained on its corpus."""
+"""Tokenizers: any HF `tokenizer.json` from a local path, and the demo tokenizer (own corpus)."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -20,10 +21,16 @@ def _token_content(value) -> str | None:
 
 
 class Tokenizer:
-  """A `tokenizers.Tokenizer` with the special tokens EVE needs (eos/turn end, pad, optional bos)."""
+  """A `tokenizers.Tokenizer` with the special tokens EVE needs (eos/turn end, pad, maybe bos)."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_token: str, pad_token: str,
-               bos_token: str | None = None):
+  def __init__(
+    self,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    eos_token: str,
+    pad_token: str,
+    bos_token: str | None = None,
+  ):
     self.backend = tokenizer
     self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
     self.eos_id = self._id(eos_token)
@@ -33,18 +40,24 @@ class Tokenizer:
   def _id(self, token: str) -> int:
     token_id = self.backend.token_to_id(token)
     if token_id is None:
-      raise ValueError(f'Special token {token!r} is not in the tokenizer vocabulary; set it in '
-                       'tokenizer_config.json next to tokenizer.json')
+      raise ValueError(
+        f'Special token {token!r} is not in the tokenizer vocabulary; set it in '
+        'tokenizer_config.json next to tokenizer.json'
+      )
     return token_id
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
     """Loads `tokenizer.json` (a file, or a folder holding it and maybe `tokenizer_config.json`)."""
-    folder, file = (path, os.path.join(path, 'tokenizer.json')) if os.path.isdir(path) else (
-        os.path.dirname(path), path)
+    folder, file = (
+      (path, os.path.join(path, 'tokenizer.json'))
+      if os.path.isdir(path)
+      else (os.path.dirname(path), path)
+    )
     if not os.path.exists(file):
-      raise FileNotFoundError(f'No tokenizer.json at {file}; pass a tokenizer.json file or the '
-                              'folder of a HF tokenizer')
+      raise FileNotFoundError(
+        f'No tokenizer.json at {file}; pass a tokenizer.json file or the folder of a HF tokenizer'
+      )
     special = {'eos_token': EOS_TOKEN, 'pad_token': PAD_TOKEN, 'bos_token': None}
     config_file = os.path.join(folder, 'tokenizer_config.json')
     if os.path.exists(config_file):
@@ -62,8 +75,12 @@ class Tokenizer:
   def save(self, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     self.backend.save(os.path.join(folder, 'tokenizer.json'))
-    config = {'eos_token': self.eos_token, 'pad_token': self.pad_token,
-              'bos_token': self.bos_token, 'add_bos_token': self.bos_token is not None}
+    config = {
+      'eos_token': self.eos_token,
+      'pad_token': self.pad_token,
+      'bos_token': self.bos_token,
+      'add_bos_token': self.bos_token is not None,
+    }
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
       json.dump(config, f, indent=2)
 
@@ -72,7 +89,7 @@ class Tokenizer:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; special tokens written in the text (e.g. `<|im_end|>`) map to their ids."""
+    """Token ids of `text`; special tokens in the text (e.g. `<|im_end|>`) map to their ids."""
     return self.backend.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -84,8 +101,11 @@ def train_bpe(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=[PAD_TOKEN, EOS_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tok.train_from_iterator(corpus, trainer=trainer)
   return Tokenizer(tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)

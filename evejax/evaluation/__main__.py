@@ -6,6 +6,7 @@
 Writes `predictions.jsonl` (one line per item, with the error of any item that failed) and
 `metrics.json` to --output; `--submission=vqav2` also the EvalAI result file of an unlabelled split.
 """
+
 from absl import app, flags, logging
 
 from evejax.evaluation import harness
@@ -16,22 +17,34 @@ _BENCHMARK = flags.DEFINE_string('benchmark', None, 'Benchmark JSONL file (see r
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for predictions.jsonl and metrics.json.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Questions generated together.')
 _LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate only the first N items.')
-_SUBMISSION = flags.DEFINE_enum('submission', None, list(harness.submission_lib.FORMATS),
-                                'Also write a server submission file (e.g. VQAv2 test-dev).')
+_SUBMISSION = flags.DEFINE_enum(
+  'submission',
+  None,
+  list(harness.submission_lib.FORMATS),
+  'Also write a server submission file (e.g. VQAv2 test-dev).',
+)
 _SUBMISSION_QUESTIONS = flags.DEFINE_string(
-    'submission_questions', None, 'vqav2: the test-std questions JSON; questions without a '
-    'prediction get an empty answer, as EvalAI requires for test-dev.')
+  'submission_questions',
+  None,
+  'vqav2: the test-std questions JSON; questions without a '
+  'prediction get an empty answer, as EvalAI requires for test-dev.',
+)
 flags.mark_flags_as_required(['checkpoint', 'benchmark', 'output'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  records = read_jsonl(_BENCHMARK.value)[:_LIMIT.value]
-  results = harness.run(cli_flags.load_assistant(), records, cli_flags.sampling_config(),
-                        _OUTPUT.value, batch_size=_BATCH_SIZE.value,
-                        submission=_SUBMISSION.value,
-                        submission_questions=_SUBMISSION_QUESTIONS.value)
+  records = read_jsonl(_BENCHMARK.value)[: _LIMIT.value]
+  results = harness.run(
+    cli_flags.load_assistant(),
+    records,
+    cli_flags.sampling_config(),
+    _OUTPUT.value,
+    batch_size=_BATCH_SIZE.value,
+    submission=_SUBMISSION.value,
+    submission_questions=_SUBMISSION_QUESTIONS.value,
+  )
   print(harness.format_table(results), flush=True)
 
 

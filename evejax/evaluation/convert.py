@@ -8,6 +8,7 @@
 --images is the image folder (for mmbench and shapes: where the images are written; default: an
 `images/` folder beside --out). The shapes format writes the held-out split of the config's data.
 """
+
 import os
 
 from absl import app, flags
@@ -25,12 +26,15 @@ _ANNOTATIONS = flags.DEFINE_string('annotations', None, 'vqav2: the annotations 
 _IMAGES = flags.DEFINE_string('images', None, 'Image folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'scienceqa_img: the split to keep.')
 DEFAULT_CONFIG = 'configs/demo.py'
-_CONFIG = cli.define_config_flag(f'shapes: the training config, as path[:arg] (default: '
-                                 f'{DEFAULT_CONFIG}).', required=False)
-_LIMIT = flags.DEFINE_integer('limit', None,
-                              'shapes: at most this many images (one question per turn).')
+_CONFIG = cli.define_config_flag(
+  f'shapes: the training config, as path[:arg] (default: {DEFAULT_CONFIG}).', required=False
+)
+_LIMIT = flags.DEFINE_integer(
+  'limit', None, 'shapes: at most this many images (one question per turn).'
+)
 _HISTORY = flags.DEFINE_bool(
-    'history', False, 'shapes: ask each turn after the earlier turns and their reference answers.')
+  'history', False, 'shapes: ask each turn after the earlier turns and their reference answers.'
+)
 _OUT = flags.DEFINE_string('out', None, 'Output JSONL file.')
 flags.mark_flags_as_required(['format', 'out'])
 

@@ -4,6 +4,7 @@ Prompts carry the LLaVA-1.5 evaluation instructions the EVE papers used (EVE_REF
 short answers "Answer the question using a single word or phrase.", multiple choice "Answer with the
 option's letter from the given choices directly.". Image paths are written absolute.
 """
+
 from __future__ import annotations
 
 import base64
@@ -11,7 +12,7 @@ import csv
 import io
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from PIL import Image
 
@@ -46,29 +47,42 @@ def vqav2(questions: str, image_dir: str, annotations: str | None = None) -> Ite
     answers = {a['question_id']: a for a in _load_json(annotations)['annotations']}
   for q in data['questions']:
     ann = answers.get(q['question_id'], {})
-    yield {'id': str(q['question_id']), 'question': q['question'], 'metric': 'vqa',
-           'image': _image(image_dir, f'COCO_{subtype}_{q["image_id"]:012d}.jpg'),
-           'answers': [a['answer'] for a in ann.get('answers', [])],
-           'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
-           **({'category': ann['answer_type']} if 'answer_type' in ann else {})}
+    yield {
+      'id': str(q['question_id']),
+      'question': q['question'],
+      'metric': 'vqa',
+      'image': _image(image_dir, f'COCO_{subtype}_{q["image_id"]:012d}.jpg'),
+      'answers': [a['answer'] for a in ann.get('answers', [])],
+      'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
+      **({'category': ann['answer_type']} if 'answer_type' in ann else {}),
+    }
 
 
 def gqa(questions: str, image_dir: str) -> Iterator[dict]:
   """`{split}_balanced_questions.json` ({question_id: {imageId, question, answer, types}})."""
   for qid, q in _load_json(questions).items():
-    yield {'id': str(qid), 'question': q['question'], 'metric': 'exact',
-           'image': _image(image_dir, f'{q["imageId"]}.jpg'),
-           'answers': [q['answer']] if 'answer' in q else [],
-           'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
-           **({'category': q['types']['structural']} if 'types' in q else {})}
+    yield {
+      'id': str(qid),
+      'question': q['question'],
+      'metric': 'exact',
+      'image': _image(image_dir, f'{q["imageId"]}.jpg'),
+      'answers': [q['answer']] if 'answer' in q else [],
+      'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
+      **({'category': q['types']['structural']} if 'types' in q else {}),
+    }
 
 
 def textvqa(questions: str, image_dir: str) -> Iterator[dict]:
   """`TextVQA_0.5.1_{split}.json` ({"data": [{question_id, image_id, question, answers}]})."""
   for q in _load_json(questions)['data']:
-    yield {'id': str(q['question_id']), 'question': q['question'], 'metric': 'vqa',
-           'image': _image(image_dir, f'{q["image_id"]}.jpg'), 'answers': q.get('answers', []),
-           'prompt': f'{q["question"]}\n{SHORT_ANSWER}'}
+    yield {
+      'id': str(q['question_id']),
+      'question': q['question'],
+      'metric': 'vqa',
+      'image': _image(image_dir, f'{q["image_id"]}.jpg'),
+      'answers': q.get('answers', []),
+      'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
+    }
 
 
 def scienceqa_img(problems: str, image_dir: str, split: str = 'test') -> Iterator[dict]:
@@ -77,11 +91,16 @@ def scienceqa_img(problems: str, image_dir: str, split: str = 'test') -> Iterato
   for pid, p in _load_json(problems).items():
     if p.get('split') != split or not p.get('image'):
       continue
-    yield {'id': str(pid), 'question': p['question'], 'metric': 'choice',
-           'image': _image(image_dir, os.path.join(split, str(pid), p['image'])),
-           'choices': list(p['choices']), 'answers': [OPTION_LETTERS[p['answer']]],
-           'prompt': _choice_prompt(p['question'], p['choices'], p.get('hint')),
-           'category': p.get('subject', '')}
+    yield {
+      'id': str(pid),
+      'question': p['question'],
+      'metric': 'choice',
+      'image': _image(image_dir, os.path.join(split, str(pid), p['image'])),
+      'choices': list(p['choices']),
+      'answers': [OPTION_LETTERS[p['answer']]],
+      'prompt': _choice_prompt(p['question'], p['choices'], p.get('hint')),
+      'category': p.get('subject', ''),
+    }
 
 
 def pope(questions: str, image_dir: str) -> Iterator[dict]:
@@ -91,9 +110,15 @@ def pope(questions: str, image_dir: str) -> Iterator[dict]:
   with open(questions) as f:
     for line in filter(str.strip, f):
       q = json.loads(line)
-      yield {'id': f'{category}-{q["question_id"]}', 'question': q['text'], 'metric': 'pope',
-             'image': _image(image_dir, q['image']), 'answers': [q['label']],
-             'prompt': f'{q["text"]}\n{SHORT_ANSWER}', 'category': category}
+      yield {
+        'id': f'{category}-{q["question_id"]}',
+        'question': q['text'],
+        'metric': 'pope',
+        'image': _image(image_dir, q['image']),
+        'answers': [q['label']],
+        'prompt': f'{q["text"]}\n{SHORT_ANSWER}',
+        'category': category,
+      }
 
 
 def mme(root: str) -> Iterator[dict]:
@@ -108,20 +133,30 @@ def mme(root: str) -> Iterator[dict]:
     image_dir = os.path.join(folder, 'images')
     if not os.path.isdir(qa_dir):
       qa_dir = image_dir = folder
-    images = {os.path.splitext(n)[0]: n for n in os.listdir(image_dir)
-              if n.lower().endswith(('.jpg', '.jpeg', '.png'))}
+    images = {
+      os.path.splitext(n)[0]: n
+      for n in os.listdir(image_dir)
+      if n.lower().endswith(('.jpg', '.jpeg', '.png'))
+    }
     for name in sorted(n for n in os.listdir(qa_dir) if n.endswith('.txt')):
       stem = name[:-4]
       if stem not in images:
-        raise FileNotFoundError(f'MME {os.path.join(qa_dir, name)}: no image {stem}.jpg/.png in '
-                                f'{image_dir}')
+        raise FileNotFoundError(
+          f'MME {os.path.join(qa_dir, name)}: no image {stem}.jpg/.png in {image_dir}'
+        )
       with open(os.path.join(qa_dir, name)) as f:
         lines = [line.rstrip('\n').split('\t') for line in f if line.strip()]
       for i, (question, answer) in enumerate(lines):
-        yield {'id': f'{task}/{stem}/{i}', 'question': question, 'metric': 'mme',
-               'image': _image(image_dir, images[stem]), 'answers': [answer.strip()],
-               'prompt': f'{question}\n{SHORT_ANSWER}', 'category': task,
-               'group': f'{task}/{stem}'}
+        yield {
+          'id': f'{task}/{stem}/{i}',
+          'question': question,
+          'metric': 'mme',
+          'image': _image(image_dir, images[stem]),
+          'answers': [answer.strip()],
+          'prompt': f'{question}\n{SHORT_ANSWER}',
+          'category': task,
+          'group': f'{task}/{stem}',
+        }
 
 
 def _present(value: str | None) -> bool:
@@ -147,26 +182,38 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
       for shift in range(len(choices) if circular else 1):
         rotated = choices[shift:] + choices[:shift]
         # The correct option moves with the rotation: letter index - shift.
-        letter = (OPTION_LETTERS[(OPTION_LETTERS.index(answer) - shift) % len(choices)]
-                  if answer else None)
-        yield {'id': str(row['index']) + (f'-r{shift}' if shift else ''),
-               'question': row['question'], 'metric': 'choice', 'image': os.path.abspath(path),
-               'choices': rotated, 'answers': [letter] if letter else [],
-               'prompt': _choice_prompt(row['question'], rotated, hint),
-               'category': row.get('category', ''),
-               **({'group': str(row['index'])} if circular else {})}
+        letter = (
+          OPTION_LETTERS[(OPTION_LETTERS.index(answer) - shift) % len(choices)] if answer else None
+        )
+        yield {
+          'id': str(row['index']) + (f'-r{shift}' if shift else ''),
+          'question': row['question'],
+          'metric': 'choice',
+          'image': os.path.abspath(path),
+          'choices': rotated,
+          'answers': [letter] if letter else [],
+          'prompt': _choice_prompt(row['question'], rotated, hint),
+          'category': row.get('category', ''),
+          **({'group': str(row['index'])} if circular else {}),
+        }
 
 
 def _shapes_category(question: str) -> str:
-  for prefix, kind in (('describe', 'caption'), ('what color', 'color'), ('what shape', 'shape'),
-                       ('how many', 'count'), ('what is at the top', 'top')):
+  for prefix, kind in (
+    ('describe', 'caption'),
+    ('what color', 'color'),
+    ('what shape', 'shape'),
+    ('how many', 'count'),
+    ('what is at the top', 'top'),
+  ):
     if question.startswith(prefix):
       return kind
   raise ValueError(f'not a shapes question: {question!r}')
 
 
-def shapes(source, image_out_dir: str, limit: int | None = None, *,
-           history: bool = False) -> Iterator[dict]:
+def shapes(
+  source, image_out_dir: str, limit: int | None = None, *, history: bool = False
+) -> Iterator[dict]:
   """The demo's held-out shapes questions (a ShapesDataset), images written as PNG files. Every
   turn of a multi-turn record becomes its own question about the image (each is answerable from
   the image alone); with `history`, asked after the record's earlier turns and their reference
@@ -178,13 +225,20 @@ def shapes(source, image_out_dir: str, limit: int | None = None, *,
     with open(path, 'wb') as f:
       f.write(record['image'])
     turns = record['conversations']
-    pairs = [(human['value'].replace('<image>', '').strip(), gpt['value'])
-             for human, gpt in zip(turns[::2], turns[1::2])]
+    pairs = [
+      (human['value'].replace('<image>', '').strip(), gpt['value'])
+      for human, gpt in zip(turns[::2], turns[1::2])
+    ]
     for turn, (question, answer) in enumerate(pairs):
-      yield {'id': f'{record["id"]}-{turn}', 'question': question, 'metric': 'exact',
-             'image': os.path.abspath(path), 'answers': [answer],
-             'category': _shapes_category(question),
-             **({'history': [list(p) for p in pairs[:turn]]} if history else {})}
+      yield {
+        'id': f'{record["id"]}-{turn}',
+        'question': question,
+        'metric': 'exact',
+        'image': os.path.abspath(path),
+        'answers': [answer],
+        'category': _shapes_category(question),
+        **({'history': [list(p) for p in pairs[:turn]]} if history else {}),
+      }
 
 
 FORMATS = ('vqav2', 'gqa', 'textvqa', 'scienceqa_img', 'pope', 'mme', 'mmbench', 'shapes')

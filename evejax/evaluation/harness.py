@@ -5,12 +5,13 @@ A bad item (missing or unreadable image, a prompt longer than the context) is re
 error and scored as a wrong answer; the run continues. Prompts are generated in batches of similar
 length, so padding stays small.
 """
+
 from __future__ import annotations
 
 import collections
 import json
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from absl import logging
 
@@ -31,22 +32,35 @@ def _load_image(record: dict) -> bytes | None:
     return f.read()
 
 
-def predict(assistant: Assistant, records: Sequence[dict], sampling: SamplingConfig, *,
-            batch_size: int = 8, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+def predict(
+  assistant: Assistant,
+  records: Sequence[dict],
+  sampling: SamplingConfig,
+  *,
+  batch_size: int = 8,
+  on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
   """One {'id', 'prediction'[, 'error']} per record, in the records' order."""
   results: list[dict] = [{'id': r['id'], 'prediction': ''} for r in records]
   encoded = []
   for index, record in enumerate(records):
     try:
-      encoded.append((index, assistant.encode(
-          record.get('prompt') or record['question'], _load_image(record),
-          history=record.get('history', ()))))
+      encoded.append(
+        (
+          index,
+          assistant.encode(
+            record.get('prompt') or record['question'],
+            _load_image(record),
+            history=record.get('history', ()),
+          ),
+        )
+      )
     except (OSError, ValueError) as e:
       results[index]['error'] = f'{type(e).__name__}: {e}'
       logging.warning('item %s: %s', record['id'], results[index]['error'])
   encoded.sort(key=lambda item: len(item[1]['tokens']))
   for start in range(0, len(encoded), batch_size):
-    chunk = encoded[start:start + batch_size]
+    chunk = encoded[start : start + batch_size]
     try:
       answers = assistant.answer([prompt for _, prompt in chunk], sampling)
     except (ValueError, RuntimeError) as e:  # e.g. one batch too large for the device
@@ -68,13 +82,15 @@ def _score_group(metric: str, items: list[tuple[dict, dict]]) -> dict[str, float
   if metric == 'exact':
     return metric_lib.exact_match(preds, answers)
   if metric == 'choice':
-    return metric_lib.multiple_choice(preds, answers, [r['choices'] for r, _ in items],
-                                      [r.get('group') for r, _ in items])
+    return metric_lib.multiple_choice(
+      preds, answers, [r['choices'] for r, _ in items], [r.get('group') for r, _ in items]
+    )
   if metric == 'pope':
     return metric_lib.pope(preds, answers)
   if metric == 'mme':
-    return metric_lib.mme(preds, answers, [r['category'] for r, _ in items],
-                          [r['group'] for r, _ in items])
+    return metric_lib.mme(
+      preds, answers, [r['category'] for r, _ in items], [r['group'] for r, _ in items]
+    )
   if metric == 'cider':
     return metric_lib.cider(preds, answers)
   raise ValueError(f'Unknown metric {metric!r}; available: {METRICS}')
@@ -87,9 +103,11 @@ def score(records: Sequence[dict], predictions: Sequence[dict]) -> dict[str, flo
   for record, prediction in zip(records, predictions):
     if record['answers']:
       by_metric[record['metric']].append((record, prediction))
-  out = {'items': float(len(records)),
-         'failed': float(sum('error' in p for p in predictions)),
-         'unlabelled': float(sum(not r['answers'] for r in records))}
+  out = {
+    'items': float(len(records)),
+    'failed': float(sum('error' in p for p in predictions)),
+    'unlabelled': float(sum(not r['answers'] for r in records)),
+  }
   for metric, items in sorted(by_metric.items()):
     out.update({f'{metric}/{k}': v for k, v in _score_group(metric, items).items()})
     categories = collections.defaultdict(list)
@@ -104,27 +122,51 @@ def score(records: Sequence[dict], predictions: Sequence[dict]) -> dict[str, flo
 
 def format_table(results: dict[str, float]) -> str:
   lines = ['| metric | value |', '| --- | --- |']
-  lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) and not v.is_integer() else
-            f'| {k} | {v:g} |' for k, v in results.items()]
+  lines += [
+    f'| {k} | {v:.4f} |' if isinstance(v, float) and not v.is_integer() else f'| {k} | {v:g} |'
+    for k, v in results.items()
+  ]
   return '\n'.join(lines)
 
 
-def run(assistant: Assistant, records: Sequence[dict], sampling: SamplingConfig, output_dir: str,
-        *, batch_size: int = 8, submission: str | None = None,
-        submission_questions: str | None = None) -> dict[str, float]:
+def run(
+  assistant: Assistant,
+  records: Sequence[dict],
+  sampling: SamplingConfig,
+  output_dir: str,
+  *,
+  batch_size: int = 8,
+  submission: str | None = None,
+  submission_questions: str | None = None,
+) -> dict[str, float]:
   """Predicts, scores, and writes predictions.jsonl and metrics.json to `output_dir`; with
   `submission` (a submission.FORMATS name) also `{submission}_submission.json`."""
-  predictions = predict(assistant, records, sampling, batch_size=batch_size,
-                        on_batch=lambda n: logging.info('%d/%d items answered', n, len(records)))
+  predictions = predict(
+    assistant,
+    records,
+    sampling,
+    batch_size=batch_size,
+    on_batch=lambda n: logging.info('%d/%d items answered', n, len(records)),
+  )
   results = score(records, predictions)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, 'predictions.jsonl'), 'w') as f:
     for record, prediction in zip(records, predictions):
-      f.write(json.dumps({**prediction, 'answers': record['answers'], 'metric': record['metric']},
-                         ensure_ascii=False) + '\n')
+      f.write(
+        json.dumps(
+          {**prediction, 'answers': record['answers'], 'metric': record['metric']},
+          ensure_ascii=False,
+        )
+        + '\n'
+      )
   with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(results, f, indent=1)
   if submission:
-    submission_lib.write(submission, os.path.join(output_dir, f'{submission}_submission.json'),
-                         records, predictions, submission_questions)
+    submission_lib.write(
+      submission,
+      os.path.join(output_dir, f'{submission}_submission.json'),
+      records,
+      predictions,
+      submission_questions,
+    )
   return results

@@ -14,16 +14,19 @@
 Every function takes parallel lists and returns a dict of aggregate numbers (fractions, not percent,
 except MME's scores, which are on the benchmark's own scale).
 """
+
 from __future__ import annotations
 
 import collections
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 # --- EvalAI / official VQA answer normalisation ---------------------------------------------------
 
-_CONTRACTIONS = dict(pair.split(':') for pair in """
+_CONTRACTIONS = dict(
+  pair.split(':')
+  for pair in """
 aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
 couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
 hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's
@@ -45,12 +48,46 @@ whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why
 whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've
 wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
 y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've
-youll:you'll youre:you're youve:you've""".split())
-_NUMBERS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4',
-            'five': '5', 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
+youll:you'll youre:you're youve:you've""".split()
+)
+_NUMBERS = {
+  'none': '0',
+  'zero': '0',
+  'one': '1',
+  'two': '2',
+  'three': '3',
+  'four': '4',
+  'five': '5',
+  'six': '6',
+  'seven': '7',
+  'eight': '8',
+  'nine': '9',
+  'ten': '10',
+}
 _ARTICLES = {'a', 'an', 'the'}
-_PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<',
-                '@', '`', ',', '?', '!')
+_PUNCTUATION = (
+  ';',
+  '/',
+  '[',
+  ']',
+  '"',
+  '{',
+  '}',
+  '(',
+  ')',
+  '=',
+  '+',
+  '\\',
+  '_',
+  '-',
+  '>',
+  '<',
+  '@',
+  '`',
+  ',',
+  '?',
+  '!',
+)
 _PERIOD_STRIP = re.compile(r'(?!<=\d)(\.)(?!\d)')  # The official pattern, quirk included.
 _COMMA_STRIP = re.compile(r'(?<=\d)(\,)+(?=\d)')
 
@@ -80,11 +117,13 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
     raise ValueError('VQA accuracy needs the human answers; this item has none')
   pred = normalize_vqa_answer(prediction)
   gts = [normalize_vqa_answer(a) for a in answers]
-  return _mean([min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3)
-                for i in range(len(gts))])
+  return _mean(
+    [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+  )
 
 
 # --- exact match ----------------------------------------------------------------------------------
+
 
 def normalize_exact(text: str) -> str:
   """Lower case, single spaces, no surrounding whitespace or trailing full stop."""
@@ -107,14 +146,20 @@ OPTION_LETTERS = string.ascii_uppercase
 def parse_choice(prediction: str, choices: Sequence[str]) -> str | None:
   """The option letter a prediction names: "B", "B.", "(B) ...", "The answer is B.", or the text of
   exactly one option. None when no option can be read."""
-  letters = OPTION_LETTERS[:len(choices)]
+  letters = OPTION_LETTERS[: len(choices)]
   text = prediction.strip()
-  match = (re.fullmatch(r'\(?([A-Z])\)?[.:]?', text) or re.match(r'\(?([A-Z])[.):]\s', text)
-           or re.search(r'[Tt]he answer is \(?([A-Z])\b', text))
+  match = (
+    re.fullmatch(r'\(?([A-Z])\)?[.:]?', text)
+    or re.match(r'\(?([A-Z])[.):]\s', text)
+    or re.search(r'[Tt]he answer is \(?([A-Z])\b', text)
+  )
   if match and match.group(1) in letters:
     return match.group(1)
-  named = [letter for letter, choice in zip(letters, choices)
-           if normalize_exact(choice) == normalize_exact(text)]
+  named = [
+    letter
+    for letter, choice in zip(letters, choices)
+    if normalize_exact(choice) == normalize_exact(text)
+  ]
   return named[0] if len(named) == 1 else None
 
 
@@ -123,16 +168,21 @@ def choice_score(prediction: str, answers: Sequence[str], choices: Sequence[str]
   return float(parse_choice(prediction, choices) in set(answers))
 
 
-def multiple_choice(predictions: Sequence[str], answers: Sequence[Sequence[str]],
-                    choices: Sequence[Sequence[str]],
-                    groups: Sequence[str | None] | None = None) -> dict[str, float]:
+def multiple_choice(
+  predictions: Sequence[str],
+  answers: Sequence[Sequence[str]],
+  choices: Sequence[Sequence[str]],
+  groups: Sequence[str | None] | None = None,
+) -> dict[str, float]:
   """Accuracy per item; with `groups` (MMBench's circular evaluation: one group per question,
   one item per rotation of its options) also `circular_accuracy`: a question counts only when
   every rotation is answered right."""
   parsed = [parse_choice(p, c) for p, c in zip(predictions, choices)]
   correct = [x in set(a) for x, a in zip(parsed, answers)]
-  out = {'accuracy': _mean([float(c) for c in correct]),
-         'unparsed': _mean([float(x is None) for x in parsed])}
+  out = {
+    'accuracy': _mean([float(c) for c in correct]),
+    'unparsed': _mean([float(x is None) for x in parsed]),
+  }
   if groups is not None and any(g is not None for g in groups):
     by_group = {}
     for group, ok in zip(groups, correct):
@@ -142,6 +192,7 @@ def multiple_choice(predictions: Sequence[str], answers: Sequence[Sequence[str]]
 
 
 # --- POPE -----------------------------------------------------------------------------------------
+
 
 def pope_label(prediction: str) -> str:
   """LLaVA's POPE rule: "no" if the first sentence has the word No/no/not, else "yes"."""
@@ -163,16 +214,35 @@ def pope(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[s
   recall = tp / (tp + fn) if tp + fn else 0.0
   f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   total = tp + fp + tn + fn
-  return {'accuracy': (tp + tn) / total, 'precision': precision, 'recall': recall, 'f1': f1,
-          'yes_ratio': (tp + fp) / total}
+  return {
+    'accuracy': (tp + tn) / total,
+    'precision': precision,
+    'recall': recall,
+    'f1': f1,
+    'yes_ratio': (tp + fp) / total,
+  }
 
 
 # --- MME ------------------------------------------------------------------------------------------
 
-MME_PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene',
-                  'landmark', 'artwork', 'OCR')
-MME_COGNITION = ('commonsense_reasoning', 'numerical_calculation', 'text_translation',
-                 'code_reasoning')
+MME_PERCEPTION = (
+  'existence',
+  'count',
+  'position',
+  'color',
+  'posters',
+  'celebrity',
+  'scene',
+  'landmark',
+  'artwork',
+  'OCR',
+)
+MME_COGNITION = (
+  'commonsense_reasoning',
+  'numerical_calculation',
+  'text_translation',
+  'code_reasoning',
+)
 
 
 def mme_label(prediction: str) -> str:
@@ -183,8 +253,12 @@ def mme_label(prediction: str) -> str:
   return 'yes' if 'yes' in text[:4] else 'no' if 'no' in text[:4] else 'other'
 
 
-def mme(predictions: Sequence[str], answers: Sequence[Sequence[str]], categories: Sequence[str],
-        groups: Sequence[str]) -> dict[str, float]:
+def mme(
+  predictions: Sequence[str],
+  answers: Sequence[Sequence[str]],
+  categories: Sequence[str],
+  groups: Sequence[str],
+) -> dict[str, float]:
   """Per subtask (category) 100 * (accuracy + accuracy+), accuracy+ counting images (groups) whose
   questions are all right; `perception` and `cognition` are the sums over their subtasks."""
   per_task = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -197,12 +271,15 @@ def mme(predictions: Sequence[str], answers: Sequence[Sequence[str]], categories
   unknown = sorted(set(scores) - set(MME_PERCEPTION) - set(MME_COGNITION))
   if unknown:
     raise ValueError(f'Unknown MME subtasks {unknown}; expected {MME_PERCEPTION + MME_COGNITION}')
-  return {'perception': sum(v for k, v in scores.items() if k in MME_PERCEPTION),
-          'cognition': sum(v for k, v in scores.items() if k in MME_COGNITION),
-          **{f'{task}': score for task, score in sorted(scores.items())}}
+  return {
+    'perception': sum(v for k, v in scores.items() if k in MME_PERCEPTION),
+    'cognition': sum(v for k, v in scores.items() if k in MME_COGNITION),
+    **{f'{task}': score for task, score in sorted(scores.items())},
+  }
 
 
 # --- CIDEr ----------------------------------------------------------------------------------------
+
 
 def _caption_tokens(text: str) -> str:
   """Pure-Python stand-in for the Java PTB tokenizer: lower case, punctuation removed."""

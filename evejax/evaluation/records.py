@@ -23,11 +23,12 @@
 
 The converters in converters.py write this format from the benchmarks' own question files.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 METRICS = ('vqa', 'exact', 'choice', 'pope', 'mme', 'cider')
 REQUIRED = ('id', 'question', 'metric', 'answers')
@@ -47,11 +48,16 @@ def validate(record: dict, where: str) -> dict:
   if record['metric'] == 'mme' and 'group' not in record:
     raise ValueError(f'{where}: metric "mme" needs "group" (the image its question pair shares)')
   history = record.get('history', [])
-  if not (isinstance(history, list) and all(
+  if not (
+    isinstance(history, list)
+    and all(
       isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
-      for turn in history)):
-    raise ValueError(f'{where}: "history" must be a list of [question, answer] string pairs, '
-                     f'got {history!r}')
+      for turn in history
+    )
+  ):
+    raise ValueError(
+      f'{where}: "history" must be a list of [question, answer] string pairs, got {history!r}'
+    )
   return record
 
 

@@ -1,33 +1,41 @@
 """Submission files for benchmarks scored on a server (the harness only scores labelled splits)."""
+
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from evejax.evaluation.metrics import normalize_vqa_answer
 
 FORMATS = ('vqav2',)
 
 
-def vqav2(records: Sequence[dict], predictions: Sequence[dict],
-          all_question_ids: Iterable[int] = ()) -> list[dict]:
+def vqav2(
+  records: Sequence[dict], predictions: Sequence[dict], all_question_ids: Iterable[int] = ()
+) -> list[dict]:
   """EvalAI's VQAv2 result format: [{"question_id": int, "answer": str}], answers normalised as
   EvalAI does. The test-dev phase expects every test-std question too: ids in `all_question_ids`
   without a prediction get an empty answer."""
   out, seen = [], set()
   for record, prediction in zip(records, predictions, strict=True):
     if record['id'] != prediction['id']:
-      raise ValueError(f"prediction {prediction['id']!r} is not for record {record['id']!r}")
+      raise ValueError(f'prediction {prediction["id"]!r} is not for record {record["id"]!r}')
     question_id = int(record['id'])
     seen.add(question_id)
-    out.append({'question_id': question_id,
-                'answer': normalize_vqa_answer(prediction['prediction'])})
+    out.append(
+      {'question_id': question_id, 'answer': normalize_vqa_answer(prediction['prediction'])}
+    )
   out += [{'question_id': int(q), 'answer': ''} for q in all_question_ids if int(q) not in seen]
   return out
 
 
-def write(fmt: str, path: str, records: Sequence[dict], predictions: Sequence[dict],
-          questions_file: str | None = None) -> int:
+def write(
+  fmt: str,
+  path: str,
+  records: Sequence[dict],
+  predictions: Sequence[dict],
+  questions_file: str | None = None,
+) -> int:
   """Writes the `fmt` submission file; `questions_file` (VQAv2: the test-std questions JSON) lists
   the questions the server expects. Returns the number of answers."""
   if fmt not in FORMATS:

@@ -1,4 +1,5 @@
 """Generation with a KV cache: prompts, sampling, the batched generator."""
+
 from evejax.inference.generator import Generator
 from evejax.inference.prompts import encode_prompt, prompt_ids
 from evejax.inference.sampling import SamplingConfig

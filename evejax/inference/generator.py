@@ -10,25 +10,28 @@ no vision mask, so generated tokens use the text weights.
 (The reference decides by chunk length instead: a chunk of one token is text-routed, so a prompt of
 a single visual token would differ; prompts always hold text, so this never arises here.)
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from evejax import batch as bf
 from evejax import sharding
 from evejax.batch import BatchSpec
-from evejax.sharding.mesh import BATCH_AXES
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.sampling import SamplingConfig, next_token
+from evejax.sharding.mesh import BATCH_AXES
 
 Array = jax.Array
 
@@ -56,9 +59,18 @@ def _round_up(value: int, multiple: int) -> int:
 class Generator:
   """Batched generation for a model given as (graphdef, pure-dict params), optionally on a mesh."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, spec: BatchSpec, pad_id: int,
-               max_length: int | None = None, mesh: Mesh | None = None, length_multiple: int = 32,
-               patch_multiple: int = 16):
+  def __init__(
+    self,
+    graphdef: nnx.GraphDef,
+    params: dict,
+    *,
+    spec: BatchSpec,
+    pad_id: int,
+    max_length: int | None = None,
+    mesh: Mesh | None = None,
+    length_multiple: int = 32,
+    patch_multiple: int = 16,
+  ):
     """`spec`: the batch format of the prompts (its seq_len and patch_slots are set per batch, to
     multiples of `length_multiple` and `patch_multiple`). `max_length` caps prompt + generated
     tokens per row (the context the model trained on)."""
@@ -83,26 +95,35 @@ class Generator:
     key, sub = jax.random.split(state.key)
     token = next_token(logits, state.seen, sub, cfg)
     active = ~state.done
-    is_stop = jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens else (
-        jnp.zeros_like(active))
+    is_stop = (
+      jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32))
+      if cfg.stop_tokens
+      else (jnp.zeros_like(active))
+    )
     token = jnp.where(active, token, self.pad_id)
     rows = jnp.arange(token.shape[0])
     # `positions` is the emitted token's position: the row now holds positions + 1 tokens.
     context_full = (state.positions + 1 >= self.max_length) if self.max_length else False
     return state.replace(
-        token=token, key=key,
-        seen=state.seen.at[rows, token].set(state.seen[rows, token] | active),
-        output=state.output.at[:, index].set(token),
-        output_len=state.output_len + (active & ~is_stop),
-        done=state.done | is_stop | context_full)
+      token=token,
+      key=key,
+      seen=state.seen.at[rows, token].set(state.seen[rows, token] | active),
+      output=state.output.at[:, index].set(token),
+      output_len=state.output_len + (active & ~is_stop),
+      done=state.done | is_stop | context_full,
+    )
 
   def _constrain_cache(self, cache):
     if self.mesh is None:
       return cache
     heads = 'tensor' if self.num_kv_heads % self.mesh.shape['tensor'] == 0 else None
     kv = NamedSharding(self.mesh, P(BATCH_AXES, None, heads, None))
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        x, kv if x.ndim == 4 else NamedSharding(self.mesh, P())), cache)
+    return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(
+        x, kv if x.ndim == 4 else NamedSharding(self.mesh, P())
+      ),
+      cache,
+    )
 
   def _prefill_fn(self, params, batch, key, *, cache_len: int, cfg: SamplingConfig) -> DecodeState:
     model = nnx.merge(self.graphdef, nnx.State(params))
@@ -111,35 +132,65 @@ class Generator:
     is_real = batch['segment_ids'] != 0
     valid = jnp.zeros((b, cache_len), jnp.bool_).at[:, :t].set(is_real)
     causal = jnp.arange(cache_len)[None, :] <= jnp.arange(t)[:, None]
-    logits = model.forward(model.embed(batch), batch['token_kind'] != bf.TEXT, batch['positions'],
-                           valid[:, None, None, :] & causal, last_only=True)[:, 0]
+    logits = model.forward(
+      model.embed(batch),
+      batch['token_kind'] != bf.TEXT,
+      batch['positions'],
+      valid[:, None, None, :] & causal,
+      last_only=True,
+    )[:, 0]
     is_text = (is_real & (batch['token_kind'] == bf.TEXT)).astype(jnp.int32)
-    seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[
-        jnp.arange(b)[:, None], batch['tokens']].max(is_text) > 0
+    seen = (
+      jnp.zeros((b, logits.shape[-1]), jnp.int32)
+      .at[jnp.arange(b)[:, None], batch['tokens']]
+      .max(is_text)
+      > 0
+    )
     state = DecodeState(
-        cache=self._constrain_cache(nnx.to_pure_dict(nnx.state(model, nnx.Cache))), valid=valid,
-        length=jnp.asarray(t, jnp.int32), positions=is_real.sum(-1).astype(jnp.int32),
-        token=jnp.zeros((b,), jnp.int32), seen=seen, done=jnp.zeros((b,), jnp.bool_),
-        output=jnp.full((b, cfg.max_new_tokens), self.pad_id, jnp.int32),
-        output_len=jnp.zeros((b,), jnp.int32), key=key)
+      cache=self._constrain_cache(nnx.to_pure_dict(nnx.state(model, nnx.Cache))),
+      valid=valid,
+      length=jnp.asarray(t, jnp.int32),
+      positions=is_real.sum(-1).astype(jnp.int32),
+      token=jnp.zeros((b,), jnp.int32),
+      seen=seen,
+      done=jnp.zeros((b,), jnp.bool_),
+      output=jnp.full((b, cfg.max_new_tokens), self.pad_id, jnp.int32),
+      output_len=jnp.zeros((b,), jnp.int32),
+      key=key,
+    )
     return self._emit(state, logits, cfg, 0)
 
   def _step_fn(self, params, state: DecodeState, index, *, cfg: SamplingConfig) -> DecodeState:
     model = nnx.merge(self.cached_graphdef, nnx.State(params), nnx.State(state.cache))
     b = state.token.shape[0]
-    valid = jax.lax.dynamic_update_slice(state.valid, jnp.ones((b, 1), jnp.bool_),
-                                         (0, state.length))
-    logits = model.forward(model.embed_tokens(state.token[:, None]), None,
-                           state.positions[:, None], valid[:, None, None, :])[:, 0]
-    state = state.replace(cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)), valid=valid,
-                          length=state.length + 1, positions=state.positions + 1)
+    valid = jax.lax.dynamic_update_slice(
+      state.valid, jnp.ones((b, 1), jnp.bool_), (0, state.length)
+    )
+    logits = model.forward(
+      model.embed_tokens(state.token[:, None]),
+      None,
+      state.positions[:, None],
+      valid[:, None, None, :],
+    )[:, 0]
+    state = state.replace(
+      cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
+      valid=valid,
+      length=state.length + 1,
+      positions=state.positions + 1,
+    )
     return self._emit(state, logits, cfg, index)
 
   # --- host loop -----------------------------------------------------------------------------
 
-  def generate(self, prompts: Sequence[dict[str, np.ndarray]], cfg: SamplingConfig, *,
-               seed: int = 0, on_step: Callable[[list[list[int]]], None] | None = None,
-               check_every: int = 8) -> list[list[int]]:
+  def generate(
+    self,
+    prompts: Sequence[dict[str, np.ndarray]],
+    cfg: SamplingConfig,
+    *,
+    seed: int = 0,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+    check_every: int = 8,
+  ) -> list[list[int]]:
     """Generated token ids per prompt (from `prompts.encode_prompt`), stop token excluded.
 
     `on_step` receives every row's tokens so far after each step (streaming); without it, whether
@@ -150,17 +201,18 @@ class Generator:
     state = self.prefill(prompts, cfg, seed=seed)
     for index in range(1, cfg.max_new_tokens):
       if on_step is not None:
-        on_step(self._tokens_so_far(state, index)[:len(prompts)])
+        on_step(self._tokens_so_far(state, index)[: len(prompts)])
       if (on_step is not None or index % check_every == 0) and bool(jnp.all(state.done)):
         break
       state = self.step(state, index, cfg)
-    tokens = self._tokens_so_far(state, cfg.max_new_tokens)[:len(prompts)]
+    tokens = self._tokens_so_far(state, cfg.max_new_tokens)[: len(prompts)]
     if on_step is not None:
       on_step(tokens)
     return tokens
 
-  def prefill(self, prompts: Sequence[dict[str, np.ndarray]], cfg: SamplingConfig, *,
-              seed: int = 0) -> DecodeState:
+  def prefill(
+    self, prompts: Sequence[dict[str, np.ndarray]], cfg: SamplingConfig, *, seed: int = 0
+  ) -> DecodeState:
     """Left-pads and runs the prompts; the state holds each row's first token (output column 0).
     On a mesh, the batch is filled up to a multiple of the batch axes with copies of prompt 0."""
     rows = len(prompts)
@@ -168,15 +220,18 @@ class Generator:
       shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
       prompts = list(prompts) + [prompts[0]] * (_round_up(rows, shards) - rows)
     length = _round_up(max(len(p['tokens']) for p in prompts), self.length_multiple)
-    max_patches = _round_up(max(0 if p['patches'] is None else len(p['patches']) for p in prompts),
-                            self.patch_multiple)
+    max_patches = _round_up(
+      max(0 if p['patches'] is None else len(p['patches']) for p in prompts), self.patch_multiple
+    )
     batch = prompt_lib.left_padded_batch(
-        prompts, self.spec.replace(seq_len=length, patch_slots=max_patches, teacher_size=0))
+      prompts, self.spec.replace(seq_len=length, patch_slots=max_patches, teacher_size=0)
+    )
     with self._mesh_context():
       if self.mesh is not None:
         batch = sharding.shard_batch(batch, self.mesh)
-      return self._prefill(self.params, batch, jax.random.key(seed),
-                           cache_len=length + cfg.max_new_tokens - 1, cfg=cfg)
+      return self._prefill(
+        self.params, batch, jax.random.key(seed), cache_len=length + cfg.max_new_tokens - 1, cfg=cfg
+      )
 
   def step(self, state: DecodeState, index: int, cfg: SamplingConfig) -> DecodeState:
     """Feeds the last tokens and records the next ones at output column `index` (>= 1). `state` is

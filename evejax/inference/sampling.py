@@ -3,6 +3,7 @@
 The order and the semantics follow Hugging Face `generate` (the reference's generation code):
 penalty on the raw logits, then temperature, then top-k, then top-p.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How to pick tokens. Frozen (hashable): it is a static argument of the jitted steps."""
+
   max_new_tokens: int = 128
   temperature: float = 0.0  # 0 = greedy (the reference's benchmark setting).
   top_k: int = 0  # 0 = no top-k filter.
@@ -60,8 +62,9 @@ def filter_logits(logits: Array, cfg: SamplingConfig) -> Array:
     probs = jax.nn.softmax(ordered, axis=-1)
     # Keep the smallest head of the ranking whose probability reaches top_p (always the best token).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    threshold = jnp.min(jnp.where(mass_before < cfg.top_p, ordered, jnp.inf), axis=-1,
-                        keepdims=True)
+    threshold = jnp.min(
+      jnp.where(mass_before < cfg.top_p, ordered, jnp.inf), axis=-1, keepdims=True
+    )
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
 

@@ -1,4 +1,5 @@
 """A profiler window: trace `num_steps` steps from `first_step` into `{workdir}/profile`."""
+
 from __future__ import annotations
 
 import os
@@ -32,5 +33,6 @@ class ProfileWindow:
       jax.block_until_ready(pending)
       jax.profiler.stop_trace()
       self._active = False
-      logging.info('Profile of steps %d-%d written to %s', self.first_step, self.last_step,
-                   self.log_dir)
+      logging.info(
+        'Profile of steps %d-%d written to %s', self.first_step, self.last_step, self.log_dir
+      )

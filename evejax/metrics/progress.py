@@ -1,8 +1,9 @@
 """A readable progress line: step, chosen scalars, steps/s and ETA."""
+
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,8 @@
 """Step time, tokens/s, images/s, achieved TFLOP/s per device and MFU over a logging window."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -11,8 +12,10 @@ from evejax.metrics import flops
 
 def batch_counts(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
   """(non-padding tokens, images) of a host batch; every image starts with one CLASS token."""
-  return (int(np.count_nonzero(batch['segment_ids'])),
-          int(np.count_nonzero(batch['token_kind'] == batch_format.CLASS)))
+  return (
+    int(np.count_nonzero(batch['segment_ids'])),
+    int(np.count_nonzero(batch['token_kind'] == batch_format.CLASS)),
+  )
 
 
 class Throughput:
@@ -36,10 +39,10 @@ class Throughput:
       return {}
     steps_per_s = self._steps / self._seconds
     out = {
-        'step_time_s': self._seconds / self._steps,
-        'tokens_per_s': self._tokens / self._seconds,
-        'images_per_s': self._images / self._seconds,
-        'tflops_per_device': self.flops_per_step * steps_per_s / self.num_devices / 1e12,
+      'step_time_s': self._seconds / self._steps,
+      'tokens_per_s': self._tokens / self._seconds,
+      'images_per_s': self._images / self._seconds,
+      'tflops_per_device': self.flops_per_step * steps_per_s / self.num_devices / 1e12,
     }
     if self.peak_flops:
       out['mfu'] = flops.mfu(self.flops_per_step, steps_per_s, self.num_devices, self.peak_flops)

@@ -1,16 +1,17 @@
 """Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-  """Writes each `write(step, scalars)` call to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`."""
+  """Writes each `write(step, scalars)` to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled  # Only one process of a multi-host job writes.

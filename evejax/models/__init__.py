@@ -1,4 +1,5 @@
 """EVE / EVEv2 models in Flax NNX."""
+
 from evejax.models.config import ModelConfig
 from evejax.models.eve import EVE
 

@@ -11,6 +11,7 @@ pooled 2x2, is one 14x14 px CLIP patch of the half-size image (the EVE-7B geomet
 EVE, 336 px for CLIP). There each image sits centred on the CLIP canvas grid (its position
 embeddings), but only its own patches enter attention: the canvas padding is left out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
   """HF CLIPVisionConfig fields; the defaults are openai/clip-vit-large-patch14-336."""
+
   hidden_size: int = 1024
   intermediate_size: int = 4096
   num_layers: int = 24
@@ -52,12 +54,12 @@ def _norm(cfg: CLIPVisionConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _dense(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return layers.dense(n_in, n_out, (None, None), use_bias=True, dtype=jnp.float32,
-                      param_dtype=jnp.float32, rngs=rngs)
+  return layers.dense(
+    n_in, n_out, (None, None), use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+  )
 
 
 class CLIPAttention(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
     c = cfg.hidden_size
     self.heads = cfg.num_heads
@@ -65,13 +67,13 @@ class CLIPAttention(nnx.Module):
 
   def __call__(self, x: Array, mask: Array | None) -> Array:
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, -1)
-    out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                       split(self.v_proj(x)), mask=mask)
+    out = jax.nn.dot_product_attention(
+      split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=mask
+    )
     return self.out_proj(out.reshape(x.shape))
 
 
 class CLIPMLP(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
     self.fc1 = _dense(cfg.hidden_size, cfg.intermediate_size, rngs)
     self.fc2 = _dense(cfg.intermediate_size, cfg.hidden_size, rngs)
@@ -81,7 +83,6 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
     self.layer_norm1 = _norm(cfg, rngs)
     self.self_attn = CLIPAttention(cfg, rngs)
@@ -94,15 +95,21 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPVision(nnx.Module):
-
   def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     c, p = cfg.hidden_size, cfg.patch_size
     init = nnx.initializers.normal(layers.INIT_STD)
-    self.patch_embedding = layers.dense(p * p * 3, c, (None, None), use_bias=False,
-                                        dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    self.patch_embedding = layers.dense(
+      p * p * 3,
+      c,
+      (None, None),
+      use_bias=False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.class_embedding = nnx.Param(init(rngs.params(), (c,)))
-    self.position_embedding = nnx.Param(init(rngs.params(), (cfg.grid ** 2 + 1, c)))
+    self.position_embedding = nnx.Param(init(rngs.params(), (cfg.grid**2 + 1, c)))
     self.pre_layrnorm = _norm(cfg, rngs)  # (sic) the HF name
     self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
     self.post_layernorm = _norm(cfg, rngs)  # unused by hidden states; kept for the HF layout
@@ -137,13 +144,16 @@ class CLIPVision(nnx.Module):
     group = pixels.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, p, 2 * size, 2 * size, 3)
     pooled = group.reshape(b, p, size, 2, size, 2, 3).mean(axis=(3, 5))  # 2x2 box filter
     tokens = self.patch_embedding(normalize_pixels(pooled.reshape(b, p, -1), jnp.float32))
-    tokens = tokens + self.position_embedding[...][self._canvas_positions(patch_image,
-                                                                          patch_coords)]
+    tokens = (
+      tokens + self.position_embedding[...][self._canvas_positions(patch_image, patch_coords)]
+    )
     cls = self.class_embedding[...] + self.position_embedding[...][0]
     x = jnp.concatenate([tokens, jnp.broadcast_to(cls, tokens.shape)], axis=1)
     slots = jnp.arange(p)
-    owner = jnp.concatenate([jnp.where(patch_image > 0, patch_image, -1 - slots),
-                             jnp.broadcast_to(slots + 1, (b, p))], axis=1)
+    owner = jnp.concatenate(
+      [jnp.where(patch_image > 0, patch_image, -1 - slots), jnp.broadcast_to(slots + 1, (b, p))],
+      axis=1,
+    )
     mask = (owner[:, :, None] == owner[:, None, :])[:, None]
     return self.hidden_states(x, mask)[self.cfg.select_layer][:, :p]
 

@@ -1,8 +1,10 @@
 """Typed model configuration, built from the `model` section of an ml_collections config."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -14,6 +16,7 @@ DECOMPOSABLE_PARTS = ('layernorm', 'self_attn', 'mlp')
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Dimensions of an EVE model. Names follow the HF configs of the base LLMs."""
+
   family: str = 'qwen2'  # 'qwen2' (EVEv2) or 'llama' (EVEv1).
   vocab_size: int = 152064
   hidden_size: int = 3584
@@ -40,7 +43,8 @@ class ModelConfig:
   vision_hidden_size: int = 1024
   # 'v2': the EVEv2 PEL above; 'v1': the EVEv1 PEL (evejax/models/vision_v1.py): conv
   # patch_size/patch_size without bias -> local attention over merge x merge windows -> global
-  # attention for the class token -> mlp2x_gelu projector. Its patches carry a 4th, valid-pixel channel.
+  # attention for the class token -> mlp2x_gelu projector. Its patches carry a 4th (valid-pixel)
+  # channel.
   vision_tokenizer: str = 'v2'
   vision_heads: int = 8  # v1 local/global attention heads over vision_hidden_size
   # EVEv1 patch-aligning layer (evejax/models/pal.py): taps every pal_layer_rate-th hidden state
@@ -60,26 +64,36 @@ class ModelConfig:
       raise ValueError(f"model.family must be 'qwen2' or 'llama', got {self.family!r}")
     unknown = set(self.decomposed_parts) - set(DECOMPOSABLE_PARTS)
     if unknown:
-      raise ValueError(f'model.moe_part={self.moe_part!r} names unknown parts {sorted(unknown)}; '
-                       f'use a "-"-joined subset of {DECOMPOSABLE_PARTS} or "" for none')
+      raise ValueError(
+        f'model.moe_part={self.moe_part!r} names unknown parts {sorted(unknown)}; '
+        f'use a "-"-joined subset of {DECOMPOSABLE_PARTS} or "" for none'
+      )
     if self.remat not in ('none', 'full', 'minimal', 'save_dots'):
       raise ValueError(f"model.remat={self.remat!r}; use 'none', 'full', 'minimal' or 'save_dots'")
     if self.routing not in ('select', 'sorted'):
-      raise ValueError(f"model.routing={self.routing!r}; use 'select' (reference: both branches on "
-                       "every token) or 'sorted' (FLOP-exact)")
+      raise ValueError(
+        f"model.routing={self.routing!r}; use 'select' (reference: both branches on "
+        "every token) or 'sorted' (FLOP-exact)"
+      )
     if self.vision_tokenizer not in ('v1', 'v2'):
       raise ValueError(f"model.vision_tokenizer={self.vision_tokenizer!r}; use 'v2' or 'v1'")
     if self.vision_tokenizer == 'v1' and self.vision_hidden_size % self.vision_heads:
-      raise ValueError(f'model.vision_hidden_size={self.vision_hidden_size} is not a multiple of '
-                       f'model.vision_heads={self.vision_heads}')
+      raise ValueError(
+        f'model.vision_hidden_size={self.vision_hidden_size} is not a multiple of '
+        f'model.vision_heads={self.vision_heads}'
+      )
     if self.pal and self.pal_teacher_size % self.pal_heads:
-      raise ValueError(f'model.pal_teacher_size={self.pal_teacher_size} is not a multiple of '
-                       f'model.pal_heads={self.pal_heads}')
+      raise ValueError(
+        f'model.pal_teacher_size={self.pal_teacher_size} is not a multiple of '
+        f'model.pal_heads={self.pal_heads}'
+      )
     if self.pal_pool < 1:
       raise ValueError(f'model.pal_pool={self.pal_pool} must be >= 1 (1: no pooling, 2: HD)')
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'model.num_heads={self.num_heads} is not a multiple of '
-                       f'model.num_kv_heads={self.num_kv_heads}')
+      raise ValueError(
+        f'model.num_heads={self.num_heads} is not a multiple of '
+        f'model.num_kv_heads={self.num_kv_heads}'
+      )
 
   @classmethod
   def from_dict(cls, cfg: Mapping[str, Any]) -> ModelConfig:

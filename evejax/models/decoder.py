@@ -1,8 +1,10 @@
 """Decoder layers with EVEv2's modality-wise decomposition ("divide and conquer").
 
-Attribute names mirror the reference checkpoint keys (`self_attn.moe_q_proj`, `moe_mlp`, ...), so the
-converters map names one to one. With `moe_part=''` the layer is a plain Llama/Qwen2 decoder layer.
+Attribute names mirror the reference checkpoint keys (`self_attn.moe_q_proj`, `moe_mlp`, ...), so
+the converters map names one to one. With `moe_part=''` the layer is a plain Llama/Qwen2 decoder
+layer.
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,10 +27,12 @@ class Attention(nnx.Module):
     kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
 
     def projections():
-      return (layers.dense(d, n * h, ('embed', 'heads'), use_bias=cfg.attention_bias, **kw),
-              layers.dense(d, k * h, ('embed', 'kv'), use_bias=cfg.attention_bias, **kw),
-              layers.dense(d, k * h, ('embed', 'kv'), use_bias=cfg.attention_bias, **kw),
-              layers.dense(n * h, d, ('heads', 'embed'), use_bias=False, **kw))
+      return (
+        layers.dense(d, n * h, ('embed', 'heads'), use_bias=cfg.attention_bias, **kw),
+        layers.dense(d, k * h, ('embed', 'kv'), use_bias=cfg.attention_bias, **kw),
+        layers.dense(d, k * h, ('embed', 'kv'), use_bias=cfg.attention_bias, **kw),
+        layers.dense(n * h, d, ('heads', 'embed'), use_bias=False, **kw),
+      )
 
     self.q_proj, self.k_proj, self.v_proj, self.o_proj = projections()
     if cfg.decomposes('self_attn'):
@@ -50,8 +54,9 @@ class Attention(nnx.Module):
   def _append_to_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
     start = self.cache_index[...]
     for cache, new in ((self.cached_key, k), (self.cached_value, v)):
-      cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new.astype(cache.dtype), start,
-                                                       axis=1)
+      cache[...] = jax.lax.dynamic_update_slice_in_dim(
+        cache[...], new.astype(cache.dtype), start, axis=1
+      )
     self.cache_index[...] = start + k.shape[1]
     return self.cached_key[...], self.cached_value[...]
 
@@ -61,14 +66,23 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     mode = cfg.routing
     q = route(x, vision_mask, self.q_proj, self.moe_q_proj, mode).reshape(b, t, cfg.num_heads, -1)
-    k = route(x, vision_mask, self.k_proj, self.moe_k_proj, mode).reshape(b, t, cfg.num_kv_heads, -1)
-    v = route(x, vision_mask, self.v_proj, self.moe_v_proj, mode).reshape(b, t, cfg.num_kv_heads, -1)
-    return (layers.apply_rope(q, positions, cfg.rope_theta),
-            layers.apply_rope(k, positions, cfg.rope_theta), v)
+    k = route(x, vision_mask, self.k_proj, self.moe_k_proj, mode).reshape(
+      b, t, cfg.num_kv_heads, -1
+    )
+    v = route(x, vision_mask, self.v_proj, self.moe_v_proj, mode).reshape(
+      b, t, cfg.num_kv_heads, -1
+    )
+    return (
+      layers.apply_rope(q, positions, cfg.rope_theta),
+      layers.apply_rope(k, positions, cfg.rope_theta),
+      v,
+    )
 
   def project_out(self, attn: Array, vision_mask: Array | None) -> Array:
     b, t = attn.shape[:2]
-    return route(attn.reshape(b, t, -1), vision_mask, self.o_proj, self.moe_o_proj, self.cfg.routing)
+    return route(
+      attn.reshape(b, t, -1), vision_mask, self.o_proj, self.moe_o_proj, self.cfg.routing
+    )
 
   def __call__(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array) -> Array:
     q, k, v = self.project_qkv(x, vision_mask, positions)
@@ -82,10 +96,16 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    norm = lambda: layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                                  param_dtype=cfg.jnp_param_dtype)
-    mlp = lambda: layers.MLP(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.jnp_dtype,
-                             param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+    norm = lambda: layers.RMSNorm(
+      cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.jnp_param_dtype
+    )
+    mlp = lambda: layers.MLP(
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      rngs=rngs,
+    )
     self.input_layernorm = norm()
     self.post_attention_layernorm = norm()
     self.self_attn = Attention(cfg, rngs=rngs)
@@ -99,5 +119,7 @@ class DecoderLayer(nnx.Module):
     mode = self.cfg.routing
     h = route(x, vision_mask, self.input_layernorm, self.moe_input_layernorm, mode)
     x = x + self.self_attn(h, vision_mask, positions, mask)
-    h = route(x, vision_mask, self.post_attention_layernorm, self.moe_post_attention_layernorm, mode)
+    h = route(
+      x, vision_mask, self.post_attention_layernorm, self.moe_post_attention_layernorm, mode
+    )
     return x + route(h, vision_mask, self.mlp, self.moe_mlp, mode)

@@ -1,7 +1,8 @@
-"""The EVE model: vision tokenizer -> splice into the token stream -> decoder -> final norm -> LM head."""
+"""The EVE model: vision tokenizer -> splice into the token stream -> decoder -> norm -> LM head."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +20,19 @@ Array = jax.Array
 
 
 class EVE(nnx.Module):
-  """Encoder-free VLM. Attribute names follow the reference keys (`embed_tokens`, `layers.N`, ...)."""
+  """Encoder-free VLM. Attribute names follow the reference keys (`embed_tokens`, `layers.N`...)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-        embedding_init=nnx.initializers.normal(layers.INIT_STD),
-        embedding_metadata=layers.logical('vocab', 'embed'), rngs=rngs)
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      embedding_init=nnx.initializers.normal(layers.INIT_STD),
+      embedding_metadata=layers.logical('vocab', 'embed'),
+      rngs=rngs,
+    )
     tokenizer = VisionTokenizerV1 if cfg.vision_tokenizer == 'v1' else VisionTokenizerV2
     self.vision_tower = tokenizer(cfg, rngs=rngs)
     # EVEv1's patch-aligning layer: training only (see `logits_and_taps`), never at inference.
@@ -35,14 +41,21 @@ class EVE(nnx.Module):
       self.layers = stack.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
     else:
       self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
-                               param_dtype=cfg.jnp_param_dtype)
+    self.norm = layers.RMSNorm(
+      cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.jnp_param_dtype
+    )
     if cfg.tie_word_embeddings:
       self.lm_head = None
     else:
-      self.lm_head = layers.dense(cfg.hidden_size, cfg.vocab_size, ('embed', 'vocab'),
-                                  use_bias=False, dtype=cfg.jnp_dtype,
-                                  param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+      self.lm_head = layers.dense(
+        cfg.hidden_size,
+        cfg.vocab_size,
+        ('embed', 'vocab'),
+        use_bias=False,
+        dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_param_dtype,
+        rngs=rngs,
+      )
 
   def embed(self, batch: Mapping[str, Array]) -> Array:
     """Input embeddings (B, L, D) with the visual tokens spliced in at their positions."""
@@ -50,12 +63,25 @@ class EVE(nnx.Module):
     if self.cfg.vision_tokenizer == 'v1':
       groups, classes, split = vt(batch['patches'], batch['patch_image'])
       # Every CLASS position takes the class token of its own image (a (B, L, D) gather).
-      image_classes = jnp.take_along_axis(classes, image_numbers(batch['token_kind'])[..., None],
-                                          axis=1)
-      return splice(self.embed_tokens(batch['tokens']), groups, batch['token_kind'],
-                    batch['patch_index'], image_classes, split)
-    return splice(self.embed_tokens(batch['tokens']), vt(batch['patches']), batch['token_kind'],
-                  batch['patch_index'], vt.class_embedding[...], vt.split_embedding[...])
+      image_classes = jnp.take_along_axis(
+        classes, image_numbers(batch['token_kind'])[..., None], axis=1
+      )
+      return splice(
+        self.embed_tokens(batch['tokens']),
+        groups,
+        batch['token_kind'],
+        batch['patch_index'],
+        image_classes,
+        split,
+      )
+    return splice(
+      self.embed_tokens(batch['tokens']),
+      vt(batch['patches']),
+      batch['token_kind'],
+      batch['patch_index'],
+      vt.class_embedding[...],
+      vt.split_embedding[...],
+    )
 
   def logits(self, hidden: Array) -> Array:
     hidden = self.norm(hidden)
@@ -66,13 +92,22 @@ class EVE(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int) -> None:
     """Gives every attention layer a KV cache of `max_len` slots (generation, evejax/inference)."""
     if self.cfg.scan_layers:
-      raise ValueError('Generation needs the unrolled layout: build the model with '
-                       'model.scan_layers=False (stack.unstack_params converts the parameters)')
+      raise ValueError(
+        'Generation needs the unrolled layout: build the model with '
+        'model.scan_layers=False (stack.unstack_params converts the parameters)'
+      )
     for layer in self.layers:
       layer.self_attn.init_cache(batch_size, max_len, self.cfg.jnp_dtype)
 
-  def forward(self, x: Array, vision_mask: Array | None, positions: Array, mask: Array, *,
-              last_only: bool = False) -> Array:
+  def forward(
+    self,
+    x: Array,
+    vision_mask: Array | None,
+    positions: Array,
+    mask: Array,
+    *,
+    last_only: bool = False,
+  ) -> Array:
     """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
     weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots.
     `last_only`: logits of the last position only, (B, 1, vocab) (a prefill needs no more)."""
@@ -84,8 +119,9 @@ class EVE(nnx.Module):
         x = call(layer, x, vision_mask, positions, mask)
     return self.logits(x[:, -1:] if last_only else x)
 
-  def logits_and_taps(self, batch: Mapping[str, Array],
-                      taps: tuple[int, ...]) -> tuple[Array, list[Array]]:
+  def logits_and_taps(
+    self, batch: Mapping[str, Array], taps: tuple[int, ...]
+  ) -> tuple[Array, list[Array]]:
     """Logits and the hidden states at `taps`, indices into HF's `hidden_states` tuple: 0 = input
     embeddings, i = output of decoder layer i - 1, num_layers = the final output after the norm."""
     if self.cfg.scan_layers:
@@ -105,5 +141,9 @@ class EVE(nnx.Module):
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""
-    return self.forward(self.embed(batch), batch['token_kind'] != batch_format.TEXT,
-                        batch['positions'], layers.attention_mask(batch['segment_ids']))
+    return self.forward(
+      self.embed(batch),
+      batch['token_kind'] != batch_format.TEXT,
+      batch['positions'],
+      layers.attention_mask(batch['segment_ids']),
+    )

@@ -1,8 +1,10 @@
 """Transformer building blocks shared by the Llama (EVEv1) and Qwen2 (EVEv2) decoders.
 
-Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...); the sharding
-rules in the config map them to mesh axes, so changing the parallelism never touches this file.
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...); the
+sharding rules in the config map them to mesh axes, so changing the parallelism never touches this
+file.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,18 +16,33 @@ INIT_STD = 0.02  # HF `initializer_range` for Llama and Qwen2.
 
 
 def logical(*axes: str | None) -> dict:
-  """Variable metadata naming logical axes. Placement is left to evejax.sharding (no eager sharding),
-  so modules build the same way with or without a mesh."""
+  """Variable metadata naming logical axes. Placement is left to evejax.sharding (no eager
+  sharding), so modules build the same way with or without a mesh."""
   return {'sharding': axes, 'eager_sharding': False}
 
 
-def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-          use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(
+  in_features: int,
+  out_features: int,
+  axes: tuple[str | None, str | None],
+  *,
+  use_bias: bool,
+  dtype,
+  param_dtype,
+  rngs: nnx.Rngs,
+) -> nnx.Linear:
   """A Linear layer whose kernel and bias carry logical axis names."""
   return nnx.Linear(
-      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.initializers.normal(INIT_STD), kernel_metadata=logical(*axes),
-      bias_metadata=logical(*axes[1:]), rngs=rngs)
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nnx.initializers.normal(INIT_STD),
+    kernel_metadata=logical(*axes),
+    bias_metadata=logical(*axes[1:]),
+    rngs=rngs,
+  )
 
 
 class RMSNorm(nnx.Module):

@@ -14,6 +14,7 @@ is in evejax/train/pal.py; at inference the layer is unused.
 Names: reference `norm_layer.{j}.0` / `.1` are `pal.norm_layer.{j}.norm` / `.proj`; `input_layer`
 and `output_layer` keep their names.
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,15 +34,15 @@ def tap_indices(num_layers: int, rate: int) -> tuple[int, ...]:
 
 
 class PatchAligningLayer(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, c = cfg.hidden_size, cfg.pal_teacher_size
     kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
     self.taps = tap_indices(cfg.num_layers, cfg.pal_layer_rate)
     self.heads = cfg.pal_heads
-    self.scale = c ** -0.5
-    self.norm_layer = nnx.List([NormLinear(d, c, ('embed', 'vision_embed'), **kw)
-                                for _ in self.taps])
+    self.scale = c**-0.5
+    self.norm_layer = nnx.List(
+      [NormLinear(d, c, ('embed', 'vision_embed'), **kw) for _ in self.taps]
+    )
     self.input_layer = layers.dense(d, c, ('embed', 'vision_embed'), use_bias=True, **kw)
     self.output_layer = layers.dense(c, c, (None, 'vision_embed'), use_bias=True, **kw)
 
@@ -52,4 +53,6 @@ class PatchAligningLayer(nnx.Module):
     logits = jnp.einsum('...nh,...tnh->...nt', z[..., 0, :, :], z[..., 1:, :, :])
     weights = jax.nn.softmax(logits.astype(jnp.float32) * self.scale, axis=-1).astype(z.dtype)
     attended = jnp.einsum('...nt,...tnh->...nh', weights, z[..., 1:, :, :])
-    return self.input_layer(tapped[0]) + self.output_layer(attended.reshape(*attended.shape[:-2], -1))
+    return self.input_layer(tapped[0]) + self.output_layer(
+      attended.reshape(*attended.shape[:-2], -1)
+    )

@@ -13,10 +13,11 @@ This is the single place that decides how a decomposed op is evaluated:
   backend. Under a mesh the sort runs per batch shard (`shard_map` over the batch axes, the
   `tensor` axis left to GSPMD), so no token leaves its device.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,9 @@ LAST_WINDOW_FRACTION = 64
 MIN_LAST_WINDOW = 32
 
 
-def route(x: Array, vision_mask: Array | None, text_op: Op, vision_op: Op | None,
-          mode: str = 'select') -> Array:
+def route(
+  x: Array, vision_mask: Array | None, text_op: Op, vision_op: Op | None, mode: str = 'select'
+) -> Array:
   """Applies `vision_op` to tokens where `vision_mask` (B, T) is set and `text_op` elsewhere.
 
   With no vision op (part not decomposed) or no mask (decode steps), every token takes `text_op`.
@@ -57,8 +59,9 @@ def _per_batch_shard(fn: Callable[[Array, Array], Array], x: Array, mask: Array)
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return fn(x, mask)
   spec = P(axes)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-                       axis_names=set(axes), check_vma=False)(x, mask)
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, axis_names=set(axes), check_vma=False
+  )(x, mask)
 
 
 def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> Array:

@@ -1,9 +1,10 @@
 """How the decoder layers run: unrolled (default; `layers.N` keys, as the reference checkpoints) or
 scanned over one stacked layer (`model.scan_layers`; compile time flat in depth), each optionally
 rematerialised under a named policy (`model.remat`)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,10 @@ LayerCall = Callable[..., Array]
 
 # What the backward pass may keep from the forward pass instead of recomputing it.
 REMAT_POLICIES = {
-    'none': None,  # no rematerialisation: keep every activation
-    'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight-only matmuls
-    'save_dots': jax.checkpoint_policies.dots_saveable,  # every matmul output (projections, MLP)
+  'none': None,  # no rematerialisation: keep every activation
+  'full': jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight-only matmuls
+  'save_dots': jax.checkpoint_policies.dots_saveable,  # every matmul output (projections, MLP)
 }
 LAYER_AXIS = 'layers'  # logical name of the stacked-layer axis (replicated by DEFAULT_RULES)
 
@@ -43,9 +44,11 @@ def layer_call(policy: str, *, scanned: bool) -> LayerCall:
   return nnx.remat(call, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
 
 
-def stacked_layers(create: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
-                   rngs: nnx.Rngs) -> nnx.Module:
+def stacked_layers(
+  create: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+) -> nnx.Module:
   """One layer module whose parameters carry a leading `layers` axis of length `num_layers`."""
+
   @nnx.split_rngs(splits=num_layers)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
   def create_all(rngs: nnx.Rngs) -> nnx.Module:

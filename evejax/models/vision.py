@@ -1,9 +1,11 @@
 """EVEv2 vision tokenizer (patch embedding layer) and the splice of visual tokens into the sequence.
 
 The reference runs conv(16x16, stride 16) -> GELU -> conv(2x2, stride 2) on the image. A convolution
-whose kernel equals its stride is a linear map of each flattened patch, so on the patch-sequence batch
-format (see evejax/batch.py) the tokenizer is two matmuls over a fixed-size buffer of patch groups.
+whose kernel equals its stride is a linear map of each flattened patch, so on the patch-sequence
+batch format (see evejax/batch.py) the tokenizer is two matmuls over a fixed-size buffer of patch
+groups.
 """
+
 from __future__ import annotations
 
 import jax
@@ -37,20 +39,30 @@ class VisionTokenizerV2(nnx.Module):
     self.patch_conv = layers.dense(p * p * 3, c, ('patch', 'vision_embed'), **kw)
     self.merge_conv = layers.dense(m * m * c, d, ('vision_embed', 'embed'), **kw)
     init = nnx.initializers.normal(1.0)
-    self.class_embedding = nnx.Param(init(rngs.params(), (d,), cfg.jnp_param_dtype),
-                                     **layers.logical('embed'))
-    self.split_embedding = nnx.Param(init(rngs.params(), (d,), cfg.jnp_param_dtype),
-                                     **layers.logical('embed'))
+    self.class_embedding = nnx.Param(
+      init(rngs.params(), (d,), cfg.jnp_param_dtype), **layers.logical('embed')
+    )
+    self.split_embedding = nnx.Param(
+      init(rngs.params(), (d,), cfg.jnp_param_dtype), **layers.logical('embed')
+    )
 
   def __call__(self, patches: Array) -> Array:
     b, p, s, _ = patches.shape
-    x = jax.nn.gelu(self.patch_conv(normalize_pixels(patches, self.cfg.jnp_dtype)), approximate=False)
+    x = jax.nn.gelu(
+      self.patch_conv(normalize_pixels(patches, self.cfg.jnp_dtype)), approximate=False
+    )
     return self.merge_conv(x.reshape(b, p, s * x.shape[-1]))
 
 
-def splice(text_embeds: Array, visual_embeds: Array, token_kind: Array, patch_index: Array,
-           class_embedding: Array, split_embedding: Array) -> Array:
-  """Fills visual positions of the sequence: patch tokens by index, class and split tokens by kind."""
+def splice(
+  text_embeds: Array,
+  visual_embeds: Array,
+  token_kind: Array,
+  patch_index: Array,
+  class_embedding: Array,
+  split_embedding: Array,
+) -> Array:
+  """Fills the visual positions: patch tokens by index, class and split tokens by kind."""
   patch_tokens = jnp.take_along_axis(visual_embeds, patch_index[..., None], axis=1)
   kind = token_kind[..., None]
   x = jnp.where(kind == batch_format.PATCH, patch_tokens.astype(text_embeds.dtype), text_embeds)

@@ -11,21 +11,22 @@ One EVEv1 visual token covers 2x2 patches of 14 px, exactly one patch group of t
   mm_projector              -> Linear -> GELU (erf) -> Linear on every visual token, CLASS and SPLIT
 
 Attention logits are scaled by C**-0.5 (the full width, as the reference does, not the head width).
-The 4th pixel channel is the valid-pixel mask (255 valid, 0 padding); the tokenizer itself ignores it
-(the reference crops to the valid box before the conv); PAL uses it to skip padded groups.
+The 4th pixel channel is the valid-pixel mask (255 valid, 0 padding); the tokenizer itself ignores
+it (the reference crops to the valid box before the conv); PAL uses it to skip padded groups.
 
 Parameter names follow the reference; PyTorch `nn.Sequential` indices become names:
 
-| reference key                                    | here                                          |
-| ------------------------------------------------ | --------------------------------------------- |
-| `patch_embedding.weight` (C, 3, 14, 14)          | `patch_embedding.kernel` (14*14*3, C), (y, x, c) |
-| `class_embedding`, `split_embedding` (C,)        | same                                          |
-| `{local,global}_attention.q.0.{weight,bias}`     | `{local,global}_attention.q.norm.{scale,bias}` |
-| `{local,global}_attention.q.1.weight`            | `{local,global}_attention.q.proj.kernel`      |
-| `{local,global}_attention.kv.{0,1}.*`            | `{local,global}_attention.kv.{norm,proj}.*`   |
-| `{local,global}_attention.proj.{weight,bias}`    | `{local,global}_attention.proj.{kernel,bias}` |
-| `model.mm_projector.0.*`, `model.mm_projector.2.*` | `vision_tower.mm_projector.{fc1,fc2}.*`     |
+| reference key | here |
+| --- | --- |
+| `patch_embedding.weight` (C, 3, 14, 14) | `patch_embedding.kernel` (14*14*3, C), (y, x, c) |
+| `class_embedding`, `split_embedding` (C,) | same |
+| `{local,global}_attention.q.0.{weight,bias}` | `{local,global}_attention.q.norm.{scale,bias}` |
+| `{local,global}_attention.q.1.weight` | `{local,global}_attention.q.proj.kernel` |
+| `{local,global}_attention.kv.{0,1}.*` | `{local,global}_attention.kv.{norm,proj}.*` |
+| `{local,global}_attention.proj.{weight,bias}` | `{local,global}_attention.proj.{kernel,bias}` |
+| `model.mm_projector.0.*`, `model.mm_projector.2.*` | `vision_tower.mm_projector.{fc1,fc2}.*` |
 """
+
 from __future__ import annotations
 
 import jax
@@ -42,19 +43,26 @@ LAYER_NORM_EPS = 1e-5  # PyTorch default, used by every LayerNorm of the referen
 
 
 def layer_norm(dim: int, axis: str, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, param_dtype=param_dtype,
-                       scale_metadata=layers.logical(axis), bias_metadata=layers.logical(axis),
-                       rngs=rngs)
+  return nnx.LayerNorm(
+    dim,
+    epsilon=LAYER_NORM_EPS,
+    param_dtype=param_dtype,
+    scale_metadata=layers.logical(axis),
+    bias_metadata=layers.logical(axis),
+    rngs=rngs,
+  )
 
 
 class NormLinear(nnx.Module):
   """LayerNorm -> Linear without bias (the reference's `Sequential(LayerNorm, Linear)`)."""
 
-  def __init__(self, dim: int, out: int, axes: tuple[str, str], *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, out: int, axes: tuple[str, str], *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     self.norm = layer_norm(dim, axes[0], param_dtype=param_dtype, rngs=rngs)
-    self.proj = layers.dense(dim, out, axes, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                             rngs=rngs)
+    self.proj = layers.dense(
+      dim, out, axes, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x: Array) -> Array:
     return self.proj(self.norm(x))
@@ -66,7 +74,7 @@ class PooledAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     c = cfg.vision_hidden_size
     self.heads = cfg.vision_heads
-    self.scale = c ** -0.5
+    self.scale = c**-0.5
     kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
     self.q = NormLinear(c, c, ('vision_embed', None), **kw)
     self.kv = NormLinear(c, 2 * c, ('vision_embed', None), **kw)
@@ -91,8 +99,9 @@ def local_attention(attn: PooledAttention, features: Array) -> Array:
   return pooled + attn.proj(out.reshape(pooled.shape))
 
 
-def global_attention(attn: PooledAttention, class_embedding: Array, tokens: Array,
-                     patch_image: Array) -> Array:
+def global_attention(
+  attn: PooledAttention, class_embedding: Array, tokens: Array, patch_image: Array
+) -> Array:
   """Class token of every image: (B, P + 1, C), row b, entry i = image i of the row (i >= 1).
 
   The class embedding attends to the local tokens (B, P, C) of its image only, a softmax per
@@ -122,7 +131,9 @@ class Projector(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=True, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
-    self.fc1 = layers.dense(cfg.vision_hidden_size, cfg.hidden_size, ('vision_embed', 'embed'), **kw)
+    self.fc1 = layers.dense(
+      cfg.vision_hidden_size, cfg.hidden_size, ('vision_embed', 'embed'), **kw
+    )
     self.fc2 = layers.dense(cfg.hidden_size, cfg.hidden_size, (None, 'embed'), **kw)
 
   def __call__(self, x: Array) -> Array:
@@ -152,22 +163,32 @@ def image_numbers(token_kind: Array) -> Array:
 
 class VisionTokenizerV1(nnx.Module):
   """Patch groups (B, P, 4, 14*14*4) uint8 -> group tokens (B, P, D), per-image class tokens
-  (B, P + 1, D) indexed by image number, and the split token (D,), all projected to the LLM width."""
+  (B, P + 1, D) indexed by image number, and the split token (D,), projected to the LLM width."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.vision_tokenizer != 'v1' or cfg.vision_merge != 2:
-      raise ValueError('VisionTokenizerV1 needs model.vision_tokenizer="v1" and model.vision_merge=2 '
-                       f'(2x2 local windows), got {cfg.vision_tokenizer!r}, {cfg.vision_merge}')
+      raise ValueError(
+        'VisionTokenizerV1 needs model.vision_tokenizer="v1" and model.vision_merge=2 '
+        f'(2x2 local windows), got {cfg.vision_tokenizer!r}, {cfg.vision_merge}'
+      )
     self.cfg = cfg
     c, p = cfg.vision_hidden_size, cfg.vision_patch_size
-    self.patch_embedding = layers.dense(p * p * 3, c, ('patch', 'vision_embed'), use_bias=False,
-                                        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                                        rngs=rngs)
+    self.patch_embedding = layers.dense(
+      p * p * 3,
+      c,
+      ('patch', 'vision_embed'),
+      use_bias=False,
+      dtype=cfg.jnp_dtype,
+      param_dtype=cfg.jnp_param_dtype,
+      rngs=rngs,
+    )
     init = nnx.initializers.normal(1.0)
-    self.class_embedding = nnx.Param(init(rngs.params(), (c,), cfg.jnp_param_dtype),
-                                     **layers.logical('vision_embed'))
-    self.split_embedding = nnx.Param(init(rngs.params(), (c,), cfg.jnp_param_dtype),
-                                     **layers.logical('vision_embed'))
+    self.class_embedding = nnx.Param(
+      init(rngs.params(), (c,), cfg.jnp_param_dtype), **layers.logical('vision_embed')
+    )
+    self.split_embedding = nnx.Param(
+      init(rngs.params(), (c,), cfg.jnp_param_dtype), **layers.logical('vision_embed')
+    )
     self.local_attention = PooledAttention(cfg, rngs=rngs)
     self.global_attention = PooledAttention(cfg, rngs=rngs)
     self.mm_projector = Projector(cfg, rngs=rngs)
@@ -177,7 +198,11 @@ class VisionTokenizerV1(nnx.Module):
     features = self.patch_embedding(normalize_pixels(rgb, self.cfg.jnp_dtype))
     local = local_attention(self.local_attention, features)
     dtype = self.cfg.jnp_dtype
-    classes = global_attention(self.global_attention, self.class_embedding[...].astype(dtype),
-                               local, patch_image)
-    return (self.mm_projector(local), self.mm_projector(classes),
-            self.mm_projector(self.split_embedding[...].astype(dtype)))
+    classes = global_attention(
+      self.global_attention, self.class_embedding[...].astype(dtype), local, patch_image
+    )
+    return (
+      self.mm_projector(local),
+      self.mm_projector(classes),
+      self.mm_projector(self.split_embedding[...].astype(dtype)),
+    )

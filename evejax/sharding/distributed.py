@@ -15,10 +15,12 @@ Each process then feeds only its own rows (`sharding.shard_batch` assembles the 
 process 0 alone writes metrics and logs (`is_main`); every process takes part in checkpoint writes,
 which Orbax coordinates.
 """
+
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 from absl import logging
@@ -40,6 +42,7 @@ def initialize(cfg: DistributedConfig | Mapping[str, Any] | None = None) -> bool
   fields); returns whether this run is multi-process."""
   # Imported here: evejax.config imports the models, which import this package.
   from evejax.config import DistributedConfig  # pylint: disable=import-outside-toplevel
+
   cfg = from_mapping(DistributedConfig, cfg or {}, 'config.distributed')
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
@@ -53,13 +56,21 @@ def initialize(cfg: DistributedConfig | Mapping[str, Any] | None = None) -> bool
     return False  # a single process: nothing to join
   if not address or num_processes < 1 or not 0 <= process_id < num_processes:
     raise ValueError(
-        f'Incomplete multi-process settings: coordinator_address={address!r}, num_processes='
-        f'{num_processes}, process_id={process_id}. Set all three in config.distributed or as '
-        'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or config.distributed.auto')
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
-  logging.info('Process %d of %d joined via %s; %d local and %d global devices', process_id,
-               num_processes, address, jax.local_device_count(), jax.device_count())
+      f'Incomplete multi-process settings: coordinator_address={address!r}, num_processes='
+      f'{num_processes}, process_id={process_id}. Set all three in config.distributed or as '
+      'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or config.distributed.auto'
+    )
+  jax.distributed.initialize(
+    coordinator_address=address, num_processes=num_processes, process_id=process_id
+  )
+  logging.info(
+    'Process %d of %d joined via %s; %d local and %d global devices',
+    process_id,
+    num_processes,
+    address,
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -71,6 +82,8 @@ def is_main() -> bool:
 def process_rows(global_batch_size: int) -> int:
   """Rows each process feeds per step (the global batch split evenly over processes)."""
   if global_batch_size % jax.process_count():
-    raise ValueError(f'batch_size {global_batch_size} does not split over '
-                     f'{jax.process_count()} processes; use a multiple of it')
+    raise ValueError(
+      f'batch_size {global_batch_size} does not split over '
+      f'{jax.process_count()} processes; use a multiple of it'
+    )
   return global_batch_size // jax.process_count()

@@ -7,35 +7,38 @@ activations are placed explicitly, XLA propagates the rest. Parallelism is a con
   config.mesh = dict(data=1, fsdp=-1, tensor=4, dcn=dict(data=2))  # 2 slices, data across slices
   config.sharding_rules = (('vocab', 'fsdp'),)              # overrides DEFAULT_RULES by name
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 # Logical axis -> mesh axis or axes (None = replicated). Parameters name `embed`, `mlp`, ...;
 # activations name `activation_*` (see `constrain`).
 DEFAULT_RULES = (
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv', 'tensor'),
-    ('vocab', 'tensor'),
-    ('norm', None),
-    ('patch', None),
-    ('vision_embed', 'tensor'),
-    ('layers', None),  # the stacked-layer axis of scanned decoders
-    ('activation_batch', BATCH_AXES),
-    ('activation_length', None),
-    ('activation_embed', None),
+  ('embed', 'fsdp'),
+  ('mlp', 'tensor'),
+  ('heads', 'tensor'),
+  ('kv', 'tensor'),
+  ('vocab', 'tensor'),
+  ('norm', None),
+  ('patch', None),
+  ('vision_embed', 'tensor'),
+  ('layers', None),  # the stacked-layer axis of scanned decoders
+  ('activation_batch', BATCH_AXES),
+  ('activation_length', None),
+  ('activation_embed', None),
 )
 
 
@@ -50,8 +53,10 @@ def _fill(sizes: Mapping[str, int], num_devices: int, what: str) -> list[int]:
     known = math.prod(s for s in shape if s != -1)
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f'{what.capitalize()} {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} '
-                     f'devices, {num_devices} are available')
+    raise ValueError(
+      f'{what.capitalize()} {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} '
+      f'devices, {num_devices} are available'
+    )
   return shape
 
 
@@ -77,11 +82,13 @@ def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = N
     multi_slice = len({getattr(d, 'slice_index', None) for d in devices}) > 1
     try:
       device_grid = mesh_utils.create_hybrid_device_mesh(
-          ici_shape, dcn_shape, devices, process_is_granule=not multi_slice)
+        ici_shape, dcn_shape, devices, process_is_granule=not multi_slice
+      )
     except ValueError as error:
       granules = 'slices' if multi_slice else 'processes'
-      raise ValueError(f'mesh.dcn {dcn} does not match the {granules} of this run: {error}') \
-          from error
+      raise ValueError(
+        f'mesh.dcn {dcn} does not match the {granules} of this run: {error}'
+      ) from error
   return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -90,41 +97,50 @@ def rules_from_config(overrides: Sequence[Sequence[Any]] | None) -> tuple[tuple[
   rules = dict(DEFAULT_RULES)
   for entry in overrides or ():
     if len(entry) != 2 or entry[0] not in rules:
-      raise ValueError(f'config.sharding_rules entry {tuple(entry)!r} must be (logical name, mesh '
-                       f'axes) with a logical name among {sorted(rules)}')
+      raise ValueError(
+        f'config.sharding_rules entry {tuple(entry)!r} must be (logical name, mesh '
+        f'axes) with a logical name among {sorted(rules)}'
+      )
     name, axes = entry
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f'config.sharding_rules maps {name!r} to unknown mesh axis {axis!r}; '
-                         f'valid: {MESH_AXES}')
+        raise ValueError(
+          f'config.sharding_rules maps {name!r} to unknown mesh axis {axis!r}; valid: {MESH_AXES}'
+        )
     rules[name] = axes
   return tuple(rules.items())
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict:
+def param_shardings(
+  abstract_state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> dict:
   """NamedShardings (as a pure dict) for a state of Variables carrying logical axis names."""
   with nnx.logical_axis_rules(tuple(rules)):
     specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
-def abstract_params(create: Callable[[], nnx.Module], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-                    ) -> tuple[nnx.GraphDef, dict, dict]:
+def abstract_params(
+  create: Callable[[], nnx.Module], mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, dict, dict]:
   """Graph definition, parameter shapes (ShapeDtypeStructs carrying their shardings) and the
   shardings themselves, without allocating anything."""
   graphdef, abstract_state = nnx.split(nnx.eval_shape(create), nnx.Param)
   shardings = param_shardings(abstract_state, mesh, rules)
-  shapes = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract_state), shardings)
+  shapes = jax.tree.map(
+    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+    nnx.to_pure_dict(abstract_state),
+    shardings,
+  )
   return graphdef, shapes, shardings
 
 
-def init_sharded(create: Callable[[], nnx.Module], mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[nnx.GraphDef, dict]:
+def init_sharded(
+  create: Callable[[], nnx.Module], mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, dict]:
   """Builds a module's parameters directly in their sharded layout (never whole on one device).
 
   Returns the graph definition and the parameters as a pure dict.
@@ -191,8 +207,9 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   concatenation in process order.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 def unsharded_parameters(params: Any, mesh: Mesh) -> tuple[float, list[tuple[str, int]]]:
@@ -208,8 +225,12 @@ def unsharded_parameters(params: Any, mesh: Mesh) -> tuple[float, list[tuple[str
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     total += size
-    used = {a for entry in leaf.sharding.spec if entry is not None
-            for a in (entry if isinstance(entry, tuple) else (entry,))}
+    used = {
+      a
+      for entry in leaf.sharding.spec
+      if entry is not None
+      for a in (entry if isinstance(entry, tuple) else (entry,))
+    }
     if not used & set(model_axes):
       replicated.append((jax.tree_util.keystr(path, simple=True, separator='/'), size))
   replicated.sort(key=lambda item: -item[1])
@@ -223,7 +244,8 @@ def check_sharded(params: Any, mesh: Mesh, tolerance: float = 0.02) -> float:
   if fraction > tolerance:
     listing = '\n'.join(f'  {path}: {size / 2**20:.1f} MiB' for path, size in replicated[:20])
     raise ValueError(
-        f'{fraction:.1%} of the parameter bytes are replicated over the model-parallel mesh axes '
-        f'{dict(mesh.shape)} (tolerance {tolerance:.1%}):\n{listing}\nMap their logical axes to '
-        f'mesh axes in config.sharding_rules, or raise config.sharding_tolerance.')
+      f'{fraction:.1%} of the parameter bytes are replicated over the model-parallel mesh axes '
+      f'{dict(mesh.shape)} (tolerance {tolerance:.1%}):\n{listing}\nMap their logical axes to '
+      f'mesh axes in config.sharding_rules, or raise config.sharding_tolerance.'
+    )
   return fraction

@@ -1,5 +1,6 @@
 """Random batches of a `BatchSpec` (evejax/batch.py) for sharding tests and benchmarks, and their
 abstract shapes for ahead-of-time compilation (evejax.plan)."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,14 @@ from evejax.batch import BatchSpec
 
 def batch_shapes(spec: BatchSpec, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of every key of the spec (no data), e.g. for `jax.jit(...).lower`."""
-  return {k: jax.ShapeDtypeStruct(shape, dtype)
-          for k, (shape, dtype) in spec.shapes(batch_size).items()}
+  return {
+    k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.shapes(batch_size).items()
+  }
 
 
-def random_batch(spec: BatchSpec, batch_size: int, vocab_size: int,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def random_batch(
+  spec: BatchSpec, batch_size: int, vocab_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
   """Mixed rows: row 0 has no image, row 1 is all image (patch tokens), the others are text with
   one image span (a class token, patch tokens, a split token) at a random place; padding at the end.
   Every row's patch slots form one image (EVEv1 keys: image 1, row-major on a square-ish grid)."""
@@ -43,7 +46,7 @@ def random_batch(spec: BatchSpec, batch_size: int, vocab_size: int,
       num_patches = int(rng.integers(1, min(slots, length - 2) + 1))
       start = int(rng.integers(0, length - num_patches - 1))
       kind[start] = batch_format.CLASS
-      kind[start + 1:start + 1 + num_patches] = batch_format.PATCH
+      kind[start + 1 : start + 1 + num_patches] = batch_format.PATCH
       kind[start + 1 + num_patches] = batch_format.SPLIT
     patch = kind == batch_format.PATCH
     b['token_kind'][r, :length] = kind

@@ -1,4 +1,5 @@
 """CLI: python -m evejax.train --config=configs/demo.py --workdir=DIR [--config.total_steps=200]."""
+
 import sys
 
 from absl import app, flags, logging
@@ -24,11 +25,16 @@ def main(argv):
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.
   if 'eval/accuracy' in final:
-    print(f"Held-out caption/answer token accuracy: {final['eval/accuracy']:.4f} "
-          f"(loss {final['eval/loss']:.4f})", flush=True)
+    print(
+      f'Held-out caption/answer token accuracy: {final["eval/accuracy"]:.4f} '
+      f'(loss {final["eval/loss"]:.4f})',
+      flush=True,
+    )
   else:
-    print(f"Trained (no held-out split); final train loss {final.get('train/loss', float('nan')):.4f}",
-          flush=True)
+    print(
+      f'Trained (no held-out split); final train loss {final.get("train/loss", float("nan")):.4f}',
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """When periodic work is due in the training loop (big_vision's `itstime`)."""
+
 from __future__ import annotations
 
 

@@ -1,8 +1,10 @@
 """Stops (or skips) training steps whose loss or gradients are not finite."""
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from absl import logging
 
@@ -21,22 +23,31 @@ class NonFiniteGuard:
   def __init__(self, cfg: GuardConfig):
     self.mode, self.max_skipped, self.skipped = cfg.nonfinite, cfg.max_skipped, 0
 
-  def check(self, step: int, loss_sum: float, grad_norm: float,
-            last_checkpoint: Callable[[], str]) -> bool:
+  def check(
+    self, step: int, loss_sum: float, grad_norm: float, last_checkpoint: Callable[[], str]
+  ) -> bool:
     """True when the step was finite; False when it was skipped; raises when training must stop."""
     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
       return True
-    what = f'non-finite {"loss" if not math.isfinite(loss_sum) else "gradients"} at step {step} ' \
-           f'(loss sum {loss_sum}, gradient norm {grad_norm})'
+    what = (
+      f'non-finite {"loss" if not math.isfinite(loss_sum) else "gradients"} at step {step} '
+      f'(loss sum {loss_sum}, gradient norm {grad_norm})'
+    )
     if self.mode == 'skip' and self.skipped < self.max_skipped:
       self.skipped += 1
-      logging.warning('Skipped the update of step %d: %s (%d of at most %d skipped)', step, what,
-                      self.skipped, self.max_skipped)
+      logging.warning(
+        'Skipped the update of step %d: %s (%d of at most %d skipped)',
+        step,
+        what,
+        self.skipped,
+        self.max_skipped,
+      )
       return False
     reason = '' if self.mode == 'stop' else f' after skipping {self.skipped} steps'
     raise NonFiniteError(
-        f'Training stopped{reason}: {what}. Last good checkpoint: {last_checkpoint()}. Lower '
-        "optim.lr or check the data; guard.nonfinite='skip' skips such steps instead.")
+      f'Training stopped{reason}: {what}. Last good checkpoint: {last_checkpoint()}. Lower '
+      "optim.lr or check the data; guard.nonfinite='skip' skips such steps instead."
+    )
 
 
 class GuardedWindow:
@@ -60,11 +71,18 @@ class GuardedWindow:
     if self._pending is None:
       return
     (step, (loss_metrics, update_metrics)), self._pending = self._pending, None
-    if self.guard.check(step, float(loss_metrics[0].loss.total),
-                        float(update_metrics.grad_norm.compute()), self._last_checkpoint):
+    if self.guard.check(
+      step,
+      float(loss_metrics[0].loss.total),
+      float(update_metrics.grad_norm.compute()),
+      self._last_checkpoint,
+    ):
       collections = (*loss_metrics, update_metrics)
-      self._accumulated = collections if self._accumulated is None else tuple(
-          a.merge(b) for a, b in zip(self._accumulated, collections))
+      self._accumulated = (
+        collections
+        if self._accumulated is None
+        else tuple(a.merge(b) for a, b in zip(self._accumulated, collections))
+      )
 
   def compute(self) -> dict[str, float]:
     """The window's averages (none when all its steps were skipped); then starts a new window."""

@@ -1,4 +1,5 @@
 """Token-level loss and accuracy on supervised (caption / answer) positions only."""
+
 from __future__ import annotations
 
 import jax

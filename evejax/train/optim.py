@@ -11,10 +11,12 @@ Parameter paths are '/'-joined, e.g. 'layers/3/self_attn/moe_q_proj/kernel'. In 
 
 Every group runs the same schedule shape (warmup, cosine decay) scaled to its own peak.
 """
+
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +30,18 @@ BASE = 'base'  # Trainable parameters in no named group.
 FROZEN = 'frozen'
 
 
-def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int, peak: float | None = None
-                           ) -> optax.Schedule:
+def learning_rate_schedule(
+  optim_cfg: OptimConfig, total_steps: int, peak: float | None = None
+) -> optax.Schedule:
   """Warmup + cosine decay to `peak` (default optim.lr, the base group's)."""
   peak = optim_cfg.lr if peak is None else peak
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=optim_cfg.warmup_steps,
-      decay_steps=max(total_steps, optim_cfg.warmup_steps + 1),
-      end_value=peak * optim_cfg.end_lr_ratio)
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=optim_cfg.warmup_steps,
+    decay_steps=max(total_steps, optim_cfg.warmup_steps + 1),
+    end_value=peak * optim_cfg.end_lr_ratio,
+  )
 
 
 def decay_mask(params) -> dict:
@@ -74,13 +80,17 @@ def param_labels(optim_cfg: OptimConfig, params: PyTree) -> PyTree:
 
   labels = [label(name) for name in names]
   if all(lab == FROZEN for lab in labels):
-    raise ValueError(f'optim.trainable={trainable.pattern!r} and optim.frozen='
-                     f'{optim_cfg.frozen!r} leave no trainable parameter; parameters '
-                     f'look like {names[:3]}')
+    raise ValueError(
+      f'optim.trainable={trainable.pattern!r} and optim.frozen='
+      f'{optim_cfg.frozen!r} leave no trainable parameter; parameters '
+      f'look like {names[:3]}'
+    )
   for group, rule in groups.items():
     if group not in labels:
-      raise ValueError(f'optim.groups.{group}.pattern={rule.pattern!r} matches no trainable '
-                       f'parameter; parameters look like {names[:3]}')
+      raise ValueError(
+        f'optim.groups.{group}.pattern={rule.pattern!r} matches no trainable '
+        f'parameter; parameters look like {names[:3]}'
+      )
   return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
@@ -92,9 +102,14 @@ def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> optax.GradientTr
   """Frozen parameters get zero updates and hold no state (optax.masked leaves them out)."""
 
   def adamw(peak: float) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate_schedule(optim_cfg, total_steps, peak), b1=optim_cfg.b1,
-                       b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
-                       mask=decay_mask)
+    return optax.adamw(
+      learning_rate_schedule(optim_cfg, total_steps, peak),
+      b1=optim_cfg.b1,
+      b2=optim_cfg.b2,
+      eps=optim_cfg.eps,
+      weight_decay=optim_cfg.weight_decay,
+      mask=decay_mask,
+    )
 
   def frozen_mask(params):
     return jax.tree.map(lambda t: not t, trainable_mask(optim_cfg, params))
@@ -103,8 +118,11 @@ def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> optax.GradientTr
   parts = [optax.masked(optax.set_to_zero(), frozen_mask)]
   if optim_cfg.grad_clip:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-  transforms = {BASE: adamw(optim_cfg.lr), FROZEN: optax.set_to_zero(),
-                **{name: adamw(g['lr']) for name, g in _groups(optim_cfg).items()}}
+  transforms = {
+    BASE: adamw(optim_cfg.lr),
+    FROZEN: optax.set_to_zero(),
+    **{name: adamw(g['lr']) for name, g in _groups(optim_cfg).items()},
+  }
   parts.append(optax.multi_transform(transforms, lambda p: param_labels(optim_cfg, p)))
   return optax.chain(*parts)
 
@@ -121,11 +139,27 @@ def group_summary(optim_cfg: OptimConfig, params: PyTree) -> str:
     count = sum(s for s, lab in zip(sizes, labels) if lab == group)
     tensors = sum(lab == group for lab in labels)
     if tensors:
-      rows.append((group, f'{peaks[group]:.3g}' if group in peaks else '-', str(tensors),
-                   f'{count:,}', f'{100 * count / total:.1f}%'))
+      rows.append(
+        (
+          group,
+          f'{peaks[group]:.3g}' if group in peaks else '-',
+          str(tensors),
+          f'{count:,}',
+          f'{100 * count / total:.1f}%',
+        )
+      )
   trainable = sum(s for s, lab in zip(sizes, labels) if lab != FROZEN)
-  rows.append(('trainable', '', str(sum(lab != FROZEN for lab in labels)), f'{trainable:,}',
-               f'{100 * trainable / total:.1f}%'))
+  rows.append(
+    (
+      'trainable',
+      '',
+      str(sum(lab != FROZEN for lab in labels)),
+      f'{trainable:,}',
+      f'{100 * trainable / total:.1f}%',
+    )
+  )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  return '\n'.join('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+  return '\n'.join(
+    '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    for r in rows
+  )

@@ -13,10 +13,12 @@ Configured by the `pal` section (evejax/config.py PalConfig): weight, and the te
 (a frozen CLIP ViT run every step, evejax/models/clip.py) or 'offline' (features precomputed by
 data_pipelines/teacher_features.py and carried by the batch).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,9 @@ if TYPE_CHECKING:  # evejax.config imports the models.
 Array = jax.Array
 
 
-def group_states(states: Array, token_kind: Array, patch_index: Array,
-                 num_groups: int) -> tuple[Array, Array]:
+def group_states(
+  states: Array, token_kind: Array, patch_index: Array, num_groups: int
+) -> tuple[Array, Array]:
   """Sequence states (B, L, ...) -> per patch group (B, P, ...) and whether its PATCH token is in
   the sequence (B, P); groups whose token was cut off get zeros."""
   is_patch = token_kind == batch_format.PATCH
@@ -94,14 +97,17 @@ TeacherFn = Callable[[Mapping[str, Array]], Array]
 def offline_teacher(batch: Mapping[str, Array]) -> Array:
   """Precomputed teacher features (B, P, c) carried by the batch (`teacher_features`)."""
   if 'teacher_features' not in batch:
-    raise ValueError("pal.teacher='offline' needs a 'teacher_features' field in the data records "
-                     "(one teacher vector per visual token); use pal.teacher='online' otherwise")
+    raise ValueError(
+      "pal.teacher='offline' needs a 'teacher_features' field in the data records "
+      "(one teacher vector per visual token); use pal.teacher='online' otherwise"
+    )
   return batch['teacher_features']
 
 
 @dataclasses.dataclass(frozen=True)
 class PalObjective:
   """The PAL term of the training loss: `weight` and where the teacher features come from."""
+
   weight: float
   teacher: TeacherFn
 
@@ -110,8 +116,12 @@ class PalObjective:
     if model.pal is None:
       raise ValueError('pal.weight > 0 needs model.pal=True (the patch-aligning layer)')
     logits, tapped = model.logits_and_taps(batch, model.pal.taps)
-    grouped, present = group_states(jnp.stack(tapped, axis=2), batch['token_kind'],
-                                    batch['patch_index'], batch['patches'].shape[1])
+    grouped, present = group_states(
+      jnp.stack(tapped, axis=2),
+      batch['token_kind'],
+      batch['patch_index'],
+      batch['patches'].shape[1],
+    )
     valid = present & valid_groups(batch['patches'])
     pool = model.cfg.pal_pool
     if pool > 1:
@@ -130,9 +140,11 @@ def objective_from_config(pal: PalConfig, model_cfg: ModelConfig) -> PalObjectiv
   if pal.offline:
     return PalObjective(pal.weight, offline_teacher)
   if model_cfg.pal_pool > 1:
-    raise ValueError(f'model.pal_pool={model_cfg.pal_pool} (HD) needs pal.teacher=offline: the '
-                     'teacher sees the image at the base resolution, so use the features '
-                     'data_pipelines/teacher_features.py writes for the base (pal_pool=1) config')
+    raise ValueError(
+      f'model.pal_pool={model_cfg.pal_pool} (HD) needs pal.teacher=offline: the '
+      'teacher sees the image at the base resolution, so use the features '
+      'data_pipelines/teacher_features.py writes for the base (pal_pool=1) config'
+    )
   return PalObjective(pal.weight, online_teacher(pal, model_cfg))
 
 
@@ -142,16 +154,20 @@ def online_teacher(pal: PalConfig, model_cfg: ModelConfig) -> TeacherFn:
   closed over by the step, never trained; PalObjective stops gradients at its output.
   data_pipelines/teacher_features.py runs the same function to precompute offline features."""
   from evejax.models import clip  # pylint: disable=import-outside-toplevel
+
   if pal.clip.hidden_size != model_cfg.pal_teacher_size:
-    raise ValueError(f'pal.clip.hidden_size={pal.clip.hidden_size} differs from '
-                     f'model.pal_teacher_size={model_cfg.pal_teacher_size}')
+    raise ValueError(
+      f'pal.clip.hidden_size={pal.clip.hidden_size} differs from '
+      f'model.pal_teacher_size={model_cfg.pal_teacher_size}'
+    )
   teacher = clip.CLIPVision(pal.clip, rngs=nnx.Rngs(pal.seed))
   if pal.clip_weights:
     load_clip(teacher, pal.clip_weights)
   graphdef, state = nnx.split(teacher)
 
   def features(batch: Mapping[str, Array]) -> Array:
-    return nnx.merge(graphdef, state).patch_features(batch['patches'], batch['patch_image'],
-                                                     batch['patch_coords'])
+    return nnx.merge(graphdef, state).patch_features(
+      batch['patches'], batch['patch_image'], batch['patch_coords']
+    )
 
   return features

@@ -1,5 +1,6 @@
 """The training loop: data, sharded model and optimizer, jitted steps, checkpoints, evaluation and
 metrics. A run resumes from the newest complete checkpoint in its workdir."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import parameter_overview
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from evejax import checkpoint, sharding
 from evejax.batch import BatchSpec
@@ -27,7 +29,7 @@ from evejax.train import pal as pal_lib
 from evejax.train.cadence import itstime
 from evejax.train.guard import GuardedWindow, NonFiniteGuard
 from evejax.train.step import TrainState, make_eval_step, make_train_step
-from flax import nnx
+
 
 def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
   """Loss and token accuracy (and the PAL loss, when on) over a whole held-out set."""
@@ -40,10 +42,13 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
 
 def _checkpoint_metadata(cfg: TrainConfig, params, mesh) -> dict:
   return {
-      'config': cfg.to_dict(),
-      'layer_layout': {'layers': checkpoint.layer_layout(checkpoint.param_shapes(params)),
-                       'num_layers': cfg.model.num_layers},
-      'mesh': dict(mesh.shape), 'jax_version': jax.__version__,
+    'config': cfg.to_dict(),
+    'layer_layout': {
+      'layers': checkpoint.layer_layout(checkpoint.param_shapes(params)),
+      'num_layers': cfg.model.num_layers,
+    },
+    'mesh': dict(mesh.shape),
+    'jax_version': jax.__version__,
   }
 
 
@@ -51,13 +56,19 @@ def _throughput_meter(cfg: TrainConfig, spec: BatchSpec) -> Throughput:
   step_flops = flops.train_step_flops(cfg.model, spec, cfg.batch_size)
   peak = flops.peak_flops_per_device(flops.device_kind(), cfg.metrics.peak_flops)
   if peak is None:
-    logging.info('No peak FLOP/s known for %r: set metrics.peak_flops to report MFU',
-                 flops.device_kind())
+    logging.info(
+      'No peak FLOP/s known for %r: set metrics.peak_flops to report MFU', flops.device_kind()
+    )
   return Throughput(step_flops, jax.device_count(), peak)
 
 
-def _window_scalars(step: int, train_averages: dict[str, float], throughput: Throughput,
-                    progress: Progress, skipped: int) -> dict[str, float]:
+def _window_scalars(
+  step: int,
+  train_averages: dict[str, float],
+  throughput: Throughput,
+  progress: Progress,
+  skipped: int,
+) -> dict[str, float]:
   """Scalars of one logging window; no train/ averages when every step in it was skipped."""
   scalars = {f'train/{k}': v for k, v in train_averages.items()}
   scalars.update({f'perf/{k}': v for k, v in throughput.scalars().items()})
@@ -68,16 +79,21 @@ def _window_scalars(step: int, train_averages: dict[str, float], throughput: Thr
 
 def _progress_values(scalars: dict[str, float]) -> dict[str, float]:
   """What the progress line shows of a window's scalars (those present)."""
-  shown = (('loss', 'train/loss'), ('acc', 'train/accuracy'), ('tok/s', 'perf/tokens_per_s'),
-           ('mfu', 'perf/mfu'))
+  shown = (
+    ('loss', 'train/loss'),
+    ('acc', 'train/accuracy'),
+    ('tok/s', 'perf/tokens_per_s'),
+    ('mfu', 'perf/mfu'),
+  )
   values = {name: scalars[key] for name, key in shown if key in scalars}
   if scalars['train/skipped_steps']:
     values['skipped'] = scalars['train/skipped_steps']
   return values
 
 
-def _restore_or_start(init_from: str, workdir: str, ckpt: checkpoint.Checkpointer,
-                      state: TrainState, train_iter) -> TrainState:
+def _restore_or_start(
+  init_from: str, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState, train_iter
+) -> TrainState:
   """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
   if ckpt.latest_step() is not None:
     step, state, _ = ckpt.restore(state, train_iter)
@@ -104,8 +120,10 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   train_source, eval_source = pipeline.make_sources(cfg.data)
   tokenizer = pipeline.load_tokenizer(cfg.data, train_source)
   if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f'The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is '
-                     f'{cfg.model.vocab_size}; raise model.vocab_size')
+    raise ValueError(
+      f'The tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is '
+      f'{cfg.model.vocab_size}; raise model.vocab_size'
+    )
   is_main = jax.process_index() == 0
   if is_main:
     tokenizer.save(workdir)
@@ -116,45 +134,66 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   rules = sharding.rules_from_config(cfg.sharding_rules)
   sharding.activate_rules(rules)  # for the activation constraints traced inside the steps
   graphdef, params = sharding.init_sharded(
-      lambda: EVE(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh, rules)
+    lambda: EVE(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh, rules
+  )
   sharding.check_sharded(params, mesh, cfg.sharding_tolerance)
   num_params = sum(p.size for p in jax.tree.leaves(params))
-  logging.info('Model: %s parameters; mesh %s\n%s', f'{num_params:,}', dict(mesh.shape),
-               parameter_overview.get_parameter_overview(params, include_stats=False))
+  logging.info(
+    'Model: %s parameters; mesh %s\n%s',
+    f'{num_params:,}',
+    dict(mesh.shape),
+    parameter_overview.get_parameter_overview(params, include_stats=False),
+  )
 
   total_steps = cfg.total_steps
   schedule = optim.learning_rate_schedule(cfg.optim, total_steps)
   tx = optim.make_optimizer(cfg.optim, total_steps)
-  logging.info('Parameter groups (config.optim trainable/frozen/groups):\n%s',
-               optim.group_summary(cfg.optim, params))
+  logging.info(
+    'Parameter groups (config.optim trainable/frozen/groups):\n%s',
+    optim.group_summary(cfg.optim, params),
+  )
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=sharding.like_params(
-        jax.eval_shape(tx.init, params), params, mesh))(params)
+    opt_state = jax.jit(
+      tx.init, out_shardings=sharding.like_params(jax.eval_shape(tx.init, params), params, mesh)
+    )(params)
   state = TrainState.create(params, opt_state, cfg.seed)
-  state = state.replace(step=jax.device_put(state.step, replicated),
-                        rng=jax.device_put(state.rng, replicated))
+  state = state.replace(
+    step=jax.device_put(state.step, replicated), rng=jax.device_put(state.rng, replicated)
+  )
   guard = NonFiniteGuard(cfg.guard)
   pal = pal_lib.objective_from_config(cfg.pal, cfg.model)  # EVEv1 only; None = off
-  train_step = make_train_step(graphdef, tx, schedule, skip_nonfinite=guard.mode == 'skip',
-                               microbatches=cfg.microbatches,
-                               trainable=optim.trainable_mask(cfg.optim, params), pal=pal)
+  train_step = make_train_step(
+    graphdef,
+    tx,
+    schedule,
+    skip_nonfinite=guard.mode == 'skip',
+    microbatches=cfg.microbatches,
+    trainable=optim.trainable_mask(cfg.optim, params),
+    pal=pal,
+  )
   eval_step = make_eval_step(graphdef, pal)
-  benchmark = (PeriodicBenchmark(cfg.benchmark, cfg, graphdef, params, tokenizer, mesh)
-               if cfg.benchmark.file else None)
+  benchmark = (
+    PeriodicBenchmark(cfg.benchmark, cfg, graphdef, params, tokenizer, mesh)
+    if cfg.benchmark.file
+    else None
+  )
 
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-               workdir=workdir)
+  hosts = dict(
+    process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir
+  )
 
   def evaluate_held_out() -> dict[str, float]:
     batches = pipeline.eval_batches(cfg.data, eval_source, preprocess, cfg.batch_size, **hosts)
     with jax.set_mesh(mesh):
       return evaluate(eval_step, state.params, batches, mesh)
 
-  train_iter = pipeline.make_train_iterator(cfg.data, train_source, preprocess, cfg.batch_size,
-                                            **hosts)
-  ckpt = checkpoint.Checkpointer(store.checkpoints_dir(workdir),
-                                 **dataclasses.asdict(cfg.checkpoint))
+  train_iter = pipeline.make_train_iterator(
+    cfg.data, train_source, preprocess, cfg.batch_size, **hosts
+  )
+  ckpt = checkpoint.Checkpointer(
+    store.checkpoints_dir(workdir), **dataclasses.asdict(cfg.checkpoint)
+  )
   state = _restore_or_start(cfg.init_from, workdir, ckpt, state, train_iter)
   metadata = _checkpoint_metadata(cfg, params, mesh)
 
@@ -187,8 +226,9 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
       else:  # Dispatch is asynchronous: the time between iterations is the device's step time.
         if log_step:
           window.settle()  # The window's time ends where its last step does.
-        throughput.add(time.perf_counter() - clock,
-                       *(n * jax.process_count() for n in batch_counts(host_batch)))
+        throughput.add(
+          time.perf_counter() - clock, *(n * jax.process_count() for n in batch_counts(host_batch))
+        )
       clock = time.perf_counter()
       if log_step:
         scalars = _window_scalars(step, window.compute(), throughput, progress, guard.skipped)
@@ -201,15 +241,22 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
         ckpt.save(step, state, train_iter, metadata, force=True)
       if preempted:
         ckpt.wait()
-        logging.warning('Preempted: saved checkpoint %s/%d; the same command resumes from it.',
-                        ckpt.directory, step)
+        logging.warning(
+          'Preempted: saved checkpoint %s/%d; the same command resumes from it.',
+          ckpt.directory,
+          step,
+        )
         final['preempted'] = step
         break
       if eval_source is not None and itstime(step, cfg.eval_every, total_steps):
         eval_scalars = evaluate_held_out()
         writer.write(step, eval_scalars)
-        logging.info('step %d held-out: loss %.4f, caption/answer token accuracy %.4f', step,
-                     eval_scalars['eval/loss'], eval_scalars['eval/accuracy'])
+        logging.info(
+          'step %d held-out: loss %.4f, caption/answer token accuracy %.4f',
+          step,
+          eval_scalars['eval/loss'],
+          eval_scalars['eval/accuracy'],
+        )
         final.update(eval_scalars)
         clock = time.perf_counter()  # Evaluation is not training time.
       if benchmark is not None and itstime(step, cfg.benchmark.every, total_steps):
