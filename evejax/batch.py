@@ -18,8 +18,8 @@ B rows, L positions, P patch-group slots per row, S = merge**2 and F = patch**2 
 
 EVEv1 (`model.vision_tokenizer='v1'`, evejax/models/vision_v1.py) adds a 4th pixel channel to
 `patches` (F = patch**2 * 4), the valid-pixel mask: 255 on image pixels, 0 on the padding that
-rounds a side up to a multiple of the visual token. Its global attention and PAL also need to know which
-patch groups form one image, and PAL's online teacher where each group sits (V1_KEYS):
+rounds a side up to a multiple of the visual token. Its global attention and PAL also need to know
+which patch groups form one image, and PAL's online teacher where each group sits (V1_KEYS):
 
 | key | shape | dtype | meaning |
 | --- | --- | --- | --- |
