@@ -26,6 +26,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from evejax import cli
+from evejax.checkpoint import store
 from evejax.config_utils import apply_overrides, load_config_file, resolve_config_path
 from evejax.models import ModelConfig
 
@@ -98,9 +99,9 @@ def _complete(out_dir: str, config: ml_collections.ConfigDict | None) -> bool:
   """Whether a stage's output exists (local or gs://): the weights of a weight-only step, or a
   training stage's final-step checkpoint."""
   if config is None:
-    return epath.Path(out_dir, 'params').is_dir()
+    return epath.Path(store.item_dir(out_dir, store.PARAMS)).is_dir()
   # Orbax renames a step directory to its final name only once the save is complete.
-  return epath.Path(out_dir, 'checkpoints', str(config.total_steps)).is_dir()
+  return epath.Path(store.step_dir(store.checkpoints_dir(out_dir), config.total_steps)).is_dir()
 
 
 def run(

@@ -161,7 +161,7 @@ def exported(tmp_path_factory):
   params = random_params(cfg, seed=1)
   folder = str(tmp_path_factory.mktemp('eve'))
   convert.export_eve(params, cfg, folder, dtype='float32', max_shard_bytes=30_000, progress=False)
-  t = cfg.vision_token_pixels
+  t = cfg.vision_patch_size * cfg.vision_merge  # One visual token, in pixels.
   pixels = np.random.default_rng(0).integers(0, 256, (2 * t, 3 * t, 3), dtype=np.uint8)
   return cfg, params, folder, pixels
 

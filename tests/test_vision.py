@@ -57,7 +57,7 @@ def test_tokenizer_and_splice_match_numpy(tiny_cfg):
   """A text with one image placeholder: the model's input embeddings equal text embeddings around
   the NumPy visual tokens inserted at the placeholder."""
   model = EVE(tiny_cfg, rngs=nnx.Rngs(0))
-  t = tiny_cfg.vision_token_pixels
+  t = tiny_cfg.vision_patch_size * tiny_cfg.vision_merge  # One visual token, in pixels.
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (2 * t, 3 * t, 3), dtype=np.uint8)  # 2 rows x 3 cols, non-square
   groups, grid = images.patchify(pixels, tiny_cfg.vision_patch_size, tiny_cfg.vision_merge)

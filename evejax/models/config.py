@@ -107,11 +107,6 @@ class ModelConfig:
     return part in self.decomposed_parts
 
   @property
-  def vision_token_pixels(self) -> int:
-    """Side in pixels of the square covered by one visual token."""
-    return self.vision_patch_size * self.vision_merge
-
-  @property
   def vision_channels(self) -> int:
     """Channels per pixel in `patches`: RGB, plus the valid-pixel channel for v1."""
     return 4 if self.vision_tokenizer == 'v1' else 3
