@@ -109,3 +109,12 @@ def test_a_dataset_without_a_held_out_split_trains(tmp_path, caplog):
   assert "has no split 'eval'" in caplog.text and 'without held-out evaluation' in caplog.text
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     assert [json.loads(line)['step'] for line in f if 'train/loss' in line] == [1, 2]
+
+
+def test_itstime_decides_every_periodic_action():
+  from evejax.train.cadence import itstime
+
+  due = lambda every, **kw: [s for s in range(1, 11) if itstime(s, every, 10, **kw)]
+  assert due(4) == [4, 8, 10]  # every 4 steps, and the last
+  assert due(4, first=True) == [1, 4, 8, 10]  # checkpoints: the first step too
+  assert due(0) == [10] and due(0, last=False) == []  # 0 = never periodically

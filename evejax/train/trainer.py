@@ -236,7 +236,8 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
         logging.info(progress.line(step, _progress_values(scalars)))
         final.update(scalars)
       preempted = preemption.reached(step)
-      if itstime(step, cfg.checkpoint.every, total_steps) or preempted:
+      # The first step too: a broken set-up (saving, restoring) shows at once.
+      if itstime(step, cfg.checkpoint.every, total_steps, first=True) or preempted:
         window.settle()  # Never checkpoint a non-finite step.
         ckpt.save(step, state, train_iter, metadata, force=True)
       if preempted:
