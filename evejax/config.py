@@ -35,6 +35,10 @@ from evejax.models.config import ModelConfig
 SOURCES = ('shapes', 'records', 'tfds')
 
 
+class ConfigError(ValueError):
+  """A config that cannot run: the message names the key and what to set."""
+
+
 def _field(default_factory):
   return dataclasses.field(default_factory=default_factory)
 
@@ -246,7 +250,10 @@ class TrainConfig:
     """The typed config of a ConfigDict (or plain dict, e.g. a checkpoint's saved config)."""
     if isinstance(config, TrainConfig):
       return config
-    return from_mapping(cls, config, 'config')
+    try:
+      return from_mapping(cls, config, 'config')
+    except (TypeError, ValueError) as error:  # Unknown keys, wrong types, invalid values.
+      raise ConfigError(str(error)) from error
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-able: what checkpoints and {workdir}/config.json store."""
@@ -264,7 +271,7 @@ class TrainConfig:
       self.model, seq_len=data.seq_len, patch_slots=0, **image
     ).image_budget
     if data.row_patches and data.row_patches < budget:
-      raise ValueError(
+      raise ConfigError(
         f'data.row_patches={data.row_patches} is below the {budget} patch groups '
         f'one image may need at data.max_size={data.max_size}; raise it (or 0 '
         'for exactly one image)'

@@ -212,3 +212,22 @@ def test_cli_finds_packaged_configs_and_names_a_missing_one(tmp_path):
     f'{tmp_path}, nor in the installed configs package)'
   ) in missing.stderr
   assert 'Traceback' not in missing.stderr
+
+
+def test_cli_names_an_invalid_config_value_in_one_line(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'evejax.train',
+      '--config=configs/demo.py',
+      f'--workdir={tmp_path}',
+      '--config.total_steps=0',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == 'ConfigError: total_steps=0 must be >= 1'

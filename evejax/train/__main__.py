@@ -6,6 +6,7 @@ from absl import app, flags, logging
 
 from evejax import cli
 from evejax.checkpoint import CheckpointError
+from evejax.config import ConfigError
 from evejax.data.bad_records import TooManyBadRecords
 from evejax.train.guard import NonFiniteError
 from evejax.train.trainer import train
@@ -20,7 +21,12 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     final = train(_CONFIG.value, _WORKDIR.value)
-  except (CheckpointError, NonFiniteError, TooManyBadRecords) as error:  # Expected: no traceback.
+  except (
+    ConfigError,
+    CheckpointError,
+    NonFiniteError,
+    TooManyBadRecords,
+  ) as error:  # No traceback.
     sys.exit(f'{type(error).__name__}: {error}')
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.
