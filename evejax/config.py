@@ -262,23 +262,24 @@ class TrainConfig:
   def batch_spec(self) -> BatchSpec:
     """The training batches' spec: model geometry, data shapes, offline teacher features."""
     data = self.data
-    image = dict(
-      max_size=data.max_size,
-      resize=data.resize,
-      teacher_size=self.model.pal_teacher_size if self.pal.offline else 0,
-    )
-    budget = BatchSpec.for_model(
-      self.model, seq_len=data.seq_len, patch_slots=0, **image
-    ).image_budget
-    if data.row_patches and data.row_patches < budget:
+    try:
+      spec = BatchSpec.for_model(
+        self.model,
+        seq_len=data.seq_len,
+        patch_slots=data.row_patches,
+        max_size=data.max_size,
+        resize=data.resize,
+        teacher_size=self.model.pal_teacher_size if self.pal.offline else 0,
+      )
+    except ValueError as error:  # A data setting the model cannot take (e.g. resize='pad').
+      raise ConfigError(str(error)) from error
+    if data.row_patches and data.row_patches < spec.image_budget:
       raise ConfigError(
-        f'data.row_patches={data.row_patches} is below the {budget} patch groups '
+        f'data.row_patches={data.row_patches} is below the {spec.image_budget} patch groups '
         f'one image may need at data.max_size={data.max_size}; raise it (or 0 '
         'for exactly one image)'
       )
-    return BatchSpec.for_model(
-      self.model, seq_len=data.seq_len, patch_slots=data.row_patches or budget, **image
-    )
+    return spec.replace(patch_slots=data.row_patches or spec.image_budget)
 
 
 def default_config() -> ml_collections.ConfigDict:
