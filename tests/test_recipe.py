@@ -21,6 +21,8 @@ from evejax.convert import checkpoints
 from evejax.models import EVE, ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The recipe CLI trains all five tiny stages once (~90 s): run with -m slow, like test_recipe_v1.
+pytestmark = pytest.mark.slow
 STEPS = 2
 RECIPE = f'configs/eve_v2:size=tiny,steps={STEPS}'
 OVERRIDES = {'data.num_train': 300, 'data.num_eval': 16, 'model.num_layers': 2}
