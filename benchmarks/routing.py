@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from evejax.models import ModelConfig, layers
+from evejax.models import ModelConfig
 from evejax.models.decoder import DecoderLayer
+from evejax.models.routing import Router
 
 
 def layer_step(cfg: ModelConfig, rows: int, seq_len: int, vision_fraction: float):
@@ -25,10 +26,10 @@ def layer_step(cfg: ModelConfig, rows: int, seq_len: int, vision_fraction: float
   x = jnp.asarray(rng.normal(size=(rows, seq_len, cfg.hidden_size)), cfg.jnp_dtype)
   vision = jnp.asarray(rng.random((rows, seq_len)) < vision_fraction)
   positions = jnp.broadcast_to(jnp.arange(seq_len), (rows, seq_len))
-  mask = layers.attention_mask(jnp.ones((rows, seq_len), jnp.int32))
+  segment_ids = jnp.ones((rows, seq_len), jnp.int32)
 
   def loss(state, x):
-    out = nnx.merge(graphdef, state)(x, vision, positions, mask)
+    out = nnx.merge(graphdef, state)(x, Router.create(vision, cfg.routing), positions, segment_ids)
     return jnp.mean(out.astype(jnp.float32) ** 2)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x)

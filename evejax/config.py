@@ -226,6 +226,9 @@ class TrainConfig:
   sharding_rules: tuple = ()  # (logical axis, mesh axes) overrides of sharding.DEFAULT_RULES.
   sharding_tolerance: float = 0.02  # Most parameter bytes left replicated over fsdp/tensor.
   microbatches: int = 1  # Gradient accumulation inside the step.
+  # The loss computes the logits this many positions at a time (never [B, T, vocab] at once);
+  # <= 0: all at once.
+  loss_chunk: int = 512
   distributed: DistributedConfig = _field(DistributedConfig)
   log_every: int = 25
   eval_every: int = 200

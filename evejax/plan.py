@@ -108,6 +108,7 @@ def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
       tx,
       optim.learning_rate_schedule(config.optim, config.total_steps),
       microbatches=config.microbatches,
+      loss_chunk=config.loss_chunk,
     )
     compiled = train_step.lower(state, batch).compile()
   return compiled, state, batch

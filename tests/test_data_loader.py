@@ -17,7 +17,7 @@ from evejax.batch import BatchSpec
 from evejax.config import DataConfig, ShapesConfig, TrainConfig
 from evejax.data import bad_records, packing, pipeline, records, templates
 from evejax.data.tokenizer import train_bpe
-from evejax.models import ModelConfig, layers
+from evejax.models import ModelConfig, attention
 
 NUM_RECORDS = 48
 PATCH, MERGE = 4, 2  # 8 px visual tokens.
@@ -134,7 +134,7 @@ def test_packed_rows_keep_examples_apart(source, pre, tokenizer):
   for group in rows:
     row = pipeline.encode.pack_row(group, spec)
     lengths = [len(ex['tokens']) for ex in group]
-    mask = np.asarray(layers.attention_mask(row['segment_ids'][None]))[0, 0]
+    mask = np.asarray(attention.segment_mask(row['segment_ids'][None]))[0, 0]
     np.testing.assert_array_equal(mask, expected_mask(lengths, spec.seq_len))
     start, patch_start = 0, 0
     for ex, n in zip(group, lengths):

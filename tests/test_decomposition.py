@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from evejax.models import ModelConfig, layers
+from evejax.models import ModelConfig
 from evejax.models.decoder import DecoderLayer
+from evejax.models.routing import Router
 
 T = 10
 VISION = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0, 0], bool)  # text, image, text
@@ -16,8 +17,8 @@ VISION = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0, 0], bool)  # text, image, text
 
 def run(layer, x, vision_mask=VISION):
   pos = jnp.arange(T)[None]
-  mask = layers.attention_mask(jnp.ones((1, T), jnp.int32))
-  return np.asarray(layer(x, jnp.asarray(vision_mask)[None], pos, mask))[0]
+  router = Router.create(jnp.asarray(vision_mask)[None])
+  return np.asarray(layer(x, router, pos, jnp.ones((1, T), jnp.int32)))[0]
 
 
 def perturbed(layer, prefixes):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from evejax.models import layers
+from evejax.models import attention, layers
 from evejax.models.decoder import Attention
 
 
@@ -72,8 +72,7 @@ def test_gqa_attention_with_causal_and_segment_mask(tiny_cfg):
   k = rng.normal(size=(2, 7, 2, 8)).astype(np.float32)
   v = rng.normal(size=(2, 7, 2, 8)).astype(np.float32)
   seg = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]], np.int32)
-  mask = layers.attention_mask(jnp.asarray(seg))
-  got = layers.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+  got = attention.self_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg))
   np.testing.assert_allclose(got, np_attention(q, k, v, seg), atol=1e-5)
 
 
@@ -87,7 +86,9 @@ def test_attention_module_projections_and_rope(tiny_cfg):
   x = rng.normal(size=(1, 5, cfg.hidden_size)).astype(np.float32)
   pos = np.arange(5)[None]
   seg = np.ones((1, 5), np.int32)
-  got = attn(jnp.asarray(x), None, jnp.asarray(pos), layers.attention_mask(jnp.asarray(seg)))
+  got = attn.o_proj(
+    attn.attend(attn.qkv_op(False)(jnp.asarray(x)), jnp.asarray(pos), jnp.asarray(seg))
+  )
 
   def lin(p, inp):
     w = np.asarray(p.kernel[...])

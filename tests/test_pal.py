@@ -142,8 +142,8 @@ def test_truncated_image_tokens_use_only_the_surviving_patches():
     'loss_weights',
   ):
     truncated[key] = batch[key][:, :cut]
-  logits, tapped = model.logits_and_taps(truncated, model.pal.taps)
-  assert logits.shape[1] == cut
+  hidden, tapped = model.hidden_states(truncated, model.pal.taps)
+  assert hidden.shape[1] == cut
   loss = pal_lib.PalObjective(1.0, lambda b: target)(model, truncated)[1]
   # NumPy: predictions of the surviving PATCH positions, mapped to their groups.
   kind, index = np.asarray(truncated['token_kind'][0]), np.asarray(truncated['patch_index'][0])
@@ -279,7 +279,7 @@ def test_hd_pal_averages_2x2_token_blocks_like_numpy():
   target = jax.random.normal(jax.random.key(1), (1, 24, cfg.pal_teacher_size))
   loss = pal_lib.PalObjective(1.0, lambda b: target)(model, batch)[1]
 
-  _, tapped = model.logits_and_taps(batch, model.pal.taps)
+  _, tapped = model.hidden_states(batch, model.pal.taps)
   kind, index = np.asarray(batch['token_kind'][0]), np.asarray(batch['patch_index'][0])
   position = {int(g): int(pos) for pos, g in enumerate(index) if kind[pos] == bf.PATCH}
   cos = []

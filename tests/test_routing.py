@@ -10,9 +10,9 @@ from flax import nnx
 from test_sharding import tiny_config
 
 from evejax.batch import BatchSpec
-from evejax.models import EVE, layers
+from evejax.models import EVE
 from evejax.models.decoder import DecoderLayer
-from evejax.models.routing import route
+from evejax.models.routing import Router
 from evejax.sharding.synthetic import random_batch
 
 
@@ -25,15 +25,15 @@ def test_sorted_matches_select_on_linear_ops(vision_fraction):
   mask[1] = vision_fraction > 0  # a row that is all image (when any)
   w_text, w_vision = rng.normal(size=(2, 16, 24)).astype(np.float32)
   expected = np.where(mask[..., None], x @ w_vision, x @ w_text)  # independent NumPy oracle
-  got = jax.jit(lambda x, m: route(x, m, lambda z: z @ w_text, lambda z: z @ w_vision, 'sorted'))(
-    x, mask
-  )
+  got = jax.jit(
+    lambda x, m: Router.create(m, 'sorted')(x, lambda z: z @ w_text, lambda z: z @ w_vision)
+  )(x, mask)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_mode_names_the_choices():
   with pytest.raises(ValueError, match="model.routing 'ragged'.*select.*sorted"):
-    route(jnp.ones((1, 2, 3)), jnp.ones((1, 2), bool), lambda z: z, lambda z: z, 'ragged')
+    Router.create(jnp.ones((1, 2), bool), 'ragged')
 
 
 def test_decomposed_model_forward_and_grads_agree():
@@ -73,11 +73,11 @@ def layer_flops(cfg, moe_part, routing, tokens=(16, 128)):
   graphdef, state = nnx.split(DecoderLayer(cfg, rngs=nnx.Rngs(0)))
   x = jnp.ones((*tokens, cfg.hidden_size))
   vision = jnp.arange(tokens[1])[None].repeat(tokens[0], 0) % 3 == 0
-  mask = layers.attention_mask(jnp.ones(tokens, jnp.int32))
+  segment_ids = jnp.ones(tokens, jnp.int32)
   positions = jnp.arange(tokens[1])[None].repeat(tokens[0], 0)
 
   def apply(state, x, vision):
-    return nnx.merge(graphdef, state)(x, vision, positions, mask)
+    return nnx.merge(graphdef, state)(x, Router.create(vision, routing), positions, segment_ids)
 
   cost = jax.jit(apply).lower(state, x, vision).compile().cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost)['flops']

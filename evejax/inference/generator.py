@@ -3,7 +3,9 @@
 Shapes are static: the prompt batch is left-padded to a multiple of `length_multiple` slots and the
 cache holds prefill + max_new_tokens slots, so a handful of programs serve every request. The model
 only needs `embed(batch)`, `embed_tokens(ids)`, `init_cache(batch, slots)` and
-`forward(x, vision_mask, positions, mask, last_only=...)` (evejax/models/eve.py).
+`forward(x, vision_mask, positions, segment_ids, last_only=...)` (evejax/models/eve.py): the
+prompt's padding has segment id 0 and its tokens 1, as have the generated tokens, so the cache's
+segment ids tell each new token which slots to attend to.
 
 EVEv2 routing: prefill routes visual tokens to the vision weights by `token_kind`; decode steps pass
 no vision mask, so generated tokens use the text weights.
@@ -39,8 +41,6 @@ Array = jax.Array
 @flax.struct.dataclass
 class DecodeState:
   cache: Any  # pure dict of every layer's nnx.Cache: keys, values and write index
-  valid: Array  # (B, S) bool: the cache slot holds a real token (not padding, not yet empty)
-  length: Array  # () int32: slots written, the same for every row (prompts are left-padded)
   positions: Array  # (B,) RoPE position of `token`: expanded prompt length + earlier new tokens
   token: Array  # (B,) the last chosen token, the input of the next step
   # (B, V) bool: tokens of the prompt text or generated, for the repetition penalty. The reference
@@ -117,26 +117,23 @@ class Generator:
     if self.mesh is None:
       return cache
     heads = 'tensor' if self.num_kv_heads % self.mesh.shape['tensor'] == 0 else None
-    kv = NamedSharding(self.mesh, P(BATCH_AXES, None, heads, None))
-    return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(
-        x, kv if x.ndim == 4 else NamedSharding(self.mesh, P())
-      ),
-      cache,
-    )
+    by_rank = {  # keys and values [B, S, K, H], segment ids [B, S], the write index
+      4: NamedSharding(self.mesh, P(BATCH_AXES, None, heads, None)),
+      2: NamedSharding(self.mesh, P(BATCH_AXES, None)),
+      0: NamedSharding(self.mesh, P()),
+    }
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_rank[x.ndim]), cache)
 
   def _prefill_fn(self, params, batch, key, *, cache_len: int, cfg: SamplingConfig) -> DecodeState:
     model = nnx.merge(self.graphdef, nnx.State(params))
     b, t = batch['tokens'].shape
     model.init_cache(b, cache_len)
     is_real = batch['segment_ids'] != 0
-    valid = jnp.zeros((b, cache_len), jnp.bool_).at[:, :t].set(is_real)
-    causal = jnp.arange(cache_len)[None, :] <= jnp.arange(t)[:, None]
     logits = model.forward(
       model.embed(batch),
       batch['token_kind'] != bf.TEXT,
       batch['positions'],
-      valid[:, None, None, :] & causal,
+      batch['segment_ids'],
       last_only=True,
     )[:, 0]
     is_text = (is_real & (batch['token_kind'] == bf.TEXT)).astype(jnp.int32)
@@ -148,8 +145,6 @@ class Generator:
     )
     state = DecodeState(
       cache=self._constrain_cache(nnx.to_pure_dict(nnx.state(model, nnx.Cache))),
-      valid=valid,
-      length=jnp.asarray(t, jnp.int32),
       positions=is_real.sum(-1).astype(jnp.int32),
       token=jnp.zeros((b,), jnp.int32),
       seen=seen,
@@ -162,20 +157,15 @@ class Generator:
 
   def _step_fn(self, params, state: DecodeState, index, *, cfg: SamplingConfig) -> DecodeState:
     model = nnx.merge(self.cached_graphdef, nnx.State(params), nnx.State(state.cache))
-    b = state.token.shape[0]
-    valid = jax.lax.dynamic_update_slice(
-      state.valid, jnp.ones((b, 1), jnp.bool_), (0, state.length)
-    )
     logits = model.forward(
       model.embed_tokens(state.token[:, None]),
       None,
       state.positions[:, None],
-      valid[:, None, None, :],
+      jnp.ones_like(state.token)[:, None],  # the segment of every real prompt token
+      last_only=True,
     )[:, 0]
     state = state.replace(
       cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
-      valid=valid,
-      length=state.length + 1,
       positions=state.positions + 1,
     )
     return self._emit(state, logits, cfg, index)

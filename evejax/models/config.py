@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from evejax.config_utils import from_mapping
+from evejax.models import attention
 
 DECOMPOSABLE_PARTS = ('layernorm', 'self_attn', 'mlp')
 
@@ -33,6 +34,12 @@ class ModelConfig:
   # DECOMPOSABLE_PARTS; '' keeps one dense decoder for all tokens (`add_moe=False`).
   moe_part: str = 'layernorm-self_attn-mlp'
   routing: str = 'select'  # How decomposed ops pick their branch; see routing.py.
+  # How attention scores are computed (evejax/models/attention.py): 'auto' (cudnn on GPU, pallas on
+  # TPU, xla elsewhere), 'xla' (materialises T x T), 'cudnn' or 'pallas' (fused, flash).
+  attention: str = 'auto'
+  # cudnn takes packed rows as runs of equal segment ids: at most this many a row (examples plus
+  # the padding); the trainer checks data.pack_window against it.
+  max_segments: int = 64
   # Decoder execution (evejax/models/stack.py): scan over stacked layers (parameters get a leading
   # `layers` axis instead of `layers.N`), and the rematerialisation policy of each layer.
   scan_layers: bool = False
@@ -74,6 +81,10 @@ class ModelConfig:
       raise ValueError(
         f"model.routing={self.routing!r}; use 'select' (reference: both branches on "
         "every token) or 'sorted' (FLOP-exact)"
+      )
+    if self.attention not in attention.IMPLEMENTATIONS:
+      raise ValueError(
+        f'model.attention={self.attention!r}; use one of {attention.IMPLEMENTATIONS}'
       )
     if self.vision_tokenizer not in ('v1', 'v2'):
       raise ValueError(f"model.vision_tokenizer={self.vision_tokenizer!r}; use 'v2' or 'v1'")

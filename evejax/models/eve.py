@@ -13,6 +13,7 @@ from evejax.models import layers, stack
 from evejax.models.config import ModelConfig
 from evejax.models.decoder import DecoderLayer
 from evejax.models.pal import PatchAligningLayer
+from evejax.models.routing import Router
 from evejax.models.vision import VisionTokenizerV2, splice
 from evejax.models.vision_v1 import VisionTokenizerV1, image_numbers
 
@@ -35,7 +36,7 @@ class EVE(nnx.Module):
     )
     tokenizer = VisionTokenizerV1 if cfg.vision_tokenizer == 'v1' else VisionTokenizerV2
     self.vision_tower = tokenizer(cfg, rngs=rngs)
-    # EVEv1's patch-aligning layer: training only (see `logits_and_taps`), never at inference.
+    # EVEv1's patch-aligning layer: training only (taps of `decode`), never at inference.
     self.pal = PatchAligningLayer(cfg, rngs=rngs) if cfg.pal else None
     if cfg.scan_layers:  # one DecoderLayer with stacked parameters (see stack.py)
       self.layers = stack.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
@@ -84,6 +85,7 @@ class EVE(nnx.Module):
     )
 
   def logits(self, hidden: Array) -> Array:
+    """Next-token logits [..., vocab] of decoder outputs [..., D] (final norm, then the head)."""
     hidden = self.norm(hidden)
     if self.lm_head is None:
       return self.embed_tokens.attend(hidden)
@@ -99,51 +101,59 @@ class EVE(nnx.Module):
     for layer in self.layers:
       layer.self_attn.init_cache(batch_size, max_len, self.cfg.jnp_dtype)
 
+  def decode(
+    self,
+    x: Array,  # [B, T, D] input embeddings
+    vision_mask: Array | None,  # [B, T] bool
+    positions: Array,  # [B, T] int32
+    segment_ids: Array,  # [B, T] int32
+    *,
+    taps: tuple[int, ...] = (),
+  ) -> tuple[Array, list[Array]]:
+    """The decoder stack: outputs [B, T, D] (before the final norm), and the hidden states at
+    `taps`, indices into HF's `hidden_states` tuple (0 = input embeddings, i = output of decoder
+    layer i - 1, num_layers = the final output after the norm). `vision_mask` None routes every
+    token to the text weights (EVEv2 decode steps)."""
+    router = Router.create(vision_mask, self.cfg.routing)
+    call = stack.layer_call(self.cfg.remat, scanned=self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      if taps:
+        raise ValueError('PAL taps intermediate hidden states: set model.scan_layers=False')
+      return stack.scan_layers(call, self.layers, x, router, positions, segment_ids), []
+    states = [x]
+    for layer in self.layers:
+      x = call(layer, x, router, positions, segment_ids)
+      states.append(x)
+    states[-1] = self.norm(x)
+    return x, [states[i] for i in taps]
+
   def forward(
     self,
     x: Array,
     vision_mask: Array | None,
     positions: Array,
-    mask: Array,
+    segment_ids: Array,
     *,
     last_only: bool = False,
   ) -> Array:
-    """Logits for input embeddings x (B, T, D). `vision_mask` None routes every token to the text
-    weights (EVEv2 decode steps). With a KV cache, `mask` is (B, 1, T, max_len) over cache slots.
-    `last_only`: logits of the last position only, (B, 1, vocab) (a prefill needs no more)."""
-    call = stack.layer_call(self.cfg.remat, scanned=self.cfg.scan_layers)
-    if self.cfg.scan_layers:
-      x = stack.scan_layers(call, self.layers, x, vision_mask, positions, mask)
-    else:
-      for layer in self.layers:
-        x = call(layer, x, vision_mask, positions, mask)
-    return self.logits(x[:, -1:] if last_only else x)
+    """Logits [B, T, vocab] of input embeddings (generation); `last_only`: of the last position
+    only, [B, 1, vocab] (a prefill needs no more). With a KV cache, see decoder.Attention."""
+    hidden, _ = self.decode(x, vision_mask, positions, segment_ids)
+    return self.logits(hidden[:, -1:] if last_only else hidden)
 
-  def logits_and_taps(
-    self, batch: Mapping[str, Array], taps: tuple[int, ...]
+  def hidden_states(
+    self, batch: Mapping[str, Array], taps: tuple[int, ...] = ()
   ) -> tuple[Array, list[Array]]:
-    """Logits and the hidden states at `taps`, indices into HF's `hidden_states` tuple: 0 = input
-    embeddings, i = output of decoder layer i - 1, num_layers = the final output after the norm."""
-    if self.cfg.scan_layers:
-      raise ValueError('PAL taps intermediate hidden states: set model.scan_layers=False')
-    call = stack.layer_call(self.cfg.remat, scanned=False)
-    x = self.embed(batch)
-    vision_mask = batch['token_kind'] != batch_format.TEXT
-    mask = layers.attention_mask(batch['segment_ids'])
-    states = [x]
-    for layer in self.layers:
-      x = call(layer, x, vision_mask, batch['positions'], mask)
-      states.append(x)
-    states[-1] = self.norm(x)
-    final = states[-1]
-    logits = self.embed_tokens.attend(final) if self.lm_head is None else self.lm_head(final)
-    return logits, [states[i] for i in taps]
-
-  def __call__(self, batch: Mapping[str, Array]) -> Array:
-    """Next-token logits (B, L, vocab) for a batch in the format of evejax/batch.py."""
-    return self.forward(
+    """`decode` of a batch in the format of evejax/batch.py: the training losses apply `logits`
+    to the outputs chunk by chunk (evejax/train/losses.py)."""
+    return self.decode(
       self.embed(batch),
       batch['token_kind'] != batch_format.TEXT,
       batch['positions'],
-      layers.attention_mask(batch['segment_ids']),
+      batch['segment_ids'],
+      taps=taps,
     )
+
+  def __call__(self, batch: Mapping[str, Array]) -> Array:
+    """Next-token logits [B, L, vocab] for a batch in the format of evejax/batch.py."""
+    return self.logits(self.hidden_states(batch)[0])

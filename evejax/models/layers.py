@@ -69,22 +69,6 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
   return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
-  """Causal mask that never crosses segments (packed examples). Returns (B, 1, T, T) bool.
-
-  Padding (segment 0) attends to earlier padding, so no query row is fully masked (no NaNs).
-  """
-  t = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal & same)[:, None]
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """Grouped-query attention. q: (B, T, N, H); k, v: (B, S, K, H); mask: (B, 1, T, S)."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 

@@ -1,17 +1,23 @@
 """Per-token choice between the text (LLM) weights and their vision copies (EVEv2).
 
-This is the single place that decides how a decomposed op is evaluated:
+A `Router` is built once per forward pass from the vision mask and decides how every decomposed op
+of every layer is evaluated:
 
 - `select` (the reference, and the test oracle): both branches on every token, then a per-token
   select; the decomposed ops cost 2x the FLOPs of a plain layer.
-- `sorted` (FLOP-exact): tokens are sorted by modality (vision first), so the modality boundary is a
-  single index V. Static-shape windows halve around V: at each level one half of the current
-  window lies wholly on one side of V and takes exactly one branch (`lax.cond`), and the search
-  continues in the other half; only the last window (max(N / 64, 32) tokens) straddling V evaluates
-  both branches. Total cost: N + ~N / 32 token-ops instead of 2N. It needs no grouped-matmul
-  kernel (`lax.ragged_dot` lowers to two dense matmuls on CPU), so it is FLOP-exact on every
-  backend. Under a mesh the sort runs per batch shard (`shard_map` over the batch axes, the
-  `tensor` axis left to GSPMD), so no token leaves its device.
+- `sorted` (FLOP-exact): the tokens' order by modality (vision first) is computed once, when the
+  router is built; each routed op gathers its input into that order, so the modality boundary is a
+  single index V, and gathers its output back. Static-shape windows halve around V: at each level
+  one half of the current window lies wholly on one side of V and takes exactly one branch
+  (`lax.cond`), and the search continues in the other half; only the last window (max(N / 64, 32)
+  tokens) straddling V evaluates both branches. Total cost: N + ~N / 32 token-ops instead of 2N.
+  It needs no grouped-matmul kernel (`lax.ragged_dot` lowers to two dense matmuls on CPU), so it is
+  FLOP-exact on every backend. Under a mesh the order is per batch shard (`shard_map` over the
+  batch axes, the `tensor` axis left to GSPMD), so no token leaves its device.
+
+Decoder layers route whole chains of per-token ops at once (norm -> q/k/v projections, o_proj,
+norm -> MLP: three routed calls a layer), so the gathers and the window search happen three times a
+layer instead of seven, and the sort once per forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -26,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from evejax.sharding.mesh import BATCH_AXES
 
 Array = jax.Array
-Op = Callable[[Array], Array]
+Op = Callable[[Array], Array]  # [n, D] -> [n, F], token by token
 
 MODES = ('select', 'sorted')
 # The last window, where both branches run, holds max(tokens / 64, 32) tokens: <= ~3% extra FLOPs at
@@ -35,42 +42,73 @@ LAST_WINDOW_FRACTION = 64
 MIN_LAST_WINDOW = 32
 
 
-def route(
-  x: Array, vision_mask: Array | None, text_op: Op, vision_op: Op | None, mode: str = 'select'
-) -> Array:
-  """Applies `vision_op` to tokens where `vision_mask` (B, T) is set and `text_op` elsewhere.
+@flax.struct.dataclass
+class Router:
+  """The routing of one forward pass. `vision_mask` None (decode steps): every token is text."""
 
-  With no vision op (part not decomposed) or no mask (decode steps), every token takes `text_op`.
-  """
-  if vision_op is None or vision_mask is None:
-    return text_op(x)
-  if mode == 'select':
-    # Reference semantics: both branches on every token, then a hard per-token select.
-    return jnp.where(vision_mask[..., None], vision_op(x), text_op(x))
-  if mode == 'sorted':
-    return _per_batch_shard(lambda x, m: _route_sorted(x, m, text_op, vision_op), x, vision_mask)
-  raise ValueError(f'Unknown model.routing {mode!r}; available: {MODES}')
+  mode: str = flax.struct.field(pytree_node=False)
+  vision_mask: Array | None  # [B, T] bool
+  order: Array | None = None  # [B, T] int32: per batch shard, flat token indices, vision first
+  inverse: Array | None = None  # [B, T] int32: the position of each token in `order`
+  num_vision: Array | None = None  # [shards] int32: visual tokens per batch shard
+
+  @classmethod
+  def create(cls, vision_mask: Array | None, mode: str = 'select') -> Router:
+    if mode not in MODES:
+      raise ValueError(f'Unknown model.routing {mode!r}; available: {MODES}')
+    if mode == 'select' or vision_mask is None:
+      return cls(mode, vision_mask)
+    order, inverse, num_vision = _per_batch_shard(_sort_order, vision_mask)
+    return cls(mode, vision_mask, order, inverse, num_vision)
+
+  def __call__(self, x: Array, text_op: Op, vision_op: Op | None) -> Array:
+    """`vision_op` on the visual tokens of x [B, T, D], `text_op` on the others. With no vision op
+    (part not decomposed) or no mask, every token takes `text_op`."""
+    if vision_op is None or self.vision_mask is None:
+      return text_op(x)
+    if self.mode == 'select':
+      # Reference semantics: both branches on every token, then a hard per-token select.
+      return jnp.where(self.vision_mask[..., None], vision_op(x), text_op(x))
+    return _per_batch_shard(
+      lambda x, order, inverse, num_vision: _route_sorted(
+        x, order, inverse, num_vision[0], text_op, vision_op
+      ),
+      x,
+      self.order,
+      self.inverse,
+      self.num_vision,
+    )
 
 
-def _per_batch_shard(fn: Callable[[Array, Array], Array], x: Array, mask: Array) -> Array:
-  """Runs `fn` on each device's rows when a mesh with batch axes is active, else on all rows."""
+def _per_batch_shard(fn: Callable, *arrays: Array):
+  """Runs `fn` on each device's rows when a mesh with batch axes is active, else on all rows; every
+  argument and output has the batch (or shard) axis first."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return fn(x, mask)
+  if not axes or arrays[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return fn(*arrays)
   spec = P(axes)
   return jax.shard_map(
-    fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, axis_names=set(axes), check_vma=False
-  )(x, mask)
+    fn, mesh=mesh, in_specs=spec, out_specs=spec, axis_names=set(axes), check_vma=False
+  )(*arrays)
 
 
-def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> Array:
+def _sort_order(vision_mask: Array) -> tuple[Array, Array, Array]:
+  flat = vision_mask.reshape(-1)
+  order = jnp.argsort(~flat, stable=True).astype(jnp.int32)  # vision tokens first
+  # Inverting the permutation is a cheap int scatter; unsorting rows is then a gather (row
+  # scatters are slow on CPU).
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+  num_vision = jnp.sum(flat, dtype=jnp.int32)[None]
+  return order.reshape(vision_mask.shape), inverse.reshape(vision_mask.shape), num_vision
+
+
+def _route_sorted(
+  x: Array, order: Array, inverse: Array, num_vision: Array, text_op: Op, vision_op: Op
+) -> Array:
   lead, dim = x.shape[:-1], x.shape[-1]
-  flat_x, flat_mask = x.reshape(-1, dim), vision_mask.reshape(-1)
-  n = flat_x.shape[0]
-  order = jnp.argsort(~flat_mask, stable=True)  # vision tokens first
-  num_vision = jnp.sum(flat_mask, dtype=jnp.int32)
-  xs = flat_x[order]
+  xs = x.reshape(-1, dim)[order.reshape(-1)]
+  n = xs.shape[0]
   out_shape = jax.eval_shape(text_op, xs[:1])
   out = jnp.zeros((n, out_shape.shape[-1]), out_shape.dtype)
 
@@ -89,7 +127,4 @@ def _route_sorted(x: Array, vision_mask: Array, text_op: Op, vision_op: Op) -> A
   is_vision = (start + jnp.arange(size)) < num_vision
   y = jnp.where(is_vision[:, None], vision_op(window), text_op(window))
   out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, 0)
-  # Unsort with a gather (row scatters are slow on CPU); inverting the permutation is a cheap
-  # int scatter.
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))
-  return out[inverse].reshape(*lead, -1)
+  return out[inverse.reshape(-1)].reshape(*lead, -1)

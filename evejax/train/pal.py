@@ -112,10 +112,11 @@ class PalObjective:
   teacher: TeacherFn
 
   def __call__(self, model: nnx.Module, batch: Mapping[str, Array]) -> tuple[Array, Array]:
-    """Logits (B, L, vocab) and the PAL loss (scalar) from one forward pass."""
+    """Decoder outputs [B, L, D] (the logits are the step's, chunk by chunk) and the PAL loss
+    (scalar) from one forward pass."""
     if model.pal is None:
       raise ValueError('pal.weight > 0 needs model.pal=True (the patch-aligning layer)')
-    logits, tapped = model.logits_and_taps(batch, model.pal.taps)
+    hidden, tapped = model.hidden_states(batch, model.pal.taps)
     grouped, present = group_states(
       jnp.stack(tapped, axis=2),
       batch['token_kind'],
@@ -129,7 +130,7 @@ class PalObjective:
       grouped, valid = pool_blocks(grouped, valid, anchors, pool)
     pred = model.pal([grouped[:, :, j] for j in range(len(tapped))])
     target = jax.lax.stop_gradient(self.teacher(batch))
-    return logits, cosine_loss(pred, target, valid, batch['patch_image'])
+    return hidden, cosine_loss(pred, target, valid, batch['patch_image'])
 
 
 def objective_from_config(pal: PalConfig, model_cfg: ModelConfig) -> PalObjective | None:

@@ -68,13 +68,16 @@ class StepMetrics(metrics.Collection):
 
 
 def _loss_metrics(
-  graphdef: nnx.GraphDef, params, batch, pal: PalObjective | None = None
+  graphdef: nnx.GraphDef, params, batch, pal: PalObjective | None, loss_chunk: int
 ) -> tuple[Array, LossMetrics]:
-  """Cross-entropy on supervised tokens, plus `pal.weight` x the PAL loss when `pal` is given."""
+  """Cross-entropy on supervised tokens (logits `loss_chunk` positions at a time), plus
+  `pal.weight` x the PAL loss when `pal` is given."""
   model = nnx.merge(graphdef, nnx.State(params))
   weights = batch['loss_weights']  # [B, L]
-  logits, pal_loss = (model(batch), None) if pal is None else pal(model, batch)
-  nll, correct = losses.token_losses(logits, batch['targets'], weights)
+  hidden, pal_loss = (model.hidden_states(batch)[0], None) if pal is None else pal(model, batch)
+  nll, correct = losses.chunked_token_losses(
+    hidden, model.logits, batch['targets'], weights, loss_chunk
+  )
   loss = losses.weighted_mean(nll, weights)
   collected = (TokenMetrics.single_from_model_output(nll=nll, correct=correct, mask=weights > 0),)
   if pal is None:
@@ -99,11 +102,13 @@ def _loss_and_grads(
   microbatches: int,
   pal: PalObjective | None = None,
   trainable: Any = None,
+  loss_chunk: int = 0,
 ):
   """Loss, token metrics and gradients of the whole batch. With `microbatches` > 1 a `lax.scan`
   over batch slices accumulates them (the same result, a fraction of the activation memory)."""
   grad_fn = jax.value_and_grad(
-    lambda p, b: _loss_metrics(graphdef, _frozen_as_constants(p, trainable), b, pal), has_aux=True
+    lambda p, b: _loss_metrics(graphdef, _frozen_as_constants(p, trainable), b, pal, loss_chunk),
+    has_aux=True,
   )
   if microbatches == 1:
     (loss, loss_metrics), grads = grad_fn(params, batch)
@@ -139,15 +144,17 @@ def make_train_step(
   trainable: Any = None,
   microbatches: int = 1,
   pal: PalObjective | None = None,
+  loss_chunk: int = 0,
 ) -> Callable:
   """`skip_nonfinite`: a step whose loss or gradients are not finite leaves params and opt_state
   unchanged (the step counter still advances, past the bad batch). `microbatches`: gradient
   accumulation over that many slices of each batch inside the step. `pal`: EVEv1's patch-aligning
-  term added to the loss (evejax/train/pal.py); None leaves the loss pure cross-entropy."""
+  term added to the loss (evejax/train/pal.py); None leaves the loss pure cross-entropy.
+  `loss_chunk`: positions whose logits are computed at a time (losses.chunked_token_losses)."""
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, tuple[LossMetrics, StepMetrics]]:
     loss, loss_metrics, grads = _loss_and_grads(
-      graphdef, state.params, batch, microbatches, pal, trainable
+      graphdef, state.params, batch, microbatches, pal, trainable, loss_chunk
     )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -170,8 +177,10 @@ def make_train_step(
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, pal: PalObjective | None = None) -> Callable:
+def make_eval_step(
+  graphdef: nnx.GraphDef, pal: PalObjective | None = None, loss_chunk: int = 0
+) -> Callable:
   def eval_step(params, batch) -> LossMetrics:
-    return _loss_metrics(graphdef, params, batch, pal)[1]
+    return _loss_metrics(graphdef, params, batch, pal, loss_chunk)[1]
 
   return jax.jit(eval_step)

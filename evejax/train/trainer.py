@@ -171,8 +171,9 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
     microbatches=cfg.microbatches,
     trainable=optim.trainable_mask(cfg.optim, params),
     pal=pal,
+    loss_chunk=cfg.loss_chunk,
   )
-  eval_step = make_eval_step(graphdef, pal)
+  eval_step = make_eval_step(graphdef, pal, cfg.loss_chunk)
   benchmark = (
     PeriodicBenchmark(cfg.benchmark, cfg, graphdef, params, tokenizer, mesh)
     if cfg.benchmark.file
