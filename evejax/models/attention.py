@@ -20,8 +20,6 @@ query row of scores per token, nothing to fuse.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -112,7 +110,6 @@ def flash_attention(
   )
 
 
-@functools.cache
 def _splash_kernel(seq_len: int, group: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
     splash_attention_kernel as splash,
@@ -135,9 +132,10 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
     ),
     FLASH_BLOCK,
   )
-  kernel = splash.make_splash_mqa_single_device(
-    mask, block_sizes=splash.BlockSizes(**block), interpret=interpret
-  )
+  with jax.ensure_compile_time_eval():  # the mask's block tables are constants, not traced
+    kernel = splash.make_splash_mqa_single_device(
+      mask, block_sizes=splash.BlockSizes(**block), interpret=interpret
+    )
   return kernel, splash.SegmentIds
 
 
