@@ -29,6 +29,7 @@ import ml_collections
 from evejax.batch import BatchSpec
 from evejax.config_utils import from_mapping
 from evejax.data import images, shapes, templates
+from evejax.models import attention
 from evejax.models.clip import CLIPVisionConfig
 from evejax.models.config import ModelConfig
 
@@ -261,6 +262,21 @@ class TrainConfig:
   def to_dict(self) -> dict[str, Any]:
     """JSON-able: what checkpoints and {workdir}/config.json store."""
     return dataclasses.asdict(self)
+
+  def check_attention(self, platform: str | None = None) -> None:
+    """The attention this run takes on `platform` (default: JAX's) can run and can hold its
+    packed rows: cuDNN takes at most model.max_segments runs of segment ids a row."""
+    try:
+      implementation = attention.resolve(self.model.attention, platform)
+    except ValueError as error:
+      raise ConfigError(str(error)) from error
+    runs = self.data.pack_window + 1  # examples, and the padding
+    if implementation == 'cudnn' and runs > self.model.max_segments:
+      raise ConfigError(
+        f'data.pack_window={self.data.pack_window} packs up to {runs} runs of segment ids a row '
+        f'(with the padding) but cuDNN attention takes model.max_segments='
+        f'{self.model.max_segments}: raise model.max_segments or lower data.pack_window'
+      )
 
   def batch_spec(self) -> BatchSpec:
     """The training batches' spec: model geometry, data shapes, offline teacher features."""

@@ -33,6 +33,7 @@ from evejax import sharding
 from evejax.batch import BatchSpec
 from evejax.inference import prompts as prompt_lib
 from evejax.inference.sampling import SamplingConfig, next_token
+from evejax.models import attention
 from evejax.sharding.mesh import BATCH_AXES
 
 Array = jax.Array
@@ -76,8 +77,11 @@ class Generator:
     tokens per row (the context the model trained on)."""
     self.graphdef, self.params, self.pad_id, self.mesh = graphdef, params, pad_id, mesh
     self.spec, self.max_length = spec, max_length
+    model_cfg = nnx.merge(graphdef, nnx.State(params)).cfg
+    if attention.resolve(model_cfg.attention) == 'pallas':  # flash kernels take whole blocks
+      length_multiple = math.lcm(length_multiple, attention.FLASH_BLOCK)
     self.length_multiple, self.patch_multiple = length_multiple, patch_multiple
-    self.num_kv_heads = nnx.merge(graphdef, nnx.State(params)).cfg.num_kv_heads
+    self.num_kv_heads = model_cfg.num_kv_heads
 
     def with_cache():
       model = nnx.merge(graphdef, nnx.State(params))

@@ -115,6 +115,7 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   """
   cfg = TrainConfig.parse(config)  # The one place the raw config is read.
   sharding.distributed.initialize(cfg.distributed)  # before any other JAX call
+  cfg.check_attention()
   if jax.process_index() == 0:  # First: even a run that fails to start leaves its config.
     store.write_run_config(workdir, cfg.to_dict())
   train_source, eval_source = pipeline.make_sources(cfg.data)
