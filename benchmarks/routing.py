@@ -29,7 +29,9 @@ def layer_step(cfg: ModelConfig, rows: int, seq_len: int, vision_fraction: float
   segment_ids = jnp.ones((rows, seq_len), jnp.int32)
 
   def loss(state, x):
-    out = nnx.merge(graphdef, state)(x, Router.create(vision, cfg.routing), positions, segment_ids)
+    router = Router.create(vision, cfg.routing)  # sorts once per forward pass (here: per layer)
+    layer = nnx.merge(graphdef, state)
+    out = router.leave(layer(router.enter(x), router, positions, segment_ids))
     return jnp.mean(out.astype(jnp.float32) ** 2)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x)

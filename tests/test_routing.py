@@ -16,6 +16,11 @@ from evejax.models.routing import Router
 from evejax.sharding.synthetic import random_batch
 
 
+def routed(router, x, text_op, vision_op):
+  """One routed op on x in sequence order: into the router's layout and back."""
+  return router.leave(router(router.enter(x), text_op, vision_op))
+
+
 @pytest.mark.parametrize('vision_fraction', [0.0, 0.3, 0.97, 1.0])
 def test_sorted_matches_select_on_linear_ops(vision_fraction):
   rng = np.random.default_rng(0)
@@ -26,7 +31,7 @@ def test_sorted_matches_select_on_linear_ops(vision_fraction):
   w_text, w_vision = rng.normal(size=(2, 16, 24)).astype(np.float32)
   expected = np.where(mask[..., None], x @ w_vision, x @ w_text)  # independent NumPy oracle
   got = jax.jit(
-    lambda x, m: Router.create(m, 'sorted')(x, lambda z: z @ w_text, lambda z: z @ w_vision)
+    lambda x, m: routed(Router.create(m, 'sorted'), x, lambda z: z @ w_text, lambda z: z @ w_vision)
   )(x, mask)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -77,7 +82,9 @@ def layer_flops(cfg, moe_part, routing, tokens=(16, 128)):
   positions = jnp.arange(tokens[1])[None].repeat(tokens[0], 0)
 
   def apply(state, x, vision):
-    return nnx.merge(graphdef, state)(x, Router.create(vision, routing), positions, segment_ids)
+    router = Router.create(vision, routing)
+    layer = nnx.merge(graphdef, state)
+    return router.leave(layer(router.enter(x), router, positions, segment_ids))
 
   cost = jax.jit(apply).lower(state, x, vision).compile().cost_analysis()
   return (cost[0] if isinstance(cost, list) else cost)['flops']

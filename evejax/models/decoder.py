@@ -129,6 +129,8 @@ class DecoderLayer(nnx.Module):
     self.moe_mlp = mlp() if cfg.decomposes('mlp') else None
 
   def __call__(self, x: Array, router: Router, positions: Array, segment_ids: Array) -> Array:
+    """x [B, T, D] in the router's layout (routing.py); positions, segment_ids [B, T] in sequence
+    order (attention leaves the layout)."""
     attn = self.self_attn
     qkv = router(
       x,
@@ -136,7 +138,8 @@ class DecoderLayer(nnx.Module):
         (self.input_layernorm, self.moe_input_layernorm), (attn.qkv_op(False), attn.qkv_op(True))
       ),
     )
-    x = x + router(attn.attend(qkv, positions, segment_ids), attn.out_op(False), attn.out_op(True))
+    attended = router.enter(attn.attend(router.leave(qkv), positions, segment_ids))
+    x = x + router(attended, attn.out_op(False), attn.out_op(True))
     return x + router(
       x,
       *_chains(

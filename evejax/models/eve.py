@@ -119,11 +119,14 @@ class EVE(nnx.Module):
     if self.cfg.scan_layers:
       if taps:
         raise ValueError('PAL taps intermediate hidden states: set model.scan_layers=False')
-      return stack.scan_layers(call, self.layers, x, router, positions, segment_ids), []
+      x = stack.scan_layers(call, self.layers, router.enter(x), router, positions, segment_ids)
+      return router.leave(x), []
     states = [x]
+    x = router.enter(x)  # the layers run in the router's layout (routing.py)
     for layer in self.layers:
       x = call(layer, x, router, positions, segment_ids)
-      states.append(x)
+      states.append(router.leave(x) if len(states) in taps else None)
+    x = router.leave(x)
     states[-1] = self.norm(x)
     return x, [states[i] for i in taps]
 
