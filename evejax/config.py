@@ -77,6 +77,7 @@ class ShapesConfig:
   max_shapes: int = 3
   turns: int = 1
   question_kinds: str = ','.join(shapes.QUESTION_KINDS)  # Comma-separated.
+  text_only: bool = False  # No image: the scene's description in the prompt (a text-only LLM).
 
   def dataset_kwargs(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), 'question_kinds': tuple(self.question_kinds.split(','))}
@@ -95,6 +96,10 @@ class DataConfig:
   path: str = ''
   train_split: str = 'train'
   eval_split: str = 'eval'  # '' = no held-out evaluation.
+  # Held-out text-only records, evaluated beside eval_split as eval_text/* (is the LLM's language
+  # ability kept?): a split of `path` ('records'), or for 'shapes' 'text' = the held-out scenes as
+  # text (shapes.text_only). '' = none.
+  text_eval_split: str = ''
   tfds: TfdsConfig = _field(TfdsConfig)
   tokenizer: str = ''  # A tokenizer.json or HF folder; '' = a BPE trained on the source's corpus.
   template: str = 'chat'  # Conversation template (evejax/data/templates.py).
@@ -115,6 +120,13 @@ class DataConfig:
     _one_of('data.source', self.source, SOURCES)
     _one_of('data.resize', self.resize, images.RESIZE_POLICIES)
     _one_of('data.template', self.template, templates.TEMPLATES)
+    if self.text_eval_split and self.source == 'shapes' and self.text_eval_split != 'text':
+      raise ValueError(
+        f'data.text_eval_split={self.text_eval_split!r}: the shapes source has one text-only '
+        "held-out split, 'text'"
+      )
+    if self.text_eval_split and self.source == 'tfds':
+      raise ValueError("data.text_eval_split needs data.source='shapes' or 'records'")
     if self.pack_window < 1:
       raise ValueError(f'data.pack_window must be >= 1 (1 = no packing), got {self.pack_window}')
 
@@ -185,8 +197,25 @@ class GuardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """Weights & Biases logging of every run (evejax/metrics/wandb_writer.py); off without project."""
+
+  project: str = ''  # '' = no W&B.
+  entity: str = ''
+  group: str = ''  # E.g. a sweep's variant (`python -m evejax.sweep` sets it when '').
+  name: str = ''  # '' = the workdir's name.
+  mode: str = (
+    'offline'  # 'offline' (files under {workdir}/wandb, no network), 'online', 'disabled'.
+  )
+
+  def __post_init__(self):
+    _one_of('metrics.wandb.mode', self.mode, ('offline', 'online', 'disabled'))
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
   peak_flops: float = 0.0  # Per device, for MFU; 0 = look the device kind up (metrics/flops.py).
+  wandb: WandbConfig = _field(WandbConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +262,7 @@ class TrainConfig:
   distributed: DistributedConfig = _field(DistributedConfig)
   log_every: int = 25
   eval_every: int = 200
+  eval_at_start: bool = False  # Also evaluate the starting weights (step 0, e.g. init_from's).
   checkpoint: CheckpointConfig = _field(CheckpointConfig)
   init_from: str = ''  # A workdir or checkpoint to take the weights (only) from.
   benchmark: BenchmarkConfig = _field(BenchmarkConfig)

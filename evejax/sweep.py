@@ -11,9 +11,13 @@ dotted overrides of its config:
   python -m evejax.sweep --config=... --workdir=... --mode=commands --launcher=slurm  # launch lines
   python -m evejax.sweep --config=... --workdir=... --mode=run       # train them here, in turn
   python -m evejax.sweep --config=... --workdir=... --mode=results   # final metrics per run
+  python -m evejax.sweep --config=... --workdir=... --seeds=0,1,2 --mode=results --plot
 
 `--config.x=y` overrides on the command line apply to every run, before the run's own. Run i
 writes to WORKDIR/<i>_<its own overrides>; running again resumes each run from its checkpoint.
+`--seeds` repeats every run once per seed (SEED_KEYS set to it) in WORKDIR/<i>_<...>/seed<s>;
+`--mode=results` then also writes mean and std over the seeds of each variant to
+WORKDIR/results.{csv,json}, and `--plot` learning curves and a bar chart (evejax/sweep_results.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from evejax import cli
+from evejax import cli, sweep_results
 from evejax.config_utils import apply_overrides, load_config_file, resolve_config_path
 from evejax.metrics.writers import read_jsonl
 
@@ -40,6 +44,9 @@ LAUNCHERS = {
   'gke': 'launch/gke.sh {config} {workdir}',
 }
 RESULT_KEYS = ('train/loss', 'eval/loss', 'eval/accuracy')
+# What a seed sets: the initialisation of new parameters and the data (order and, for the demo
+# data, the generated examples and held-out set).
+SEED_KEYS = ('seed', 'data.seed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +54,8 @@ class Run:
   name: str
   overrides: dict[str, Any]
   workdir: str
+  index: int = 0  # Of the variant in sweep(add)'s order (`--runs` selects by it).
+  variant: str = ''  # The name shared by the variant's seeds ('' = the run's name).
 
   def flags(self) -> list[str]:
     return [f'--config.{k}={v}' for k, v in self.overrides.items()]
@@ -57,10 +66,15 @@ def _slug(overrides: dict[str, Any]) -> str:
   return re.sub(r'[^A-Za-z0-9_.=+-]+', '-', '-'.join(parts))[:80]
 
 
-def expand(config_spec: str, workdir: str, overrides: dict[str, Any] | None = None) -> list[Run]:
+def expand(
+  config_spec: str,
+  workdir: str,
+  overrides: dict[str, Any] | None = None,
+  seeds: Sequence[int] = (),
+) -> list[Run]:
   """The runs that `sweep(add)` in the config file defines, each override checked against the
   config. `overrides` (the command line's) come first in every run; a run's name and workdir
-  follow from its own."""
+  follow from its own. With `seeds`, every run once per seed (SEED_KEYS), in a seed<s> folder."""
   path = config_spec.partition(':')[0]
   sweep_fn: Callable | None = runpy.run_path(resolve_config_path(path)).get('sweep')
   if sweep_fn is None:
@@ -77,7 +91,12 @@ def expand(config_spec: str, workdir: str, overrides: dict[str, Any] | None = No
     merged = {**(overrides or {}), **own}
     apply_overrides(config.copy_and_resolve_references(), merged, where=f'{path} run {index}')
     name = f'{index:02d}_{_slug(own)}' if own else f'{index:02d}'
-    runs.append(Run(name, merged, os.path.join(workdir, name)))
+    if not seeds:
+      runs.append(Run(name, merged, os.path.join(workdir, name), index, name))
+    for seed in seeds:
+      seeded = {**merged, **dict.fromkeys(SEED_KEYS, seed)}
+      run_dir = os.path.join(workdir, name, f'seed{seed}')
+      runs.append(Run(f'{name}/seed{seed}', seeded, run_dir, index, name))
   return runs
 
 
@@ -98,6 +117,8 @@ def run_locally(runs: Sequence[Run], config_spec: str) -> dict[str, dict[str, fl
   for run in runs:
     logging.info('sweep run %s: %s', run.name, run.overrides)
     config = apply_overrides(load_config_file(config_spec), run.overrides, where=run.name)
+    if config.metrics.wandb.project and not config.metrics.wandb.group:
+      config.metrics.wandb.group = run.variant  # W&B groups a variant's seeds.
     os.makedirs(run.workdir, exist_ok=True)
     finals[run.name] = train(config, run.workdir)
   return finals
@@ -140,7 +161,13 @@ def define_flags() -> None:
   flags.DEFINE_enum('mode', 'list', ['list', 'commands', 'run', 'results'], 'What to do.')
   flags.DEFINE_enum('launcher', 'local', sorted(LAUNCHERS), 'For --mode=commands.')
   flags.DEFINE_list('runs', [], 'Only these run indices (default: all).')
+  flags.DEFINE_list('seeds', [], 'Run every run once per seed (a sweep axis, SEED_KEYS).')
   flags.DEFINE_list('keys', list(RESULT_KEYS), 'Metrics in the results table.')
+  flags.DEFINE_bool('plot', False, '--mode=results: also PNG learning curves and a bar chart.')
+  flags.DEFINE_string('out', None, 'Where --mode=results writes its files (default: --workdir).')
+  flags.DEFINE_list(
+    'curves', [], 'Metrics of the learning curves (--plot; default: the --keys logged per step).'
+  )
   flags.mark_flags_as_required(['workdir'])
 
 
@@ -148,10 +175,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}')
   f, spec = flags.FLAGS, cli.config_spec()
-  runs = expand(spec, f.workdir, cli.config_overrides())
+  runs = expand(spec, f.workdir, cli.config_overrides(), [int(s) for s in f.seeds])
   if f.runs:
     wanted = {int(i) for i in f.runs}
-    runs = [run for index, run in enumerate(runs) if index in wanted]
+    runs = [run for run in runs if run.index in wanted]
   if f.mode == 'list':
     for run in runs:
       print(f'{run.name}\t{run.workdir}\t{" ".join(run.flags())}')
@@ -164,6 +191,14 @@ def main(argv):
     print(results_table(runs, f.keys))
   else:
     print(results_table(runs, f.keys))
+    summary = sweep_results.summarize(runs, f.keys)
+    out = f.out or f.workdir
+    for path in sweep_results.write_results(out, summary):
+      print(f'wrote {path}')
+    print(sweep_results.markdown_table(summary, f.keys))
+    if f.plot:
+      for path in sweep_results.plot(out, runs, summary, f.keys, f.curves):
+        print(f'wrote {path}')
 
 
 if __name__ == '__main__':

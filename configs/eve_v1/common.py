@@ -105,8 +105,9 @@ def stage_config(stage: str, arg: str | None):
     raise ValueError(f'Unknown EVEv1 training stage {stage!r}; available: {sorted(_STAGE)}')
   parsed = parse_arg(arg, **ARGS)
   tiny = parsed.size == 'tiny'
-  # Tiny prealign starts from a random LLM: there is no pretrained one at that size.
-  init_stage = '' if tiny and stage == STAGES[0] else INIT[stage]
+  # Tiny prealign starts from a random LLM unless text_llm: no pretrained one exists at that size.
+  random_llm = tiny and stage == STAGES[0] and not parsed.text_llm
+  init_stage = '' if random_llm else INIT[stage]
   config = v2.build_stage_config(
     _STAGE[stage],
     stage,

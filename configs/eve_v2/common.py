@@ -15,6 +15,8 @@ Arguments (`--config=configs/eve_v2/stage1_0.py:size=7b,root=gs://b/eve_v2,data_
   data_root  7b: the directory holding each stage's converted dataset (data.source='records').
   tokenizer  7b: the Qwen2.5 tokenizer.json or HF folder.
   steps      tiny: training steps per stage.
+  text_llm   tiny: stage 0 starts from {root}/llm, the text-only LLM of configs/text_llm.py
+             (default: a random LLM).
 """
 
 import os
@@ -89,7 +91,9 @@ _STAGE = {
   ),
 }
 WARMUP_RATIO = 0.03
-ARGS = dict(size='tiny', root='', data_root='', tokenizer='', steps=60)  # See the docstring.
+ARGS = dict(
+  size='tiny', root='', data_root='', tokenizer='', steps=60, text_llm=False
+)  # See the docstring.
 SAVE_EVERY = 4000
 TINY_LR_SCALE = 10.0  # The tiny model trains at 10x the 7B learning rates.
 
@@ -185,13 +189,21 @@ def build_stage_config(
   return config
 
 
-def stage_config(stage: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The config of one training stage of the EVEv2 recipe."""
+def stage_config(
+  stage: str, arg: str | None, args: dict | None = None
+) -> ml_collections.ConfigDict:
+  """The config of one training stage of the EVEv2 recipe; `args`: the accepted arguments when a
+  config file adds its own to ARGS."""
   if stage not in _STAGE:
     raise ValueError(f'Unknown EVEv2 training stage {stage!r}; available: {sorted(_STAGE)}')
-  tiny = parse_arg(arg, **ARGS).size == 'tiny'
-  # Tiny stage 0 starts from a random LLM: there is no pretrained one at that size.
-  init_stage = '' if tiny and stage == STAGES[0] else previous_stage(stage)
+  parsed = parse_arg(arg, **(args or ARGS))
+  # Tiny stage 0 starts from a random LLM unless text_llm: no pretrained one exists at that size.
+  random_llm = parsed.size == 'tiny' and stage == STAGES[0] and not parsed.text_llm
   return build_stage_config(
-    _STAGE[stage], stage, arg, init_stage=init_stage, model_7b=model_preset('eve_v2_7b')
+    _STAGE[stage],
+    stage,
+    arg,
+    init_stage='' if random_llm else previous_stage(stage),
+    model_7b=model_preset('eve_v2_7b'),
+    args=args,
   )

@@ -189,6 +189,23 @@ def make_sources(data: DataConfig) -> tuple[Source, Source | None]:
   return tfds_source.TfdsSource(tfds.name, tfds.data_dir, tfds.train_split), held_out
 
 
+def text_eval_source(data: DataConfig) -> Source | None:
+  """The held-out text-only records of `data.text_eval_split` (None when unset): for 'shapes' the
+  held-out scenes as text, for 'records' that split of data.path (a missing one is an error)."""
+  if not data.text_eval_split:
+    return None
+  if data.source == 'shapes':
+    text = dataclasses.replace(data, shapes=dataclasses.replace(data.shapes, text_only=True))
+    return shapes_source(text, 'eval')
+  if not os.path.exists(records.manifest_path(data.path, data.text_eval_split)):
+    raise ValueError(
+      f'data.text_eval_split={data.text_eval_split!r}: {data.path} has no such split (no '
+      f'{records.manifest_path(data.path, data.text_eval_split)}); convert text-only records '
+      "into it or set data.text_eval_split=''"
+    )
+  return records.RecordSource(data.path, data.text_eval_split)
+
+
 def load_tokenizer(data: DataConfig, source: Source) -> Tokenizer:
   """`data.tokenizer` (a tokenizer.json or HF folder), or a BPE trained on the corpus the source
   ships in its manifest (the demo data does)."""

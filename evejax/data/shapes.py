@@ -8,6 +8,10 @@ bottom, the order in which the visual token sequence meets them. With cells equa
 token size (32 px for the reference 16 px patches merged 2x2) a token sees a whole shape, which a
 tiny model learns in minutes on a CPU. Records use the LLaVA layout with encoded PNG bytes, like
 converted data.
+
+`text_only=True` gives the same scenes and questions as text: no image, the scene's description in
+the prompt where the image would be. A language model learns to answer them by reading, so the
+held-out text-only loss measures the LLM's language ability before and after vision training.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class ShapesDataset:
     max_shapes: int = 3,
     turns: int = 1,
     question_kinds: tuple[str, ...] = QUESTION_KINDS,
+    text_only: bool = False,
   ):
     unknown = set(question_kinds) - set(QUESTION_KINDS)
     if unknown:
@@ -121,6 +126,7 @@ class ShapesDataset:
     self.cell, self.min_cells, self.max_cells = cell, min_cells, max_cells
     self.max_shapes, self.turns = max_shapes, turns
     self.question_kinds = tuple(question_kinds)
+    self.text_only = text_only
 
   def __len__(self) -> int:
     return self.num_examples
@@ -143,19 +149,19 @@ class ShapesDataset:
     image, shapes, rng = self.scene(index)
     kinds = rng.choice(len(self.question_kinds), self.turns, replace=False)
     conversation = []
+    context = f'{_describe(shapes)}\n' if self.text_only else '<image>\n'
     for turn, kind in enumerate(kinds):
       question, answer = _question(rng, shapes, self.question_kinds[kind])
       conversation += [
-        {'from': 'human', 'value': ('<image>\n' if turn == 0 else '') + question},
+        {'from': 'human', 'value': (context if turn == 0 else '') + question},
         {'from': 'gpt', 'value': answer},
       ]
-    buffer = io.BytesIO()
-    image.save(buffer, format='PNG')
-    return {
-      'id': f'shapes-{self.seed}-{index}',
-      'image': buffer.getvalue(),
-      'conversations': conversation,
-    }
+    record = {'id': f'shapes-{self.seed}-{index}', 'conversations': conversation}
+    if not self.text_only:
+      buffer = io.BytesIO()
+      image.save(buffer, format='PNG')
+      record['image'] = buffer.getvalue()
+    return record
 
   def corpus(self) -> list[str]:
     """Every question and answer the dataset can produce, as they appear in a prompt (answers follow

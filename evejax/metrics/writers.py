@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 from tensorboardX import SummaryWriter
 
 
-class MetricWriter:
-  """Writes each `write(step, scalars)` to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`."""
+class ScalarSink(Protocol):
+  """Another destination of the scalars (e.g. metrics/wandb_writer.py's WandbWriter)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def write(self, step: int, scalars: Mapping[str, float]) -> None: ...
+
+  def close(self) -> None: ...
+
+
+class MetricWriter:
+  """Writes each `write(step, scalars)` to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`,
+  and to every sink in `also`."""
+
+  def __init__(self, workdir: str, enabled: bool = True, also: Sequence[ScalarSink] = ()):
     self.enabled = enabled  # Only one process of a multi-host job writes.
+    self._also = tuple(also)
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -28,11 +39,15 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
     self._jsonl.flush()
+    for sink in self._also:
+      sink.write(step, scalars)
 
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+      for sink in self._also:
+        sink.close()
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -36,9 +36,15 @@ def main(argv):
       f'(loss {final["eval/loss"]:.4f})',
       flush=True,
     )
-  else:
+  elif 'eval_text/loss' not in final:
     print(
       f'Trained (no held-out split); final train loss {final.get("train/loss", float("nan")):.4f}',
+      flush=True,
+    )
+  if 'eval_text/loss' in final:
+    print(
+      f'Held-out text-only loss: {final["eval_text/loss"]:.4f} '
+      f'(token accuracy {final["eval_text/accuracy"]:.4f})',
       flush=True,
     )
 

@@ -31,13 +31,13 @@ from evejax.train.guard import GuardedWindow, NonFiniteGuard
 from evejax.train.step import TrainState, make_eval_step, make_train_step
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, batches, mesh, prefix: str = 'eval') -> dict[str, float]:
   """Loss and token accuracy (and the PAL loss, when on) over a whole held-out set."""
   total = None
   for batch in batches:
     collected = eval_step(params, sharding.shard_batch(batch, mesh))
     total = collected if total is None else tuple(a.merge(b) for a, b in zip(total, collected))
-  return {f'eval/{k}': float(v) for m in total for k, v in m.compute().items()}
+  return {f'{prefix}/{k}': float(v) for m in total for k, v in m.compute().items()}
 
 
 def _checkpoint_metadata(cfg: TrainConfig, params, mesh) -> dict:
@@ -119,6 +119,7 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   if jax.process_index() == 0:  # First: even a run that fails to start leaves its config.
     store.write_run_config(workdir, cfg.to_dict())
   train_source, eval_source = pipeline.make_sources(cfg.data)
+  text_source = pipeline.text_eval_source(cfg.data)
   tokenizer = pipeline.load_tokenizer(cfg.data, train_source)
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(
@@ -186,9 +187,26 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   )
 
   def evaluate_held_out() -> dict[str, float]:
-    batches = pipeline.eval_batches(cfg.data, eval_source, preprocess, cfg.batch_size, **hosts)
-    with jax.set_mesh(mesh):
-      return evaluate(eval_step, state.params, batches, mesh)
+    """eval/* on the held-out set, and eval_text/* on the text-only one (data.text_eval_split)."""
+    scalars = {}
+    for prefix, source in (('eval', eval_source), ('eval_text', text_source)):
+      if source is not None:
+        batches = pipeline.eval_batches(cfg.data, source, preprocess, cfg.batch_size, **hosts)
+        with jax.set_mesh(mesh):
+          scalars.update(evaluate(eval_step, state.params, batches, mesh, prefix))
+    return scalars
+
+  def log_held_out(step: int) -> dict[str, float]:
+    eval_scalars = evaluate_held_out()
+    writer.write(step, eval_scalars)
+    logging.info(
+      'step %d held-out: %s',
+      step,
+      ', '.join(
+        f'{k} {v:.4f}' for k, v in eval_scalars.items() if k.endswith(('loss', 'accuracy'))
+      ),
+    )
+    return eval_scalars
 
   train_iter = pipeline.make_train_iterator(
     cfg.data, train_source, preprocess, cfg.batch_size, **hosts
@@ -199,17 +217,25 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   state = _restore_or_start(cfg.init_from, workdir, ckpt, state, train_iter)
   metadata = _checkpoint_metadata(cfg, params, mesh)
 
-  writer = MetricWriter(workdir, enabled=is_main)
+  also = []
+  if is_main and cfg.metrics.wandb.project:
+    from evejax.metrics.wandb_writer import WandbWriter  # The optional `wandb` extra.
+
+    also.append(WandbWriter(cfg.metrics.wandb, workdir, cfg.to_dict()))
+  writer = MetricWriter(workdir, enabled=is_main, also=also)
   progress = Progress(total_steps)
   profile = ProfileWindow(workdir, cfg.profile_first_step, cfg.profile_steps, enabled=is_main)
   preemption = checkpoint.PreemptionWatcher()
   first_step = int(state.step) + 1
   throughput, final = None, {}
   window = GuardedWindow(guard, ckpt.describe_latest)
+  has_held_out = eval_source is not None or text_source is not None
   if first_step > total_steps:
     logging.info('Checkpoint step %d: training is already complete', first_step - 1)
-    if eval_source is not None:
+    if has_held_out:
       final.update(evaluate_held_out())
+  elif first_step == 1 and cfg.eval_at_start and has_held_out:
+    log_held_out(0)  # The starting weights: the left end of the learning curves.
   try:
     clock = time.perf_counter()
     for step in range(first_step, total_steps + 1):
@@ -251,16 +277,8 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
         )
         final['preempted'] = step
         break
-      if eval_source is not None and itstime(step, cfg.eval_every, total_steps):
-        eval_scalars = evaluate_held_out()
-        writer.write(step, eval_scalars)
-        logging.info(
-          'step %d held-out: loss %.4f, caption/answer token accuracy %.4f',
-          step,
-          eval_scalars['eval/loss'],
-          eval_scalars['eval/accuracy'],
-        )
-        final.update(eval_scalars)
+      if has_held_out and itstime(step, cfg.eval_every, total_steps):
+        final.update(log_held_out(step))
         clock = time.perf_counter()  # Evaluation is not training time.
       if benchmark is not None and itstime(step, cfg.benchmark.every, total_steps):
         bench_scalars = benchmark(state.params)
