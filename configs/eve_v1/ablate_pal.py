@@ -24,11 +24,11 @@ def get_config(arg=None):
   arg = parse_arg(arg, root='', steps=300, bench='')
   config = demo_v1.get_config()
   config.init_from = os.path.join(arg.root, 'llm') if arg.root else ''
-  config.data.update(text_eval_split='text', num_train=10_000)
+  config.data.update(text_eval_split='text', num_train=10_000, num_eval=256)
   config.total_steps = arg.steps
   config.optim.warmup_steps = max(1, arg.steps // 20)
   config.eval_at_start = True  # Step 0: the starting weights' text-only loss.
-  config.eval_every = max(1, arg.steps // 6)
+  config.eval_every = max(1, arg.steps // 4)
   config.checkpoint.every = arg.steps
   config.benchmark.update(file=arg.bench, limit=192)  # 64 held-out images x 3 turns.
   return config

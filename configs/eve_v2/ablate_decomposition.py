@@ -42,11 +42,13 @@ def get_config(arg=None):
     raise ValueError(f'train={parsed.train!r}; use one of {sorted(TRAINABLE)}')
   config = common.stage_config('stage1_0', arg, ARGS)
   questions = demo.get_config().data
-  config.data.update(template=questions.template, text_eval_split='text', num_train=10_000)
+  config.data.update(
+    template=questions.template, text_eval_split='text', num_train=10_000, num_eval=256
+  )
   config.data.shapes = questions.shapes
   config.optim.trainable = TRAINABLE[parsed.train] or config.optim.trainable
   config.eval_at_start = True  # Step 0: the starting weights' text-only loss.
-  config.eval_every = max(1, config.total_steps // 6)
+  config.eval_every = max(1, config.total_steps // 4)
   config.benchmark.update(file=parsed.bench, limit=192)  # 64 held-out images x 3 turns.
   return config
 
