@@ -8,9 +8,10 @@ CSV and JSON, and drawn as learning curves and a bar chart (`python -m evejax.sw
   curves.png    per metric, its mean over seeds against the step, +- one std shaded
   final.png     per metric, each variant's final mean with one std as the error bar
 
-The std is the sample standard deviation over seeds (ddof=1; 0 for one seed). A run that has not
-logged a metric yet counts as missing for that metric (its `values` omit it); `seeds` says how many
-runs of the variant logged anything.
+The std is the sample standard deviation over seeds (ddof=1; 0 for one seed). Only finished runs
+count (their last logged step is the total_steps of their config.json); `seeds` says how many, and
+`unfinished` names the runs that have started but not finished. A finished run that never logged a
+metric counts as missing for that metric (its `values` omit it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def wall_seconds(workdir: str) -> float | None:
   return os.path.getmtime(end) - os.path.getmtime(start)
 
 
+def finished(workdir: str, final: dict[str, float]) -> bool:
+  """Whether a run logged its last step (the total_steps of its config.json, when there is one)."""
+  path = os.path.join(workdir, 'config.json')
+  total = None
+  if os.path.exists(path):
+    with open(path) as f:
+      total = json.load(f).get('total_steps')
+  return bool(final) and (total is None or final.get('step', 0) >= total)
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
   array = np.asarray(values, np.float64)
   return {
@@ -67,7 +78,7 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
   summary = []
   for variant, members in variants.items():
     finals = [(run, final_metrics(run.workdir)) for run in members]
-    started = [(run, final) for run, final in finals if final]
+    started = [(run, final) for run, final in finals if finished(run.workdir, final)]
     walls = [w for w in (wall_seconds(run.workdir) for run, _ in started) if w is not None]
     summary.append(
       {
@@ -75,6 +86,7 @@ def summarize(runs: Sequence[Run], keys: Sequence[str]) -> list[dict[str, Any]]:
         'overrides': {k: v for k, v in members[0].overrides.items() if k not in SEED_KEYS},
         'seeds': len(started),
         'runs': [run.name for run, _ in started],
+        'unfinished': [run.name for run, final in finals if final and (run, final) not in started],
         'steps': [int(final['step']) for _, final in started],
         'wall_s': _stats(walls) if walls else None,
         'metrics': {
@@ -114,7 +126,8 @@ def write_results(root: str, summary: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown_table(summary: list[dict[str, Any]], keys: Sequence[str]) -> str:
-  """The summary as a Markdown table: `mean ± std (n)` per variant and metric."""
+  """The summary as a Markdown table: `mean ± std` per variant and metric (the mean alone when
+  one seed has it)."""
   lines = [
     '| variant | seeds | ' + ' | '.join(keys) + ' |',
     '| --- | ---: | ' + ' | '.join('---:' for _ in keys) + ' |',
@@ -123,7 +136,12 @@ def markdown_table(summary: list[dict[str, Any]], keys: Sequence[str]) -> str:
     cells = []
     for key in keys:
       stat = variant['metrics'].get(key)
-      cells.append(f'{stat["mean"]:.4f} ± {stat["std"]:.4f}' if stat else '-')
+      if not stat:
+        cells.append('-')
+      elif len(stat['values']) > 1:
+        cells.append(f'{stat["mean"]:.4f} ± {stat["std"]:.4f}')
+      else:
+        cells.append(f'{stat["mean"]:.4f}')
     lines.append(f'| {variant["variant"]} | {variant["seeds"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -170,9 +188,11 @@ def plot(
 ) -> list[str]:
   """{root}/curves.png (each of `curve_keys`, default `keys`, against the step: mean over seeds
   +- std) and {root}/final.png (each key's final mean +- std per variant); returns the paths."""
+  counted = {name for variant in summary for name in variant['runs']}  # Finished runs only.
   variants: dict[str, list[Run]] = {}
   for run in runs:
-    variants.setdefault(run.variant or run.name, []).append(run)
+    if run.name in counted:
+      variants.setdefault(run.variant or run.name, []).append(run)
   curve_keys = list(curve_keys or keys)
   paths = []
   plt, figure, axes = _grid(len(curve_keys))

@@ -68,20 +68,22 @@ def test_seeds_repeat_every_run_with_the_seed_keys(config_file, tmp_path):
 
 
 def test_results_mode_writes_mean_and_std_over_seeds_and_plots(config_file, tmp_path):
-  """Metrics written by the trainer's writer for 2 variants x 3 seeds (one seed of the second
-  never started); the files hold numpy's mean and sample std of each variant's last values."""
+  """Metrics written by the trainer's writer for 2 variants x 3 seeds (the last seed of the second
+  stopped half-way, the third variant never started); the files hold numpy's mean and sample std
+  of each variant's last values over its finished runs."""
   rng = np.random.default_rng(0)
-  runs = sweep.expand(config_file, str(tmp_path), seeds=(0, 1, 2))[:6]
+  runs = sweep.expand(config_file, str(tmp_path), seeds=(0, 1, 2))
   finals = {}
-  for run in runs[:5]:
+  for run in runs[:6]:
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+      json.dump({'total_steps': 10}, f)  # The trainer writes it first: the start of its wall time.
     writer = MetricWriter(run.workdir)
-    for step in (0, 5, 10):
+    for step in (0, 5, 10) if run is not runs[5] else (0, 5):
       values = {'eval/loss': rng.uniform(1, 2), 'eval/accuracy': rng.uniform(0, 1)}
       writer.write(step, {'train/loss': rng.uniform(1, 2)} if step else {})
       writer.write(step, values)
     writer.close()
-    with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-      f.write('{}')  # The trainer writes it first: the start of the run's wall time.
     finals[run.name] = values
   out = tmp_path / 'report'
   stdout = _sweep(
@@ -110,6 +112,7 @@ def test_results_mode_writes_mean_and_std_over_seeds_and_plots(config_file, tmp_
     seeds, mean, std = expected[variant['variant']]
     assert variant['seeds'] == seeds and variant['steps'] == [10] * seeds
     assert variant['overrides'] == {'optim.lr': float(variant['variant'].split('=')[1])}
+    assert variant['unfinished'] == ([runs[5].name] if variant is summary['variants'][1] else [])
     for i, key in enumerate(KEYS):
       assert variant['metrics'][key]['mean'] == pytest.approx(mean[i], rel=1e-12)
       assert variant['metrics'][key]['std'] == pytest.approx(std[i], rel=1e-12)
