@@ -8,7 +8,8 @@
 #
 # Every step resumes (finished runs are skipped), so an interrupted study continues where it was.
 # STEPS (default 200) sets each ablation run's length; SEEDS (default 0,1,2) the seeds; V2_RUNS the
-# decomposition variants (indices in sweep(add)'s order; default all).
+# decomposition variants (indices in sweep(add)'s order; default all); COPIES_SEEDS the seeds of
+# the frozen-LLM contrast run (default SEEDS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=$1
@@ -37,6 +38,9 @@ case $what in
       python -m evejax.sweep --config="$v2" --workdir="$root/eve_v2/ablate" --seeds="$seed" \
         --mode=run $v2_runs
     done
+    # The recipe's stage-1.0 rule for contrast: the LLM frozen, only vision weights train.
+    python -m evejax.sweep --config="$v2,train=copies" --workdir="$root/eve_v2/ablate_copies" \
+      --seeds="${COPIES_SEEDS:-$seeds}" --runs=0 --mode=run
     ;;
   v1)
     bench
@@ -50,6 +54,9 @@ case $what in
   report)
     python -m evejax.sweep --config="$v2" --workdir="$root/eve_v2/ablate" --seeds="$seeds" \
       $v2_runs --mode=results --plot --keys="$keys" --curves="$curves" --out="$out/decomposition"
+    python -m evejax.sweep --config="$v2,train=copies" --workdir="$root/eve_v2/ablate_copies" \
+      --seeds="$seeds" --runs=0 --mode=results --plot --keys="$keys" --curves="$curves" \
+      --out="$out/decomposition_copies"
     python -m evejax.sweep --config="$v1" --workdir="$root/eve_v1/ablate" --seeds="$seeds" \
       --mode=results --plot --keys="$keys,eval/pal_loss" --curves="$curves" --out="$out/pal"
     ;;
