@@ -7,7 +7,7 @@
 #   bash benchmarks/ablations.sh report ROOT [OUT]   # results.{csv,json}, curves.png, final.png
 #
 # Every step resumes (finished runs are skipped), so an interrupted study continues where it was.
-# STEPS (default 200) sets each ablation run's length; SEEDS (default 0,1,2) the seeds; V2_RUNS the
+# STEPS (default 120) sets each ablation run's length; SEEDS (default 0,1,2) the seeds; V2_RUNS the
 # decomposition variants (indices in sweep(add)'s order; default all); COPIES_SEEDS the seeds of
 # the frozen-LLM contrast run (default SEEDS).
 set -euo pipefail
@@ -15,9 +15,10 @@ cd "$(dirname "$0")/.."
 what=$1
 root=$2
 out=${3:-docs/ablations}
-steps=${STEPS:-200}
+steps=${STEPS:-120}
 seeds=${SEEDS:-0,1,2}
-v2_runs=${V2_RUNS:+--runs=$V2_RUNS}
+v2_runs=()
+if [[ -n ${V2_RUNS:-} ]]; then v2_runs=(--runs="$V2_RUNS"); fi
 keys=eval/accuracy,eval/loss,eval_text/loss,bench/exact/accuracy
 curves=eval/accuracy,eval_text/loss,train/loss
 v2="configs/eve_v2/ablate_decomposition.py:root=$root/eve_v2,steps=$steps,bench=$root/bench/shapes.jsonl"
@@ -36,7 +37,7 @@ case $what in
       --workdir="$root/eve_v2" --stages=stage0,copy
     for seed in ${seeds//,/ }; do  # Every variant's first seed first: a partial study compares.
       python -m evejax.sweep --config="$v2" --workdir="$root/eve_v2/ablate" --seeds="$seed" \
-        --mode=run $v2_runs
+        --mode=run "${v2_runs[@]}"
     done
     # The recipe's stage-1.0 rule for contrast: the LLM frozen, only vision weights train.
     python -m evejax.sweep --config="$v2,train=copies" --workdir="$root/eve_v2/ablate_copies" \
@@ -53,7 +54,7 @@ case $what in
     ;;
   report)
     python -m evejax.sweep --config="$v2" --workdir="$root/eve_v2/ablate" --seeds="$seeds" \
-      $v2_runs --mode=results --plot --keys="$keys" --curves="$curves" --out="$out/decomposition"
+      "${v2_runs[@]}" --mode=results --plot --keys="$keys" --curves="$curves" --out="$out/decomposition"
     python -m evejax.sweep --config="$v2,train=copies" --workdir="$root/eve_v2/ablate_copies" \
       --seeds="$seeds" --runs=0 --mode=results --plot --keys="$keys" --curves="$curves" \
       --out="$out/decomposition_copies"
