@@ -35,7 +35,8 @@ def items_from_rows(
   image_column: str = 'image',
   caption_column: str = 'caption',
   id_column: str = '',
-) -> list[common.FileItem]:
+) -> list[common.FileItem | common.BadEntry]:
+  """One FileItem per row, or a BadEntry (missing image, empty caption) to skip."""
   if rows:
     missing = {image_column, caption_column, id_column} - {''} - set(rows[0])
     if missing:
@@ -45,11 +46,10 @@ def items_from_rows(
       )
   items = []
   for i, row in enumerate(rows):
-    where = f'{source} row {i}'
     record_id = str(row[id_column]) if id_column else str(i)
-    path = common.resolve_image(image_dir, row[image_column], where)
+    conversation = common.caption_conversation(row[caption_column])
     items.append(
-      common.FileItem(record_id, path, tuple(common.caption_conversation(row[caption_column])))
+      common.file_item(f'{source} row {i}', record_id, image_dir, row[image_column], conversation)
     )
   return items
 
