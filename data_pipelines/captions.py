@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import common
+from evejax import cli
 
 TABLE = flags.DEFINE_string('table', None, 'A .csv (with a header row) or .parquet file.')
 IMAGE_COLUMN = flags.DEFINE_string('image_column', 'image', 'Column of image paths.')
@@ -74,4 +75,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['table', 'out_dir'])
-  app.run(main)
+  cli.run(main)

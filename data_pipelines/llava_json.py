@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import common
+from evejax import cli
 
 JSON = flags.DEFINE_string('json', None, 'LLaVA-style JSON (a list of entries) or JSON-lines file.')
 
@@ -36,7 +37,9 @@ def items_from_entries(
   for i, entry in enumerate(entries):
     if not isinstance(entry, dict):
       items.append(
-        common.BadEntry(f'{source} entry {i}', str(i), 'unreadable_record', f'not a JSON object: {entry!r:.80}')
+        common.BadEntry(
+          f'{source} entry {i}', str(i), 'unreadable_record', f'not a JSON object: {entry!r:.80}'
+        )
       )
       continue
     record_id = str(entry.get('id', i))
@@ -65,4 +68,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['json', 'out_dir'])
-  app.run(main)
+  cli.run(main)

@@ -122,7 +122,9 @@ def _write_checksums(folder: str) -> None:
 
 def _folder_bytes(folder: str) -> int:
   return sum(
-    os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
+    os.path.getsize(os.path.join(root, name))
+    for root, _, names in os.walk(folder)
+    for name in names
   )
 
 

@@ -56,7 +56,9 @@ def conversation_pairs(conversation: object) -> list[tuple[str, str]]:
   alternate human/gpt with non-empty string values; raises `BadConversation` naming the first
   violation. Nothing is coerced: a null value never becomes the text "None"."""
   if not isinstance(conversation, (list, tuple)):
-    raise BadConversation(f'conversations must be a list of turns, got {type(conversation).__name__}')
+    raise BadConversation(
+      f'conversations must be a list of turns, got {type(conversation).__name__}'
+    )
   for i, turn in enumerate(conversation):
     if not isinstance(turn, dict) or not {'from', 'value'} <= set(turn):
       raise BadConversation(f'turn {i} must be a {{"from", "value"}} object, got {turn!r:.80}')
