@@ -204,4 +204,5 @@ def test_over_budget_message_says_what_helps(pre):
   assert 'aspect ratio of 67:1 is too extreme' in result.reason
   assert 'a larger data.max_size keeps such images' in result.reason
   kept_size = dataclasses.replace(pre, spec=pre.spec.replace(resize='none'))
-  assert "resize it with data.resize='eve_v2_train'" in kept_size.encode(record(strip)).reason
+  square = encoded(Image.new('RGB', (80, 80), 'blue'), 'PNG')  # Kept at 80 px: 100 tokens.
+  assert "resize it with data.resize='eve_v2_train'" in kept_size.encode(record(square)).reason
