@@ -50,7 +50,10 @@ def items_from_rows(
     record_id = str(row[id_column]) if id_column else str(i)
     conversation = common.caption_conversation(row[caption_column])
     items.append(
-      common.file_item(f'{source} row {i}', record_id, image_dir, row[image_column], conversation)
+      # Every row has an image: an empty cell is a bad image, not a text-only record.
+      common.file_item(
+        f'{source} row {i}', record_id, image_dir, row[image_column] or '', conversation
+      )
     )
   return items
 
