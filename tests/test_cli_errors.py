@@ -2,10 +2,10 @@
 a Python traceback (unless `--verbosity=1` asks for it). The commands start together: most of each
 one's time is importing JAX."""
 
-import errno
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,24 +106,37 @@ def test_no_readable_checkpoint_is_one_line(tmp_path):
 
 
 def test_full_disk_on_save_is_one_line_and_resumable(tmp_path, monkeypatch):
-  """The save of step 2 hits a full disk: one line with the path and the space, and the
-  checkpoint of step 1 still restores."""
+  """A save the disk cannot hold stops before Orbax writes any of it; a disk filled during the
+  save is reported alike: one line with the path and the space, and step 1 still restores."""
   directory = str(tmp_path / 'checkpoints')
   ckpt = Checkpointer(directory, every=1, keep_last=3)
   ckpt.save(1, make_state(1), data_iterator(), {})
   ckpt.wait()
-
-  def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-  monkeypatch.setattr(ckpt._manager, 'save', full_disk)
+  size = sum(os.path.getsize(f) for f in glob.glob(f'{directory}/1/**', recursive=True))
+  usage = shutil.disk_usage(directory)
+  monkeypatch.setattr(
+    manager_lib.shutil, 'disk_usage', lambda path: usage._replace(free=size - 2**20)
+  )
   with pytest.raises(store.CheckpointError) as raised:
     ckpt.save(2, make_state(2), data_iterator(), {})
   message = str(raised.value)
-  assert message.startswith(f'No space left on the device of {directory} saving step 2: ')
-  assert 'MiB free, a checkpoint takes' in message and '\n' not in message
-  assert f'it resumes from {directory}/1.' in message
+  assert message == (
+    f'No space left on the device of {directory} for the checkpoint of step 2: '
+    f'{(size - 2**20) / 2**20:.0f} MiB free, it needs {size / 2**20:.0f} MiB. Free space there '
+    f'(or lower checkpoint.keep_last) and run the same command: it resumes from {directory}/1.'
+  )
+  assert os.listdir(directory) == ['1']  # Nothing half-written.
   ckpt.close()  # Closing after the failure raises nothing more.
+  monkeypatch.undo()
+
+  ckpt = Checkpointer(directory, every=1, keep_last=3)
+
+  def full_disk(*args, **kwargs):  # What a disk filled by someone else during the save gives.
+    raise ValueError('RESOURCE_EXHAUSTED: Failed writing: No space left on device')
+
+  monkeypatch.setattr(ckpt._manager, 'save', full_disk)
+  with pytest.raises(store.CheckpointError, match=f'No space left on the device of {directory}'):
+    ckpt.save(2, make_state(2), data_iterator(), {})
+  ckpt.close()
   restored = Checkpointer(directory, every=1, keep_last=3).restore(make_state(0), data_iterator())
   assert restored[0] == 1
-  assert manager_lib._out_of_space(ValueError('RESOURCE_EXHAUSTED: No space left on device'))

@@ -198,11 +198,16 @@ class Checkpointer:
     args = {name: ocp.args.StandardSave(items[name]) for name in _non_empty(items)}
     args[store.DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     args[store.METADATA] = ocp.args.JsonSave(dict(metadata))
-    try:  # Orbax first waits for the previous save: those before `step` are complete after it.
+    try:
+      self._manager.wait_until_finished()  # Orbax would wait too: one save at a time.
+    except Exception as error:
+      raise self._save_failed(self._unsummed[-1] if self._unsummed else step, error) from None
+    self._sum_completed()
+    self._check_space(step, items)
+    try:
       saved = self._manager.save(step, args=ocp.args.Composite(**args), force=force)
     except Exception as error:
       raise self._save_failed(step, error) from None
-    self._sum_completed()
     if saved:
       self._unsummed.append(step)
     return saved
@@ -216,18 +221,38 @@ class Checkpointer:
         folder = store.step_dir(self.directory, step)
         self._pending_sums.append(self._summing.submit(_write_checksums, folder))
 
+  def _needed_bytes(self, items: Mapping[str, PyTree]) -> int:
+    """What a save takes: the newest checkpoint's size, else the state's arrays."""
+    latest = self.latest_step()
+    if latest is not None:
+      return _folder_bytes(store.step_dir(self.directory, latest))
+    return sum(x.nbytes for x in jax.tree.leaves(items))
+
+  def _check_space(self, step: int, items: Mapping[str, PyTree]) -> None:
+    """Refuses a save the disk cannot hold before Orbax writes part of it (whose failure
+    surfaces in its background threads as dozens of tracebacks)."""
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:  # Not a local file system (e.g. gs://): a failed write reports it.
+      return
+    needed = self._needed_bytes(items)
+    if free < needed:
+      raise self._no_space(step, free, needed)
+
   def _save_failed(self, step: int, error: Exception) -> Exception:
-    """A full disk becomes one CheckpointError line naming the path and the space needed;
-    other errors stay as they are."""
+    """A full disk (filled during the save) becomes the `_no_space` line; other errors stay."""
     if not _out_of_space(error):
       return error
-    latest = self.latest_step()
-    size = _folder_bytes(store.step_dir(self.directory, latest)) if latest is not None else 0
+    return self._no_space(step, shutil.disk_usage(self.directory).free, self._needed_bytes({}))
+
+  def _no_space(self, step: int, free: int, needed: int) -> CheckpointError:
+    """One line naming the path, the space free and needed, and where the run resumes; the
+    pending saves of the run are not waited for again."""
     self._failed_save = CheckpointError(
-      f'No space left on the device of {self.directory} saving step {step}: '
-      f'{shutil.disk_usage(self.directory).free / 2**20:.0f} MiB free, a checkpoint takes '
-      f'{size / 2**20:.0f} MiB. Free space there (or lower checkpoint.keep_last) and run the '
-      f'same command: it resumes from {self.describe_latest().split(": ", 1)[-1]}.'
+      f'No space left on the device of {self.directory} for the checkpoint of step {step}: '
+      f'{free / 2**20:.0f} MiB free, it needs {needed / 2**20:.0f} MiB. Free space there (or '
+      'lower checkpoint.keep_last) and run the same command: it resumes from '
+      f'{self.describe_latest().split(": ", 1)[-1]}.'
     )
     return self._failed_save
 
