@@ -140,3 +140,24 @@ def test_full_disk_on_save_is_one_line_and_resumable(tmp_path, monkeypatch):
   ckpt.close()
   restored = Checkpointer(directory, every=1, keep_last=3).restore(make_state(0), data_iterator())
   assert restored[0] == 1
+
+
+@pytest.mark.slow  # Trains twice through the CLI (~1 min); needs root to mount a small tmpfs.
+def test_full_disk_through_the_cli_is_one_line_and_resumes(tmp_path):
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=12m', 'tmpfs', str(disk)])
+  if mounted.returncode:
+    pytest.skip('cannot mount a tmpfs here')
+  try:
+    flags = [*TRAIN, '--config.total_steps=3', '--config.checkpoint.every=1', f'--workdir={disk}/w']
+    line = last_line(start(*flags))  # One checkpoint (~8 MiB) fits, the second does not.
+    assert line.startswith(f'CheckpointError: No space left on the device of {disk}/w/checkpoints')
+    assert line.endswith(f'it resumes from {disk}/w/checkpoints/1.')
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(disk)], check=True)
+    resumed = start(*flags)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert 'Resumed from checkpoint' in stderr
+  finally:
+    subprocess.run(['umount', str(disk)])
