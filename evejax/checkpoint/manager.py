@@ -194,6 +194,8 @@ class Checkpointer:
     force: bool = False,
   ) -> bool:
     """Starts an (async) save of `state` when the interval is due or `force`."""
+    if not (force or self._manager.should_save(step)):
+      return False
     items = _state_items(state)
     args = {name: ocp.args.StandardSave(items[name]) for name in _non_empty(items)}
     args[store.DATA] = grain.checkpoint.CheckpointSave(data_iterator)
