@@ -206,3 +206,15 @@ def test_over_budget_message_says_what_helps(pre):
   kept_size = dataclasses.replace(pre, spec=pre.spec.replace(resize='none'))
   square = encoded(Image.new('RGB', (80, 80), 'blue'), 'PNG')  # Kept at 80 px: 100 tokens.
   assert "resize it with data.resize='eve_v2_train'" in kept_size.encode(record(square)).reason
+
+
+def test_only_a_generation_prompt_leaves_its_last_answer_empty():
+  """Inference leaves the last answer open for generation; data never has an empty answer."""
+  open_last = [HUMAN, {'from': 'gpt', 'value': ''}]
+  assert templates.conversation_pairs(open_last, open_answer=True) == [(HUMAN['value'], '')]
+  with pytest.raises(templates.BadConversation, match='has no text'):
+    templates.conversation_pairs(open_last)
+  with pytest.raises(templates.BadConversation, match='turn 1 .* has no text'):
+    templates.conversation_pairs(
+      open_last + [HUMAN, {'from': 'gpt', 'value': ''}], open_answer=True
+    )

@@ -51,10 +51,11 @@ class BadConversation(ValueError):
   """A conversation that does not follow the LLaVA schema (a `bad_conversation` record)."""
 
 
-def conversation_pairs(conversation: object) -> list[tuple[str, str]]:
+def conversation_pairs(conversation: object, *, open_answer: bool = False) -> list[tuple[str, str]]:
   """(question, answer) pairs of a LLaVA conversation, a list of {"from", "value"} turns that
   alternate human/gpt with non-empty string values; raises `BadConversation` naming the first
-  violation. Nothing is coerced: a null value never becomes the text "None"."""
+  violation. Nothing is coerced: a null value never becomes the text "None". With `open_answer`,
+  the last turn may be the assistant's empty answer that generation fills (inference)."""
   if not isinstance(conversation, (list, tuple)):
     raise BadConversation(
       f'conversations must be a list of turns, got {type(conversation).__name__}'
@@ -64,7 +65,8 @@ def conversation_pairs(conversation: object) -> list[tuple[str, str]]:
       raise BadConversation(f'turn {i} must be a {{"from", "value"}} object, got {turn!r:.80}')
     if turn['from'] not in ROLES:
       raise BadConversation(f'turn {i} is from {turn["from"]!r}; the roles are {ROLES}')
-    if not isinstance(turn['value'], str) or not turn['value'].strip():
+    left_open = open_answer and i == len(conversation) - 1 and turn['value'] == ''
+    if not isinstance(turn['value'], str) or not (turn['value'].strip() or left_open):
       raise BadConversation(f'turn {i} ({turn["from"]}) has no text: value {turn["value"]!r:.80}')
   turns = list(conversation)
   if turns and turns[0]['from'] == 'gpt':  # The reference drops a leading assistant turn.
@@ -100,10 +102,15 @@ def _encode_with_images(text: str, tokenizer: Tokenizer) -> list[int]:
 
 
 def tokenize_conversation(
-  conversation: Sequence[dict], tokenizer: Tokenizer, template: Template
+  conversation: Sequence[dict],
+  tokenizer: Tokenizer,
+  template: Template,
+  *,
+  open_answer: bool = False,
 ) -> tuple[list[int], list[bool]]:
-  """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised."""
-  pairs = conversation_pairs(conversation)
+  """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised;
+  `open_answer`: the last answer is empty, for generation to fill (`conversation_pairs`)."""
+  pairs = conversation_pairs(conversation, open_answer=open_answer)
   segments: list[tuple[str, bool]] = []
   if template.plain:
     if len(pairs) != 1:
