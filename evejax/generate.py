@@ -14,8 +14,9 @@ The prompt goes through the training run's template (e.g. `USER: <image>\\n... A
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from evejax import cli
 from evejax.inference import cli_flags
 from evejax.inference.assistant import Assistant
 
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
