@@ -9,7 +9,6 @@ shardings of the given target, so a checkpoint moves between meshes and device c
 from __future__ import annotations
 
 import logging as std_logging
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from evejax import storage
 from evejax.checkpoint import store
 from evejax.checkpoint.store import CheckpointError
 
@@ -109,7 +109,7 @@ class Checkpointer:
     keep_every: int = 0,
     async_save: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=every,
       max_to_keep=keep_last,
@@ -204,7 +204,7 @@ class Checkpointer:
       aside,
     )
     if jax.process_index() == 0:
-      os.rename(step_dir, aside)
+      storage.rename(step_dir, aside)
     multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')
     self._manager.reload()
 

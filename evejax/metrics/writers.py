@@ -1,4 +1,6 @@
-"""Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file."""
+"""Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file.
+
+Both take a local workdir or a `gs://` one (tensorboardX's own GCS writer; `storage.Appender`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from evejax import storage
+
 
 class MetricWriter:
   """Writes each `write(step, scalars)` to `{workdir}/tensorboard` and `{workdir}/metrics.jsonl`."""
@@ -16,9 +20,9 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled  # Only one process of a multi-host job writes.
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._jsonl = storage.Appender(os.path.join(workdir, 'metrics.jsonl'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -36,5 +40,4 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

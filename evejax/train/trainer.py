@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from evejax import checkpoint, sharding
+from evejax import checkpoint, sharding, storage
 from evejax.batch import BatchSpec
 from evejax.checkpoint import store
 from evejax.config import TrainConfig
@@ -102,8 +102,10 @@ def _restore_or_start(
   if init_from:
     params, report = checkpoint.load_params(init_from, state.params)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
-        json.dump({'init_from': init_from, **report}, f, indent=1)
+      storage.write_atomic(
+        os.path.join(workdir, 'init_from_report.json'),
+        json.dumps({'init_from': init_from, **report}, indent=1),
+      )
     state = state.replace(params=params)
   return state
 
