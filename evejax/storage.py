@@ -129,32 +129,33 @@ def local_file_for_writing(path: str) -> Iterator[str]:
 
 
 class Appender:
-  """A text file appended to line by line (`write`, `flush`, `close`): `open(path, 'a')` locally;
-  on an object store, the existing object is read once and the whole text is uploaded at each
-  `flush` (objects cannot be appended to; metric and quarantine files stay small)."""
+  """A file appended to (`write`, `flush`, `close`; text, or bytes with `binary`): `open(path,
+  'a')` locally; on an object store, the existing object is read once and the whole content is
+  uploaded at each `flush` (objects cannot be appended to; metric, event and quarantine files
+  stay small)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, binary: bool = False):
     self.path = path
     self._remote = is_url(path)
     if self._remote:
-      self._text = read_text(path) if exists(path) else ''
+      self._content = read_bytes(path) if exists(path) else b''
       self._dirty = False
     else:
-      self._file = builtins.open(path, 'a')
+      self._file = builtins.open(path, 'ab' if binary else 'a')
 
-  def write(self, text: str) -> None:
-    if self._remote:
-      self._text += text
-      self._dirty = True
-    else:
-      self._file.write(text)
+  def write(self, data: str | bytes) -> None:
+    if not self._remote:
+      self._file.write(data)
+      return
+    self._content += data.encode() if isinstance(data, str) else data
+    self._dirty = True
 
   def flush(self) -> None:
     if not self._remote:
       self._file.flush()
     elif self._dirty:
-      with open(self.path, 'w') as f:
-        f.write(self._text)
+      with open(self.path, 'wb') as f:
+        f.write(self._content)
       self._dirty = False
 
   def close(self) -> None:
@@ -167,3 +168,15 @@ class Appender:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class EventFiles:
+  """tensorboardX's writer factory for URLs (`register_writer_factory`): event files through
+  `Appender`. Its own gs:// writer needs google-cloud-storage and uploads again from `__del__`
+  after `close` (retrying for minutes once the bucket is unreachable)."""
+
+  def open(self, path: str) -> Appender:
+    return Appender(path, binary=True)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no folders to create.

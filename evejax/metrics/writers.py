@@ -1,6 +1,6 @@
 """Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file.
 
-Both take a local workdir or a `gs://` one (tensorboardX's own GCS writer; `storage.Appender`)."""
+Both take a local workdir or a URL (`gs://`): every event file goes through `evejax.storage`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from evejax import storage
+
+for _scheme in ('gs', 's3'):
+  record_writer.register_writer_factory(_scheme, storage.EventFiles())
 
 
 class MetricWriter:
