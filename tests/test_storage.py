@@ -7,6 +7,7 @@ gs:// event writer), all with anonymous credentials.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -211,4 +212,64 @@ def test_convert_import_and_export_to_and_from_gs(gcs, tmp_path):
   assert sorted(exported.keys()) == sorted(source.keys())
   for key in source.keys():
     np.testing.assert_array_equal(exported.read(key), source.read(key), err_msg=key)
+  assert not os.path.exists(os.path.join(REPO, 'gs:'))
+
+
+@pytest.mark.slow  # ~2 minutes: three demo trainings.
+def test_demo_with_data_workdir_and_init_from_on_gs_resumes_bit_for_bit(gcs, tmp_path):
+  """Data (shards copied to local disk), workdir and init_from on gs://: SIGTERM saves to the
+  bucket and exits 0; the resumed run's losses and final weights equal an uninterrupted run's."""
+  import test_resume  # pylint: disable=import-outside-toplevel
+
+  root = f'gs://{BUCKET}/demo'
+  env = {**gcs, 'EVEJAX_CACHE': str(tmp_path / 'cache')}  # Local copies of the shards.
+  data = [f'--config.data.cache_dir={root}/data', '--config.data.copy_remote_shards=True']
+  stage1 = [*data, '--config.total_steps=2', f'--workdir={root}/stage1']
+  run_module(env, 'evejax.train', *test_resume.FLAGS, *stage1)
+  stage = [*data, f'--config.init_from={root}/stage1']
+
+  def start(workdir):
+    return subprocess.Popen(
+      [sys.executable, '-m', 'evejax.train', *test_resume.FLAGS, *stage, f'--workdir={workdir}'],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**os.environ, **env},
+    )
+
+  def losses(workdir):
+    path = f'{workdir}/metrics.jsonl'
+    rows = read_jsonl(path) if storage.exists(path) else []
+    return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+  baseline_dir, workdir = str(tmp_path / 'baseline'), f'{root}/run'
+  baseline = start(baseline_dir)
+  run = start(workdir)
+  deadline = time.time() + 300
+  while max(losses(workdir), default=0) < 4:
+    assert run.poll() is None, run.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.5)
+  run.send_signal(signal.SIGTERM)
+  _, stderr = run.communicate(timeout=120)
+  assert run.returncode == 0 and 'Preempted: saved checkpoint' in stderr, stderr[-3000:]
+  stopped = max(losses(workdir))
+  assert stopped < test_resume.TOTAL_STEPS
+  assert max(int(n) for n in storage.listdir(f'{workdir}/checkpoints') if n.isdigit()) == stopped
+
+  run = start(workdir)
+  _, stderr = run.communicate(timeout=300)
+  assert run.returncode == 0 and 'Resumed from checkpoint' in stderr, stderr[-3000:]
+  _, stderr = baseline.communicate(timeout=300)
+  assert baseline.returncode == 0, stderr[-3000:]
+  expected = losses(baseline_dir)
+  assert sorted(expected) == list(range(1, test_resume.TOTAL_STEPS + 1))
+  assert losses(workdir) == expected  # Every step, bitwise.
+  report = json.loads(storage.read_text(f'{workdir}/init_from_report.json'))
+  assert report['init_from'] == f'{root}/stage1' and report['loaded'] and not report['new']
+  final = f'checkpoints/{test_resume.TOTAL_STEPS}/params'
+  got = ocp.StandardCheckpointer().restore(f'{workdir}/{final}')
+  want = ocp.StandardCheckpointer().restore(f'{baseline_dir}/{final}')
+  jax.tree.map(np.testing.assert_array_equal, got, want)
   assert not os.path.exists(os.path.join(REPO, 'gs:'))
