@@ -21,7 +21,12 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+import fsspec
 from etils import epath
+
+# gcsfs caches folder listings per process; other processes, and tensorstore (Orbax's array
+# writer), change the bucket behind its back, so a cached listing would hide a new checkpoint.
+fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
 
 
 def is_url(path: str | os.PathLike) -> bool:
