@@ -119,7 +119,7 @@ def measure(cfg: ModelConfig, args, batch: dict, spec: BatchSpec) -> dict:
   compiled_gib = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**30
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(args.steps):
     state, metrics = compiled(state, batch)
