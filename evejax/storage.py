@@ -16,7 +16,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -106,10 +105,8 @@ def write_atomic(path: str, content: str | bytes) -> None:
     with open(path, mode) as f:
       f.write(content)
     return
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, mode) as f:
+  with local_file_for_writing(path) as tmp, builtins.open(tmp, mode) as f:
     f.write(content)
-  os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -129,8 +126,7 @@ def local_file_for_writing(path: str) -> Iterator[str]:
   with tempfile.TemporaryDirectory(prefix='evejax-upload-') as folder:
     tmp = os.path.join(folder, os.path.basename(path))
     yield tmp
-    with builtins.open(tmp, 'rb') as src, open(path, 'wb') as dst:
-      shutil.copyfileobj(src, dst, 1 << 24)
+    copy(tmp, path)
 
 
 class Appender:
