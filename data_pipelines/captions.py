@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import common
+from evejax import cli
 
 TABLE = flags.DEFINE_string('table', None, 'A .csv (with a header row) or .parquet file.')
 IMAGE_COLUMN = flags.DEFINE_string('image_column', 'image', 'Column of image paths.')
@@ -35,7 +36,8 @@ def items_from_rows(
   image_column: str = 'image',
   caption_column: str = 'caption',
   id_column: str = '',
-) -> list[common.FileItem]:
+) -> list[common.FileItem | common.BadEntry]:
+  """One FileItem per row, or a BadEntry (missing image, empty caption) to skip."""
   if rows:
     missing = {image_column, caption_column, id_column} - {''} - set(rows[0])
     if missing:
@@ -45,11 +47,13 @@ def items_from_rows(
       )
   items = []
   for i, row in enumerate(rows):
-    where = f'{source} row {i}'
     record_id = str(row[id_column]) if id_column else str(i)
-    path = common.resolve_image(image_dir, row[image_column], where)
+    conversation = common.caption_conversation(row[caption_column])
     items.append(
-      common.FileItem(record_id, path, tuple(common.caption_conversation(row[caption_column])))
+      # Every row has an image: an empty cell is a bad image, not a text-only record.
+      common.file_item(
+        f'{source} row {i}', record_id, image_dir, row[image_column] or '', conversation
+      )
     )
   return items
 
@@ -74,4 +78,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['table', 'out_dir'])
-  app.run(main)
+  cli.run(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import tarfile
 from collections.abc import Sequence
@@ -13,7 +14,8 @@ import numpy as np
 from absl import flags, logging
 
 from evejax.batch import IMAGE_PLACEHOLDER
-from evejax.data import records
+from evejax.data import records, templates
+from evejax.data.bad_records import TooManyBadRecords
 
 OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory of the ArrayRecord shards.')
 SPLIT = flags.DEFINE_string('split', 'train', 'Split name: shards are {split}-KKKKK-of-NNNNN.')
@@ -21,6 +23,13 @@ NUM_SHARDS = flags.DEFINE_integer('num_shards', 0, 'Number of shards; 0: from --
 RECORDS_PER_SHARD = flags.DEFINE_integer('records_per_shard', 10_000, 'Records per shard.')
 WORKERS = flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Conversion processes.')
 IMAGE_DIR = flags.DEFINE_string('image_dir', '', 'Folder relative image paths are resolved in.')
+MAX_BAD_FRACTION = flags.DEFINE_float(
+  'max_bad_fraction',
+  0.01,
+  'Entries that cannot become a record (a missing image, a malformed conversation) are skipped '
+  'and listed in {out_dir}/{split}.quarantine.jsonl; the conversion fails when more than this '
+  'fraction of the input is bad.',
+)
 EXTRAS_DIR = flags.DEFINE_string(
   'extras_dir',
   '',
@@ -84,12 +93,63 @@ class FileRecords:
     return record
 
 
-def resolve_image(image_dir: str, name: str, where: str) -> str:
-  """The image file `name` under `image_dir`; a clear error naming the input entry if absent."""
-  path = name if os.path.isabs(name) else os.path.join(image_dir, name)
+@dataclasses.dataclass(frozen=True)
+class BadEntry:
+  """An input entry that cannot become a record: the loader's bad-record kinds
+  (evejax/data/bad_records.py), with where it is in the input and its id."""
+
+  where: str
+  id: str
+  kind: str
+  reason: str
+
+
+def file_item(
+  where: str, record_id: str, image_dir: str, image: Any, conversations: Any
+) -> FileItem | BadEntry:
+  """The FileItem of one input entry (`image`: a file name under `image_dir`, or None for a
+  text-only entry), or the BadEntry saying why it cannot be one."""
+  try:
+    templates.conversation_pairs(conversations)
+  except templates.BadConversation as error:
+    return BadEntry(where, record_id, 'bad_conversation', str(error))
+  if image is None:
+    return FileItem(record_id, None, tuple(conversations))
+  if not isinstance(image, str) or not image:
+    return BadEntry(where, record_id, 'bad_image', f'image {image!r} is not a file name')
+  path = image if os.path.isabs(image) else os.path.join(image_dir, image)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{where}: image {name!r} not found at {path}; check --image_dir')
-  return path
+    return BadEntry(
+      where, record_id, 'bad_image', f'image {image!r} not found at {path}; check --image_dir'
+    )
+  return FileItem(record_id, path, tuple(conversations))
+
+
+def quarantine_path(out_dir: str, split: str) -> str:
+  return os.path.join(out_dir, f'{split}.quarantine.jsonl')
+
+
+def keep_good(
+  entries: Sequence[FileItem | BadEntry], source: str, quarantine: str, max_fraction: float
+) -> tuple[list[FileItem], dict[str, int]]:
+  """The good entries and the count of bad ones per kind. Like the loader's bad-record policy:
+  each bad entry is logged and listed in `quarantine` (JSON lines, rewritten on every run), and
+  more than `max_fraction` of them stops the conversion (TooManyBadRecords)."""
+  bad = [e for e in entries if isinstance(e, BadEntry)]
+  by_kind: dict[str, int] = {}
+  for entry in bad:
+    by_kind[entry.kind] = by_kind.get(entry.kind, 0) + 1
+    logging.warning('Skipping %s (id %r, %s): %s', entry.where, entry.id, entry.kind, entry.reason)
+  os.makedirs(os.path.dirname(quarantine) or '.', exist_ok=True)
+  with open(quarantine, 'w') as f:
+    f.writelines(json.dumps(dataclasses.asdict(entry)) + '\n' for entry in bad)
+  if bad and len(bad) > max_fraction * len(entries):
+    raise TooManyBadRecords(
+      f'{len(bad)} of {len(entries)} entries of {source} are bad ({by_kind}), over '
+      f'--max_bad_fraction={max_fraction}; they are listed in {quarantine}. Fix them, or raise '
+      'the threshold to convert the rest.'
+    )
+  return [e for e in entries if not isinstance(e, BadEntry)], by_kind
 
 
 def expand_globs(patterns: Sequence[str]) -> list[str]:
@@ -99,10 +159,17 @@ def expand_globs(patterns: Sequence[str]) -> list[str]:
   return paths
 
 
-def write(items: Sequence[Any], make_record, describe, info: dict[str, Any]) -> dict:
-  """Writes the shards + manifest named by the output flags; logs a summary."""
+def write(entries: Sequence[Any], make_record, describe, info: dict[str, Any]) -> dict:
+  """Writes the good `entries` (FileItems, say; BadEntries are skipped per `keep_good`) as the
+  shards + manifest named by the output flags; logs a summary."""
   if not OUT_DIR.value:
     raise flags.IllegalFlagValueError('--out_dir is required')
+  items, bad = keep_good(
+    entries,
+    info.get('input', 'the input'),
+    quarantine_path(OUT_DIR.value, SPLIT.value),
+    MAX_BAD_FRACTION.value,
+  )
   manifest = records.write_dataset(
     items,
     make_record,
@@ -113,14 +180,16 @@ def write(items: Sequence[Any], make_record, describe, info: dict[str, Any]) -> 
     num_workers=WORKERS.value,
     describe=describe,
     progress=True,
-    info=info,
+    info={**info, 'bad_entries': bad},
   )
   logging.info(
-    'Wrote %d records in %d shards to %s (manifest %s)',
+    'Wrote %d records in %d shards to %s (manifest %s); skipped %d bad entries %s',
     manifest['num_records'],
     len(manifest['shards']),
     OUT_DIR.value,
     records.manifest_path(OUT_DIR.value, SPLIT.value),
+    sum(bad.values()),
+    bad,
   )
   return manifest
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import common
+from evejax import cli
 
 JSON = flags.DEFINE_string('json', None, 'LLaVA-style JSON (a list of entries) or JSON-lines file.')
 
@@ -28,15 +29,29 @@ def load_entries(path: str) -> list[dict]:
   return entries
 
 
-def items_from_entries(entries: list[dict], image_dir: str, source: str) -> list[common.FileItem]:
+def items_from_entries(
+  entries: list, image_dir: str, source: str
+) -> list[common.FileItem | common.BadEntry]:
+  """One FileItem per entry, or a BadEntry (missing image, malformed conversation) to skip."""
   items = []
   for i, entry in enumerate(entries):
-    where = f'{source} entry {i} (id {entry.get("id")!r})'
-    if not isinstance(entry.get('conversations'), list):
-      raise ValueError(f'{where} has no "conversations" list')
-    image = entry.get('image')
-    path = common.resolve_image(image_dir, image, where) if image else None
-    items.append(common.FileItem(str(entry.get('id', i)), path, tuple(entry['conversations'])))
+    if not isinstance(entry, dict):
+      items.append(
+        common.BadEntry(
+          f'{source} entry {i}', str(i), 'unreadable_record', f'not a JSON object: {entry!r:.80}'
+        )
+      )
+      continue
+    record_id = str(entry.get('id', i))
+    items.append(
+      common.file_item(
+        f'{source} entry {i}',
+        record_id,
+        image_dir,
+        entry.get('image'),
+        entry.get('conversations'),
+      )
+    )
   return items
 
 
@@ -53,4 +68,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['json', 'out_dir'])
-  app.run(main)
+  cli.run(main)

@@ -14,9 +14,10 @@ import os
 import tarfile
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import common
+from evejax import cli
 
 TARS = flags.DEFINE_list('tars', None, 'Tar files or glob patterns (comma-separated).')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
@@ -100,4 +101,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['tars', 'out_dir'])
-  app.run(main)
+  cli.run(main)

@@ -4,20 +4,24 @@ one of its fields, parsed as that field's type (ml_collections config_flags).
 
   _CONFIG = cli.define_config_flag('What the config is for.')
   ...
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)
 
 A mistake on the command line (a missing config file, an override of a field the config does not
-have, a missing required flag) exits with one line saying what is wrong, not a traceback.
+have, a missing required flag) and the errors a user can fix (`USER_ERRORS`: a config value, a
+checkpoint, too many bad records, a missing input file, a full disk) exit with one line saying
+what is wrong, not a traceback; `--verbosity=1` shows the traceback too.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from evejax.config_utils import load_config_file, unknown_override
@@ -88,3 +92,43 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, FileNotFoundError, flags.Error) as error:
     # config_flags reports an unknown override as a bare AttributeError/KeyError.
     sys.exit(f'Invalid command line: {_unknown_overrides(argv) or error}')
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """What a command reports in one line: errors whose message says what to fix."""
+  # Imported here: this module is imported before the flags are defined, the rest is heavy.
+  from evejax.checkpoint.store import CheckpointError
+  from evejax.config import ConfigError
+  from evejax.data.bad_records import TooManyBadRecords
+  from evejax.data.templates import BadConversation
+  from evejax.train.guard import NonFiniteError
+
+  return (
+    ConfigError,
+    CheckpointError,
+    NonFiniteError,
+    TooManyBadRecords,
+    BadConversation,
+    FileNotFoundError,  # Our messages name the path and what writes it.
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+  )
+
+
+def _reporting(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+  verbose = flags.FLAGS.verbosity >= 1  # Read first: mains set their own logging level.
+  try:
+    return main(argv)
+  except Exception as error:
+    full_disk = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if verbose or not (full_disk or isinstance(error, user_errors())):
+      raise
+    sys.exit(f'{type(error).__name__}: {error}')
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` with `parse_flags`, reporting `user_errors()` in one line (every evejax
+  command's entry point)."""
+  app.run(functools.partial(_reporting, main), flags_parser=parse_flags)

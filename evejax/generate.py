@@ -14,9 +14,9 @@ The prompt goes through the training run's template (e.g. `USER: <image>\\n... A
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from evejax import storage
+from evejax import cli, storage
 from evejax.inference import cli_flags
 from evejax.inference.assistant import Assistant
 
@@ -96,4 +96,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from absl import logging
 
-from evejax.checkpoint import Checkpointer, CheckpointError, load_params
+from evejax.checkpoint import Checkpointer, CheckpointError, load_params, store
+from evejax.checkpoint.store import DamagedCheckpoint
 from evejax.train.step import TrainState
 
 
@@ -126,14 +127,85 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
     Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
 
 
-def test_unreadable_data_iterator_state_is_a_clear_error(tmp_path):
-  save_steps(str(tmp_path), [1, 2])
-  (data_file,) = glob.glob(str(tmp_path / '2' / 'data' / '*.json'))
+def damage_data_state(step_dir):
+  (data_file,) = glob.glob(os.path.join(step_dir, 'data', '*.json'))
   with open(data_file, 'r+b') as f:
     f.truncate(5)
+
+
+@pytest.mark.parametrize('checksums', [True, False])
+def test_damaged_data_iterator_state_falls_back_to_the_previous_checkpoint(tmp_path, checksums):
+  save_steps(str(tmp_path), [1, 2])
+  damage_data_state(tmp_path / '2')
+  if not checksums:  # A save killed before its checksums were written: found by the restore.
+    os.remove(tmp_path / '2' / store.CHECKSUMS)
+  iterator = data_iterator()
+  step, state, _ = Checkpointer(str(tmp_path), every=1, keep_last=3).restore(
+    make_state(0), iterator
+  )
+  assert step == 1
+  assert_trees_equal(state, make_state(1))
+  expected_next = data_iterator()
+  next(expected_next)
+  np.testing.assert_array_equal(next(iterator), next(expected_next))
+  assert glob.glob(str(tmp_path / '2.unreadable-*')) and not os.path.exists(tmp_path / '2')
+
+
+def test_data_state_no_checkpoint_can_restore_is_a_clear_error(tmp_path):
+  """Every step's state failing is a changed data config, not damage: nothing is moved aside."""
+  save_steps(str(tmp_path), [1, 2])
+  for step in ('1', '2'):  # States that do not fit this pipeline; no checksum says "damaged".
+    damage_data_state(tmp_path / step)
+    os.remove(tmp_path / step / store.CHECKSUMS)
   with pytest.raises(CheckpointError, match=r'data-iterator state in .*/2/data cannot be restored'):
     Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
-  assert os.path.isdir(tmp_path / '2')  # Not moved aside: nothing is lost.
+  assert os.path.isdir(tmp_path / '1') and os.path.isdir(tmp_path / '2')
+
+
+def flip_one_byte(step_dir, item='params'):
+  """The same size, one byte changed in the middle of the item's largest file (its array data)."""
+  files = [
+    f for f in glob.glob(os.path.join(step_dir, item, '**'), recursive=True) if os.path.isfile(f)
+  ]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_bit_flip_is_found_by_checksum_and_falls_back(tmp_path, caplog):
+  save_steps(str(tmp_path), [1, 2])
+  flip_one_byte(tmp_path / '2')
+  ckpt = Checkpointer(str(tmp_path), every=1, keep_last=3)
+  logging.get_absl_logger().propagate = True
+  with caplog.at_level('ERROR'):
+    step, state, _ = ckpt.restore(make_state(0), data_iterator())
+  assert step == 1
+  assert_trees_equal(state, make_state(1))
+  assert any('differ from the checksums' in r.getMessage() for r in caplog.records)
+  assert ckpt.describe_latest() == f'Last good checkpoint: {tmp_path}/1'
+  # Reopened without a restore, the newest is not called good: nothing verified it.
+  assert 'not verified' in Checkpointer(str(tmp_path), every=1, keep_last=3).describe_latest()
+
+
+def test_every_checkpoint_damaged_is_one_short_line(tmp_path):
+  save_steps(str(tmp_path), [1, 2])
+  flip_one_byte(tmp_path / '1')
+  flip_one_byte(tmp_path / '2', 'opt_state')
+  with pytest.raises(CheckpointError, match='No readable checkpoint in') as raised:
+    Checkpointer(str(tmp_path), every=1, keep_last=3).restore(make_state(0), data_iterator())
+  message = str(raised.value)
+  assert '\n' not in message and len(message) < 1000, message
+  assert 'step 2: ' in message and 'step 1: ' in message
+
+
+def test_init_from_refuses_a_damaged_checkpoint(tmp_path):
+  save_steps(str(tmp_path / 'checkpoints'), [5])
+  flip_one_byte(tmp_path / 'checkpoints' / '5')
+  with pytest.raises(DamagedCheckpoint, match=r'init_from=.*differ from the checksums'):
+    load_params(str(tmp_path), make_state(0).params)
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_pipelines import captions, common, llava_json, webdataset
 from evejax.data import records
+from evejax.data.bad_records import TooManyBadRecords
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 
@@ -122,9 +123,47 @@ def test_llava_cli_and_missing_image_error(tmp_path, image_dir):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert read_all(str(out))[0]['image'] == files[name]
-  entries[0]['image'] = 'nope.png'
-  with pytest.raises(FileNotFoundError, match=r"test.json entry 0 \(id 'a'\): image 'nope.png'"):
-    llava_json.items_from_entries(entries, folder, 'test.json')
+
+
+def test_llava_bad_entries_are_skipped_counted_and_quarantined(tmp_path, image_dir):
+  """The loader's bad-record policy: one missing image or malformed conversation never aborts a
+  conversion; each is listed with its entry id, and too many of them stop it."""
+  folder, files = image_dir
+  name = next(iter(files))
+  good = [{'from': 'human', 'value': '<image>'}, {'from': 'gpt', 'value': 'x'}]
+  entries = [
+    {'id': 'ok', 'image': name, 'conversations': good},
+    {'id': 'missing', 'image': 'nope.png', 'conversations': good},
+    {'id': 'null', 'image': name, 'conversations': [good[0], {'from': 'gpt', 'value': None}]},
+    {'id': 'string', 'image': name, 'conversations': [good[0], 'x']},
+    ['not', 'an', 'object'],
+  ]
+  items = llava_json.items_from_entries(entries, folder, 'test.json')
+  quarantine = str(tmp_path / 'train.quarantine.jsonl')
+  kept, bad = common.keep_good(items, 'test.json', quarantine, max_fraction=0.9)
+  assert [item.id for item in kept] == ['ok']
+  assert bad == {'bad_image': 1, 'bad_conversation': 2, 'unreadable_record': 1}
+  with open(quarantine) as f:
+    listed = [json.loads(line) for line in f]
+  assert [(e['id'], e['kind']) for e in listed] == [
+    ('missing', 'bad_image'),
+    ('null', 'bad_conversation'),
+    ('string', 'bad_conversation'),
+    ('4', 'unreadable_record'),
+  ]
+  assert (
+    listed[0]['where'] == 'test.json entry 1'
+    and "image 'nope.png' not found" in (listed[0]['reason'])
+  )
+  with pytest.raises(TooManyBadRecords, match='4 of 5 entries of test.json are bad'):
+    common.keep_good(items, 'test.json', quarantine, max_fraction=0.5)
+  rows = [
+    {'image': name, 'caption': 'a'},
+    {'image': name, 'caption': None},
+    {'image': None, 'caption': 'b'},
+  ]
+  kinds = [getattr(i, 'kind', 'ok') for i in captions.items_from_rows(rows, folder, 'rows')]
+  assert kinds == ['ok', 'bad_conversation', 'bad_image']
 
 
 def test_webdataset_tar_round_trip(tmp_path, image_dir):

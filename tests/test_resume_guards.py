@@ -66,7 +66,7 @@ def test_guard_stop_names_step_and_last_checkpoint():
     match=r'non-finite gradients at step 6 .*'
     r'Last good checkpoint: /w/checkpoints/4\.',
   ):
-    guard.check(6, 1.0, float('inf'), lambda: '/w/checkpoints/4')
+    guard.check(6, 1.0, float('inf'), lambda: 'Last good checkpoint: /w/checkpoints/4')
 
 
 def test_guard_skip_counts_then_stops():

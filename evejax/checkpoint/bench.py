@@ -13,10 +13,10 @@ import time
 import grain
 import jax
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from evejax import sharding
+from evejax import cli, sharding
 from evejax.checkpoint import Checkpointer
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
@@ -107,4 +107,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from evejax.checkpoint.manager import (
   param_shapes,
   saved_param_shapes,
 )
-from evejax.checkpoint.store import CheckpointError, resolve_params_dir
+from evejax.checkpoint.store import CheckpointError, resolve_params_dir, verify_checksums
 
 PyTree = Any
 
@@ -69,8 +70,10 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
   """
   try:
     params_dir = resolve_params_dir(path)
+    if not verify_checksums(os.path.dirname(params_dir)):
+      logging.warning('init_from %s: no checksums recorded, its files are not verified', path)
   except CheckpointError as error:  # Name the setting that gave the path.
-    raise CheckpointError(f'init_from={path}: {error}') from None
+    raise type(error)(f'init_from={path}: {error}') from None
   saved = saved_param_shapes(params_dir)
   names, leaves = list(param_shapes(params)), jax.tree.leaves(params)
   by_name = dict(zip(names, leaves))

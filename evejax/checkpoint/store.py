@@ -11,6 +11,7 @@ This is the one module that knows the layout; everything else asks it. A trainin
       progress    {'step': int32, 'rng': uint32 key data}
       data        the Grain iterator state (JSON)
       metadata    {'config': the run's config, ...} (JSON)
+      checksums.json  SHA-256 of every file above, written once the save completed
 
 An import output (`python -m evejax.convert import`, a recipe's weight copy) is a folder with only
 the `params` and `metadata` ({'config': {'model': ...}, ...}) items. So whatever reads weights or
@@ -20,12 +21,15 @@ step), one step folder or an import output alike (`resolve_checkpoint`).
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from evejax import storage
 from evejax.models import ModelConfig
@@ -33,6 +37,7 @@ from evejax.models import ModelConfig
 PARAMS, OPT_STATE, PROGRESS, DATA, METADATA = 'params', 'opt_state', 'progress', 'data', 'metadata'
 STATE_ITEMS = (PARAMS, OPT_STATE, PROGRESS)
 CONFIG = 'config'  # The metadata entry holding the config the weights were saved with.
+CHECKSUMS = 'checksums.json'
 
 _PATH_HINT = (
   'give a training workdir, its checkpoints/ folder (newest step), one step folder '
@@ -46,6 +51,59 @@ _CONFIG_HINT = (
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or one that does not fit the model being trained."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint whose files differ from the checksums recorded when it was saved."""
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open('rb') as f:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _hash_files(folder: epath.Path, names) -> dict[str, str]:
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL.
+    return dict(zip(names, pool.map(lambda name: _sha256(folder / name), names)))
+
+
+def write_checksums(folder: str) -> None:
+  """Records the SHA-256 of every file of a completed checkpoint folder (a step directory or an
+  import output) in its `CHECKSUMS` file, so that `verify_checksums` finds any byte that changed
+  since, which no format check does (a flipped bit in an array file restores silently)."""
+  root = epath.Path(folder)
+  names = sorted(
+    str((folder / name).relative_to(root))
+    for folder, _, files in root.walk()
+    for name in files
+    if name != CHECKSUMS
+  )
+  # Atomic: a reader sees all of the file or none.
+  storage.write_atomic(os.fspath(root / CHECKSUMS), json.dumps(_hash_files(root, names), indent=0))
+
+
+def verify_checksums(folder: str) -> bool:
+  """True when the folder's files match their `CHECKSUMS`; False when it has none (a save that
+  ended before they were written, or an older checkpoint); raises DamagedCheckpoint otherwise."""
+  root = epath.Path(folder)
+  if not (root / CHECKSUMS).exists():
+    return False
+  try:
+    recorded = json.loads((root / CHECKSUMS).read_text())
+  except ValueError as error:
+    raise DamagedCheckpoint(f'{root / CHECKSUMS} is not readable JSON ({error})') from None
+  missing = sorted(name for name in recorded if not (root / name).exists())
+  found = _hash_files(root, sorted(set(recorded) - set(missing)))
+  changed = sorted(name for name, digest in found.items() if digest != recorded[name])
+  if missing or changed:
+    raise DamagedCheckpoint(
+      f'{root} is damaged: {len(changed)} files differ from the checksums recorded when it was '
+      f'saved {changed[:3]}, {len(missing)} are missing {missing[:3]}'
+    )
+  return True
 
 
 def checkpoints_dir(workdir: str) -> str:
@@ -134,6 +192,7 @@ def write_params_folder(
   ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(
     item_dir(directory, METADATA), args=ocp.args.JsonSave({CONFIG: dict(config), **details})
   )
+  write_checksums(directory)
 
 
 def read_metadata(path: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from evejax import cli
 from evejax.convert import checkpoints, exporter, importer
@@ -121,4 +121,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

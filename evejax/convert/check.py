@@ -17,7 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from evejax import batch as bf
@@ -187,4 +187,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('hf_dir')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -76,7 +76,12 @@ class _FilterIterator(grain.DatasetIterator):
       with storage.Appender(self._policy.quarantine) as f:
         f.write(json.dumps(dataclasses.asdict(record)) + '\n')
 
+  def _summary(self) -> str:
+    return ', '.join(f'{k}: {v}' for k, v in self.by_kind.items() if v)
+
   def _check(self, final: bool) -> None:
+    if final and self.bad:
+      logging.warning('Skipped %d of %d records (%s)', self.bad, self.seen, self._summary())
     if not self.bad or (self.seen < self._policy.min_records and not final):
       return
     fraction = self.bad / self.seen
@@ -85,7 +90,7 @@ class _FilterIterator(grain.DatasetIterator):
       raise TooManyBadRecords(
         f'{self.bad} of {self.seen} records ({fraction:.1%}) were bad, over '
         f'data.bad_records.max_fraction={self._policy.max_fraction} '
-        f'({", ".join(f"{k}: {v}" for k, v in self.by_kind.items() if v)}){where}. Fix or '
+        f'({self._summary()}){where}. Fix or '
         're-convert the data, or raise the threshold.'
       )
 

@@ -18,7 +18,8 @@ V1_BACKGROUND = (122, 116, 104)
 
 
 def decode_image(data: bytes) -> Image.Image:
-  """Encoded bytes -> RGB image. Raises ValueError for empty, truncated or unreadable data."""
+  """Encoded bytes -> RGB image (`to_rgb`). Raises ValueError for empty, truncated, unreadable
+  data or a pixel format `to_rgb` cannot convert."""
   if not data:
     raise ValueError('empty image bytes')
   try:
@@ -26,7 +27,53 @@ def decode_image(data: bytes) -> Image.Image:
     image.load()
   except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f'undecodable image: {e}') from e
-  return image.convert('RGB')
+  return to_rgb(image)
+
+
+# Modes with an alpha channel (or a transparent palette entry): composited over white, the page
+# a viewer shows them on, so fully transparent pixels never train as whatever colour they hide.
+_ALPHA_MODES = ('LA', 'La', 'PA', 'RGBA', 'RGBa')
+# Modes Pillow's own convert('RGB') maps correctly (8 bit per channel).
+_DIRECT_MODES = ('RGB', 'RGBX', 'L', '1', 'P', 'YCbCr')
+_WHITE = 255
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any decoded image -> 8-bit RGB showing what the file shows, or ValueError('unsupported image
+  mode ...') (a `bad_image` record) for a pixel format without a defined conversion.
+
+  Pillow's `convert('RGB')` clips high-bit-depth pixels at 255 (a 16-bit greyscale PNG turns
+  white) and computes CMYK as 255 - (C + K), so those are converted here:
+    I;16*: 16-bit greyscale, scaled by 255 / 65535;
+    I: 32-bit integer greyscale holding 16-bit values (0..65535, older Pillow's 16-bit PNGs),
+      scaled alike; other values are unsupported;
+    F: float greyscale in [0, 1], scaled by 255; other values are unsupported;
+    CMYK: R = 255 (1 - C/255)(1 - K/255), likewise G from M and B from Y.
+  """
+  mode = image.mode
+  if mode == 'P' and 'transparency' in image.info:
+    image, mode = image.convert('RGBA'), 'RGBA'
+  if mode in _ALPHA_MODES:
+    rgba = image.convert('RGBA')  # Premultiplied La / RGBa are un-multiplied here.
+    background = Image.new('RGBA', rgba.size, (_WHITE,) * 4)
+    return Image.alpha_composite(background, rgba).convert('RGB')
+  if mode in _DIRECT_MODES:
+    return image if mode == 'RGB' else image.convert('RGB')
+  if mode == 'CMYK':
+    cmyk = np.asarray(image, np.float64) / 255
+    rgb = 255 * (1 - cmyk[..., :3]) * (1 - cmyk[..., 3:])
+    return Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB')
+  if mode.startswith('I;16') or mode in ('I', 'F'):
+    grey = np.asarray(image)
+    top = 1.0 if mode == 'F' else 65535
+    if grey.size and not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= top):
+      raise ValueError(
+        f'unsupported image mode {mode}: values {grey.min()}..{grey.max()} outside 0..{top} '
+        '(convert the image to 8 or 16 bit per channel)'
+      )
+    grey = np.rint(grey.astype(np.float64) * (255 / top)).astype(np.uint8)
+    return Image.fromarray(grey, 'L').convert('RGB')
+  raise ValueError(f'unsupported image mode {mode} (convert the image to RGB)')
 
 
 def target_size(
@@ -86,11 +133,18 @@ def patch_groups(pixels: np.ndarray, spec: BatchSpec) -> tuple[np.ndarray, tuple
     pixels = with_valid_channel(pixels, spec.token_pixels)
   groups, grid = patchify(pixels, spec.patch_size, spec.merge)
   if len(groups) > spec.image_budget:
+    height, width = pixels.shape[:2]
+    if spec.resize in ('none', 'pad'):  # The size is kept: a resizing policy brings it down.
+      fix = "resize it with data.resize='eve_v2_train' or raise data.max_size"
+    else:  # Resized to the area budget, but each side is at least one token: an extreme ratio.
+      fix = (
+        f'its aspect ratio of {max(width, height) / min(width, height):.0f}:1 is too extreme '
+        f'for data.resize={spec.resize!r} at this budget (each side keeps at least one '
+        'token), so the record is skipped; a larger data.max_size keeps such images'
+      )
     raise ValueError(
-      f'image of {pixels.shape[1]}x{pixels.shape[0]} px needs {len(groups)} visual '
-      f'tokens, over the budget of {spec.image_budget} for data.max_size='
-      f"{spec.max_size}; resize it with data.resize='eve_v2_train' or raise "
-      'data.max_size'
+      f'image of {width}x{height} px needs {len(groups)} visual tokens, over the budget of '
+      f'{spec.image_budget} for data.max_size={spec.max_size}; {fix}'
     )
   return groups, grid
 

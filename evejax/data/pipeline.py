@@ -353,9 +353,14 @@ def eval_batches(
   process_count: int = 1,
   workdir: str = '',
 ) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass over a held-out source, each example exactly once (packed like training).
+  """One ordered pass over a held-out source, each usable example exactly once (packed like
+  training); bad records are skipped and counted, never a failure.
   With several processes each reads its slice, and all yield the same number of batches."""
   local = local_batch_size(batch_size, process_count)
+  options = _options(data, quarantine_path(workdir, process_index, process_count))
+  # Bad held-out records are skipped, counted and quarantined like training's, but never end a
+  # run (its evaluation may come after all the training): the pass ends with their count.
+  options['policy'] = dataclasses.replace(options['policy'], max_fraction=1.0)
   ds = make_dataset(
     source,
     preprocess,
@@ -365,7 +370,7 @@ def eval_batches(
     num_epochs=1,
     process_index=process_index,
     process_count=process_count,
-    **_options(data, quarantine_path(workdir, process_index, process_count)),
+    **options,
   )
   if process_count > 1:
     # Every process runs the same number of eval steps: the count for one example per row, the

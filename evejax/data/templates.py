@@ -44,20 +44,41 @@ def get_template(name: str) -> Template:
   return TEMPLATES[name]
 
 
-def _turn_pairs(conversation: Sequence[dict]) -> list[tuple[str, str]]:
+ROLES = ('human', 'gpt')  # LLaVA's speakers: the user and the assistant.
+
+
+class BadConversation(ValueError):
+  """A conversation that does not follow the LLaVA schema (a `bad_conversation` record)."""
+
+
+def conversation_pairs(conversation: object, *, open_answer: bool = False) -> list[tuple[str, str]]:
+  """(question, answer) pairs of a LLaVA conversation, a list of {"from", "value"} turns that
+  alternate human/gpt with non-empty string values; raises `BadConversation` naming the first
+  violation. Nothing is coerced: a null value never becomes the text "None". With `open_answer`,
+  the last turn may be the assistant's empty answer that generation fills (inference)."""
+  if not isinstance(conversation, (list, tuple)):
+    raise BadConversation(
+      f'conversations must be a list of turns, got {type(conversation).__name__}'
+    )
+  for i, turn in enumerate(conversation):
+    if not isinstance(turn, dict) or not {'from', 'value'} <= set(turn):
+      raise BadConversation(f'turn {i} must be a {{"from", "value"}} object, got {turn!r:.80}')
+    if turn['from'] not in ROLES:
+      raise BadConversation(f'turn {i} is from {turn["from"]!r}; the roles are {ROLES}')
+    left_open = open_answer and i == len(conversation) - 1 and turn['value'] == ''
+    if not isinstance(turn['value'], str) or not (turn['value'].strip() or left_open):
+      raise BadConversation(f'turn {i} ({turn["from"]}) has no text: value {turn["value"]!r:.80}')
   turns = list(conversation)
-  if turns and turns[0].get('from') == 'gpt':  # The reference drops a leading assistant turn.
+  if turns and turns[0]['from'] == 'gpt':  # The reference drops a leading assistant turn.
     turns = turns[1:]
   if not turns or len(turns) % 2:
-    raise ValueError(f'A conversation needs human/gpt turn pairs, got {len(turns)} turns')
-  pairs = []
+    raise BadConversation(f'a conversation needs human/gpt turn pairs, got {len(turns)} turns')
   for human, gpt in zip(turns[::2], turns[1::2]):
-    if human.get('from') != 'human' or gpt.get('from') != 'gpt':
-      raise ValueError(
-        f"Turns must alternate 'human' and 'gpt', got {human.get('from')!r}, {gpt.get('from')!r}"
+    if (human['from'], gpt['from']) != ROLES:
+      raise BadConversation(
+        f"turns must alternate 'human' and 'gpt', got {human['from']!r}, {gpt['from']!r}"
       )
-    pairs.append((human['value'], gpt['value']))
-  return pairs
+  return [(human['value'], gpt['value']) for human, gpt in zip(turns[::2], turns[1::2])]
 
 
 def _image_first(text: str) -> str:
@@ -81,10 +102,15 @@ def _encode_with_images(text: str, tokenizer: Tokenizer) -> list[int]:
 
 
 def tokenize_conversation(
-  conversation: Sequence[dict], tokenizer: Tokenizer, template: Template
+  conversation: Sequence[dict],
+  tokenizer: Tokenizer,
+  template: Template,
+  *,
+  open_answer: bool = False,
 ) -> tuple[list[int], list[bool]]:
-  """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised."""
-  pairs = _turn_pairs(conversation)
+  """Token ids (with IMAGE_TOKEN_INDEX placeholders) and, per id, whether it is supervised;
+  `open_answer`: the last answer is empty, for generation to fill (`conversation_pairs`)."""
+  pairs = conversation_pairs(conversation, open_answer=open_answer)
   segments: list[tuple[str, bool]] = []
   if template.plain:
     if len(pairs) != 1:

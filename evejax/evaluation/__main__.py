@@ -7,8 +7,9 @@ Writes `predictions.jsonl` (one line per item, with the error of any item that f
 `metrics.json` to --output; `--submission=vqav2` also the EvalAI result file of an unlabelled split.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from evejax import cli
 from evejax.evaluation import harness
 from evejax.evaluation.records import read_jsonl
 from evejax.inference import cli_flags
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -43,7 +43,9 @@ def prompt_ids(
     for pair in zip(questions, answers)
     for role, text in zip(('human', 'gpt'), pair)
   ]
-  ids, supervised = templates.tokenize_conversation(conversation, tokenizer, template)
+  ids, supervised = templates.tokenize_conversation(
+    conversation, tokenizer, template, open_answer=True
+  )
   end = len(ids)
   while end and supervised[end - 1]:  # Drop the empty answer's supervised ids (e.g. `<|im_end|>`).
     end -= 1

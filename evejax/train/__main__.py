@@ -1,14 +1,8 @@
 """CLI: python -m evejax.train --config=configs/demo.py --workdir=DIR [--config.total_steps=200]."""
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 
 from evejax import cli
-from evejax.checkpoint import CheckpointError
-from evejax.config import ConfigError
-from evejax.data.bad_records import TooManyBadRecords
-from evejax.train.guard import NonFiniteError
 from evejax.train.trainer import train
 
 _CONFIG = cli.define_config_flag('A get_config(arg) file, as path[:arg].')
@@ -19,15 +13,7 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  try:
-    final = train(_CONFIG.value, _WORKDIR.value)
-  except (
-    ConfigError,
-    CheckpointError,
-    NonFiniteError,
-    TooManyBadRecords,
-  ) as error:  # No traceback.
-    sys.exit(f'{type(error).__name__}: {error}')
+  final = train(_CONFIG.value, _WORKDIR.value)  # cli.run reports a user's error in one line.
   if 'preempted' in final:
     return  # Exit status 0: the checkpoint is written; the same command resumes.
   if 'eval/accuracy' in final:
@@ -44,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

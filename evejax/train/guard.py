@@ -17,8 +17,9 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-  """`stop`: raise naming the step and the last good checkpoint. `skip`: the jitted step already
-  left the weights unchanged; count it, and stop once more than `max_skipped` steps were skipped."""
+  """`stop`: raise naming the step and the newest checkpoint (`last_checkpoint()` says whether it
+  is verified good). `skip`: the jitted step already left the weights unchanged; count it, and
+  stop once more than `max_skipped` steps were skipped."""
 
   def __init__(self, cfg: GuardConfig):
     self.mode, self.max_skipped, self.skipped = cfg.nonfinite, cfg.max_skipped, 0
@@ -45,7 +46,7 @@ class NonFiniteGuard:
       return False
     reason = '' if self.mode == 'stop' else f' after skipping {self.skipped} steps'
     raise NonFiniteError(
-      f'Training stopped{reason}: {what}. Last good checkpoint: {last_checkpoint()}. Lower '
+      f'Training stopped{reason}: {what}. {last_checkpoint()}. Lower '
       "optim.lr or check the data; guard.nonfinite='skip' skips such steps instead."
     )
 

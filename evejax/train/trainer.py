@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from evejax import checkpoint, sharding, storage
 from evejax.batch import BatchSpec
 from evejax.checkpoint import store
-from evejax.config import TrainConfig
+from evejax.checkpoint.store import CheckpointError
+from evejax.config import ConfigError, TrainConfig
 from evejax.data import pipeline
 from evejax.evaluation.periodic import PeriodicBenchmark
 from evejax.metrics import MetricWriter, ProfileWindow, Progress, Throughput, batch_counts, flops
@@ -110,12 +111,24 @@ def _restore_or_start(
   return state
 
 
+def _check_paths(cfg: TrainConfig, workdir: str) -> None:
+  """The workdir can hold a run, and a new run's `init_from` names a checkpoint."""
+  if storage.isfile(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file: give a directory (created if missing)')
+  if cfg.init_from and not storage.isdir(store.checkpoints_dir(workdir)):  # A resume ignores it.
+    try:
+      store.resolve_checkpoint(cfg.init_from)
+    except CheckpointError as error:
+      raise CheckpointError(f'init_from={cfg.init_from}: {error}') from None
+
+
 def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict[str, float]:
   """Trains per `config`, writing checkpoints, metrics (and the tokenizer) to `workdir`.
 
   Returns the final metrics; `preempted` is set when a SIGTERM ended the run early.
   """
   cfg = TrainConfig.parse(config)  # The one place the raw config is read.
+  _check_paths(cfg, workdir)  # Before any data or device work.
   sharding.distributed.initialize(cfg.distributed)  # before any other JAX call
   cfg.check_attention()
   if jax.process_index() == 0:  # First: even a run that fails to start leaves its config.
