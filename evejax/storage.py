@@ -79,6 +79,17 @@ def glob(directory: str, pattern: str) -> list[str]:
   return sorted(os.fspath(p) for p in epath.Path(directory).glob(pattern))
 
 
+def files_below(folder: str) -> list[str]:
+  """Every file below `folder`, at any depth, as paths relative to it. (epath's walk yields
+  object-store folders without their scheme, so `relative_to` fails on them.)"""
+  root = os.fspath(folder).split('://', 1)[-1]
+  return sorted(
+    os.path.relpath(os.path.join(os.fspath(top).split('://', 1)[-1], name), root)
+    for top, _, names in epath.Path(folder).walk()
+    for name in names
+  )
+
+
 def remove(path: str) -> None:
   epath.Path(path).unlink()
 

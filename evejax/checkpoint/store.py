@@ -75,12 +75,7 @@ def write_checksums(folder: str) -> None:
   import output) in its `CHECKSUMS` file, so that `verify_checksums` finds any byte that changed
   since, which no format check does (a flipped bit in an array file restores silently)."""
   root = epath.Path(folder)
-  names = sorted(
-    str((folder / name).relative_to(root))
-    for folder, _, files in root.walk()
-    for name in files
-    if name != CHECKSUMS
-  )
+  names = [name for name in storage.files_below(folder) if name != CHECKSUMS]
   # Atomic: a reader sees all of the file or none.
   storage.write_atomic(os.fspath(root / CHECKSUMS), json.dumps(_hash_files(root, names), indent=0))
 
