@@ -113,6 +113,10 @@ class DataConfig:
   num_workers: int = 0  # ... in this many worker processes (0: in the trainer's process).
   prefetch: int = 4
   cache_dir: str = ''  # Where the demo data is written once; '' = $EVEJAX_CACHE or ~/.cache.
+  # Shards on object storage (gs://): ArrayRecord reads local files only. False: an error that
+  # explains the gcsfuse mount (README, "Object storage"); True: copy them to local disk at start
+  # (checked against the manifest's SHA-256; for datasets that fit on each host's disk).
+  copy_remote_shards: bool = False
   bad_records: BadRecordsConfig = _field(BadRecordsConfig)
   shapes: ShapesConfig = _field(ShapesConfig)
 

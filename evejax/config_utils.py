@@ -14,6 +14,8 @@ from typing import Any
 
 import ml_collections
 
+from evejax import storage
+
 
 def _coerce(key: str, text: str, default):
   if isinstance(default, bool):
@@ -40,7 +42,7 @@ def resolve_config_path(path: str) -> str:
   """`path` (a config file or a recipe folder) as given if it exists; else, for a `configs/...`
   path, the same one in the installed `configs` package, so that the README's `--config=configs/..`
   works from any directory after `pip install`. Any other missing path is an error naming it."""
-  if os.path.exists(path):
+  if storage.exists(path):
     return path
   parts = pathlib.PurePath(path).parts
   packaged = parts[0] == 'configs' and len(parts) > 1
@@ -57,7 +59,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (the path as
   `resolve_config_path` finds it)."""
   path, _, arg = spec.partition(':')
-  return runpy.run_path(resolve_config_path(path))['get_config'](arg or None)
+  return run_config_module(resolve_config_path(path))['get_config'](arg or None)
+
+
+def run_config_module(path: str) -> dict[str, Any]:
+  """The globals of a config file after running it: a local file, or one on object storage."""
+  if not storage.is_url(path):
+    return runpy.run_path(path)
+  namespace = {'__file__': path, '__name__': '<run_path>'}
+  exec(compile(storage.read_text(path), path, 'exec'), namespace)  # What runpy does, from text.
+  return namespace
 
 
 def unknown_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:

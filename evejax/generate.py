@@ -16,7 +16,7 @@ import sys
 
 from absl import flags
 
-from evejax import cli
+from evejax import cli, storage
 from evejax.inference import cli_flags
 from evejax.inference.assistant import Assistant
 
@@ -31,10 +31,9 @@ def _read_image() -> bytes | None:
   if not _IMAGE.value:
     return None
   try:
-    with open(_IMAGE.value, 'rb') as f:
-      return f.read()
+    return storage.read_bytes(_IMAGE.value)
   except OSError as e:
-    sys.exit(f'--image={_IMAGE.value}: {e.strerror}')
+    sys.exit(f'--image={_IMAGE.value}: {e.strerror or e}')
 
 
 def _stream_answer(assistant: Assistant, prompt: dict) -> str:

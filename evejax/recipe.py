@@ -23,9 +23,8 @@ from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
-from etils import epath
 
-from evejax import cli
+from evejax import cli, storage
 from evejax.checkpoint import store
 from evejax.config_utils import apply_overrides, load_config_file, resolve_config_path
 from evejax.models import ModelConfig
@@ -99,9 +98,9 @@ def _complete(out_dir: str, config: ml_collections.ConfigDict | None) -> bool:
   """Whether a stage's output exists (local or gs://): the weights of a weight-only step, or a
   training stage's final-step checkpoint."""
   if config is None:
-    return epath.Path(store.item_dir(out_dir, store.PARAMS)).is_dir()
+    return storage.isdir(store.item_dir(out_dir, store.PARAMS))
   # Orbax renames a step directory to its final name only once the save is complete.
-  return epath.Path(store.step_dir(store.checkpoints_dir(out_dir), config.total_steps)).is_dir()
+  return storage.isdir(store.step_dir(store.checkpoints_dir(out_dir), config.total_steps))
 
 
 def run(
@@ -146,7 +145,7 @@ def run(
       config.init_from or 'scratch',
       out_dir,
     )
-    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir)
     results[stage] = train(config, out_dir)
     if 'preempted' in results[stage]:  # The next stage needs this one's final weights.
       logging.warning('%s/%s preempted: run the same command again to resume', label, stage)

@@ -25,15 +25,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import runpy
 import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 
-from evejax import cli, sweep_results
-from evejax.config_utils import apply_overrides, load_config_file, resolve_config_path
+from evejax import cli, storage, sweep_results
+from evejax.config_utils import (
+  apply_overrides,
+  load_config_file,
+  resolve_config_path,
+  run_config_module,
+)
 from evejax.metrics.writers import read_jsonl
 
 LAUNCHERS = {
@@ -76,7 +80,7 @@ def expand(
   config. `overrides` (the command line's) come first in every run; a run's name and workdir
   follow from its own. With `seeds`, every run once per seed (SEED_KEYS), in a seed<s> folder."""
   path = config_spec.partition(':')[0]
-  sweep_fn: Callable | None = runpy.run_path(resolve_config_path(path)).get('sweep')
+  sweep_fn: Callable | None = run_config_module(resolve_config_path(path)).get('sweep')
   if sweep_fn is None:
     raise ValueError(f'{path} defines no sweep(add) function')
   added: list[dict[str, Any]] = []
@@ -119,7 +123,7 @@ def run_locally(runs: Sequence[Run], config_spec: str) -> dict[str, dict[str, fl
     config = apply_overrides(load_config_file(config_spec), run.overrides, where=run.name)
     if config.metrics.wandb.project and not config.metrics.wandb.group:
       config.metrics.wandb.group = run.variant  # W&B groups a variant's seeds.
-    os.makedirs(run.workdir, exist_ok=True)
+    storage.makedirs(run.workdir)
     finals[run.name] = train(config, run.workdir)
   return finals
 
@@ -128,7 +132,7 @@ def final_metrics(workdir: str) -> dict[str, float]:
   """The last value of every metric a run wrote to {workdir}/metrics.jsonl ({} if none yet)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   latest: dict[str, float] = {}
-  for record in read_jsonl(path) if os.path.exists(path) else []:
+  for record in read_jsonl(path) if storage.exists(path) else []:
     latest.update(record)
   return latest
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from evejax import storage
 from evejax.metrics.writers import read_jsonl
 
 if TYPE_CHECKING:
@@ -36,14 +37,15 @@ CURVES_PNG, FINAL_PNG = 'curves.png', 'final.png'
 def history(workdir: str) -> list[dict[str, float]]:
   """Every record a run wrote to {workdir}/metrics.jsonl ([] if it has not started)."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  return read_jsonl(path) if os.path.exists(path) else []
+  return read_jsonl(path) if storage.exists(path) else []
 
 
 def wall_seconds(workdir: str) -> float | None:
   """From the run's config.json (written at start) to its last metrics: the run's wall time,
-  compilation and evaluation included (a resumed run counts its pause too)."""
+  compilation and evaluation included (a resumed run counts its pause too); None for object
+  storage, whose modification times are the uploads'."""
   start, end = (os.path.join(workdir, name) for name in ('config.json', 'metrics.jsonl'))
-  if not (os.path.exists(start) and os.path.exists(end)):
+  if storage.is_url(workdir) or not (os.path.exists(start) and os.path.exists(end)):
     return None
   return os.path.getmtime(end) - os.path.getmtime(start)
 
@@ -52,9 +54,8 @@ def finished(workdir: str, final: dict[str, float]) -> bool:
   """Whether a run logged its last step (the total_steps of its config.json, when there is one)."""
   path = os.path.join(workdir, 'config.json')
   total = None
-  if os.path.exists(path):
-    with open(path) as f:
-      total = json.load(f).get('total_steps')
+  if storage.exists(path):
+    total = json.loads(storage.read_text(path)).get('total_steps')
   return bool(final) and (total is None or final.get('step', 0) >= total)
 
 
@@ -103,10 +104,10 @@ def write_results(root: str, summary: list[dict[str, Any]]) -> list[str]:
   """{root}/results.json and {root}/results.csv; returns their paths."""
   keys = list(dict.fromkeys(k for variant in summary for k in variant['metrics']))
   json_path, csv_path = os.path.join(root, RESULTS_JSON), os.path.join(root, RESULTS_CSV)
-  os.makedirs(root, exist_ok=True)
-  with open(json_path, 'w') as f:
+  storage.makedirs(root)
+  with storage.open(json_path, 'w') as f:
     json.dump({'keys': keys, 'variants': summary}, f, indent=1)
-  with open(csv_path, 'w', newline='') as f:
+  with storage.open(csv_path, 'w') as f:
     out = csv.writer(f)
     out.writerow(
       ['variant', 'seeds', 'step', 'wall_s', *(f'{k} {s}' for k in keys for s in ('mean', 'std'))]
@@ -161,6 +162,12 @@ def _curve(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.nd
   return np.asarray(steps), values.mean(0), std
 
 
+def _save(figure, path: str) -> None:
+  storage.makedirs(os.path.dirname(path))
+  with storage.local_file_for_writing(path) as local:  # Uploaded on exit for gs:// paths.
+    figure.savefig(local, dpi=110, format='png')
+
+
 def _grid(count: int):
   try:
     import matplotlib  # The `plots` extra; only --plot needs it.
@@ -212,7 +219,7 @@ def plot(
     figure.legend(handles, labels, loc='lower center', ncol=min(len(labels), 3), fontsize=8)
   figure.tight_layout(rect=(0, 0.06 + 0.03 * (len(variants) // 3), 1, 1))
   paths.append(os.path.join(root, CURVES_PNG))
-  figure.savefig(paths[-1], dpi=110)
+  _save(figure, paths[-1])
   plt.close(figure)
 
   plt, figure, axes = _grid(len(keys))
@@ -227,6 +234,6 @@ def plot(
     ax.grid(axis='y', alpha=0.3)
   figure.tight_layout()
   paths.append(os.path.join(root, FINAL_PNG))
-  figure.savefig(paths[-1], dpi=110)
+  _save(figure, paths[-1])
   plt.close(figure)
   return paths

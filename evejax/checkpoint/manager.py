@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from evejax import storage
 from evejax.checkpoint import store
 from evejax.checkpoint.store import CheckpointError, DamagedCheckpoint
 
@@ -148,7 +149,7 @@ class Checkpointer:
     keep_every: int = 0,
     async_save: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=every,
       max_to_keep=keep_last,
@@ -325,7 +326,7 @@ class Checkpointer:
       aside,
     )
     if jax.process_index() == 0:
-      os.rename(step_dir, aside)
+      storage.rename(step_dir, aside)
     multihost_utils.sync_global_devices('evejax_checkpoint_moved_aside')
     self._manager.reload()
 

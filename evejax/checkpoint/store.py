@@ -31,6 +31,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from evejax import storage
 from evejax.models import ModelConfig
 
 PARAMS, OPT_STATE, PROGRESS, DATA, METADATA = 'params', 'opt_state', 'progress', 'data', 'metadata'
@@ -74,15 +75,9 @@ def write_checksums(folder: str) -> None:
   import output) in its `CHECKSUMS` file, so that `verify_checksums` finds any byte that changed
   since, which no format check does (a flipped bit in an array file restores silently)."""
   root = epath.Path(folder)
-  names = sorted(
-    str((folder / name).relative_to(root))
-    for folder, _, files in root.walk()
-    for name in files
-    if name != CHECKSUMS
-  )
-  tmp = root / f'{CHECKSUMS}.tmp'
-  tmp.write_text(json.dumps(_hash_files(root, names), indent=0))
-  tmp.rename(root / CHECKSUMS)  # Atomic: a reader sees all of the file or none.
+  names = [name for name in storage.files_below(folder) if name != CHECKSUMS]
+  # Atomic: a reader sees all of the file or none.
+  storage.write_atomic(os.fspath(root / CHECKSUMS), json.dumps(_hash_files(root, names), indent=0))
 
 
 def verify_checksums(folder: str) -> bool:
@@ -123,7 +118,7 @@ def item_dir(folder: str, item: str) -> str:
 
 def workdir_of(step_folder: str) -> str:
   """The workdir whose run saved a step directory (`{workdir}/checkpoints/{step}`)."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(step_folder)))
+  return os.path.dirname(os.path.dirname(storage.absolute(step_folder)))
 
 
 def tokenizer_file(workdir: str) -> str:
@@ -138,13 +133,11 @@ def run_config_file(workdir: str) -> str:
 def write_run_config(workdir: str, config: Mapping[str, Any]) -> str:
   """Writes the run's full config (JSON-able) to `run_config_file`; returns that path.
 
-  Written through a temporary file and a rename, so a reader never sees half of it.
+  Written atomically (`storage.write_atomic`), so a reader never sees half of it.
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   path = run_config_file(workdir)
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(config, f, indent=1)
-  os.replace(f'{path}.tmp', path)
+  storage.write_atomic(path, json.dumps(config, indent=1))
   return path
 
 
@@ -152,12 +145,12 @@ def resolve_checkpoint(path: str) -> str:
   """The folder holding the `params` and `metadata` items that `path` names: the path itself (a
   step directory or import output), else the newest complete step of a checkpoints/ folder or of
   a workdir's."""
-  path = os.path.abspath(path)
-  if os.path.isdir(item_dir(path, PARAMS)):
+  path = storage.absolute(path)
+  if storage.isdir(item_dir(path, PARAMS)):
     return path
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise CheckpointError(f'{path} does not exist: {_PATH_HINT}')
-  root = checkpoints_dir(path) if os.path.isdir(checkpoints_dir(path)) else path
+  root = checkpoints_dir(path) if storage.isdir(checkpoints_dir(path)) else path
   # Orbax lists only complete steps: a save killed half-way still has its temporary name.
   with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False)) as manager:
     step = manager.latest_step()
@@ -187,7 +180,7 @@ def write_params_folder(
   `params_handler` (default: Orbax's) writes the parameters, e.g. one that limits the memory
   a large model's save takes (evejax.convert.checkpoints).
   """
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   ocp.Checkpointer(params_handler or ocp.PyTreeCheckpointHandler()).save(
     item_dir(directory, PARAMS), args=ocp.args.PyTreeSave(params)
   )
@@ -201,7 +194,7 @@ def read_metadata(path: str) -> dict[str, Any]:
   """The metadata (JSON) of the step directory or import output that `path` names."""
   folder = resolve_checkpoint(path)
   metadata_dir = item_dir(folder, METADATA)
-  if not os.path.isdir(metadata_dir):
+  if not storage.isdir(metadata_dir):
     raise CheckpointError(
       f'{folder} has no {METADATA}/ item (the config its weights were saved with); {_CONFIG_HINT}'
     )

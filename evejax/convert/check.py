@@ -21,7 +21,7 @@ from absl import flags
 from flax import nnx
 
 from evejax import batch as bf
-from evejax import cli
+from evejax import cli, storage
 from evejax.batch import BatchSpec
 from evejax.convert import checkpoints, importer
 from evejax.convert.cli_flags import CONFIG, HF_DIR, PARAMS, config_from_flag
@@ -114,8 +114,7 @@ def load_pixels(path: str | None, spec: BatchSpec) -> np.ndarray:
   if path is None:  # a non-square grid, so a row/column mix-up shows
     t, n = spec.token_pixels, max(spec.max_size // spec.token_pixels, 1)
     return np.random.default_rng(0).integers(0, 256, (n * t, max(n * 3 // 4, 1) * t, 3), np.uint8)
-  with open(path, 'rb') as f:
-    image = images.decode_image(f.read())
+  image = images.decode_image(storage.read_bytes(path))
   return np.asarray(images.resize(image, spec))
 
 

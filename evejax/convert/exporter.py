@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from evejax import storage
 from evejax.convert import keymap
 from evejax.convert.files import (
   DEFAULT_SHARD_BYTES,
@@ -266,33 +266,31 @@ def write_tensors(
 
 
 def copy_tokenizer(tokenizer_dir: str, folder: str) -> list[str]:
-  names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, n))]
+  names = [n for n in TOKENIZER_FILES if storage.exists(os.path.join(tokenizer_dir, n))]
   if not names:
     raise FileNotFoundError(
       f'No tokenizer files in {tokenizer_dir}; expected some of {TOKENIZER_FILES}'
     )
   for name in names:
-    shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(folder, name))
+    storage.copy(os.path.join(tokenizer_dir, name), os.path.join(folder, name))
   return names
 
 
 def _write_json(path: str, value: Mapping):
-  with open(path, 'w') as f:
-    json.dump(value, f, indent=2)
-    f.write('\n')
+  storage.write_atomic(path, json.dumps(value, indent=2) + '\n')
 
 
 def _finish(folder: str, config: dict, source_dir: str | None, tokenizer_dir: str | None):
   """config.json, generation_config.json (the source's if it has one) and the tokenizer files."""
   _write_json(os.path.join(folder, 'config.json'), config)
   source_generation = source_dir and os.path.join(source_dir, 'generation_config.json')
-  if source_generation and os.path.exists(source_generation):
-    shutil.copyfile(source_generation, os.path.join(folder, 'generation_config.json'))
+  if source_generation and storage.exists(source_generation):
+    storage.copy(source_generation, os.path.join(folder, 'generation_config.json'))
   else:
     _write_json(os.path.join(folder, 'generation_config.json'), generation_config(config))
   if tokenizer_dir:
     copy_tokenizer(tokenizer_dir, folder)
-  elif source_dir and any(os.path.exists(os.path.join(source_dir, n)) for n in TOKENIZER_FILES):
+  elif source_dir and any(storage.exists(os.path.join(source_dir, n)) for n in TOKENIZER_FILES):
     copy_tokenizer(source_dir, folder)
   else:
     logging.warning('No tokenizer files given (tokenizer_dir): %s has none', folder)
@@ -300,10 +298,9 @@ def _finish(folder: str, config: dict, source_dir: str | None, tokenizer_dir: st
 
 def _source_config(source_dir: str | None) -> dict | None:
   path = source_dir and os.path.join(source_dir, 'config.json')
-  if not path or not os.path.exists(path):
+  if not path or not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def export_eve(

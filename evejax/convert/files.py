@@ -1,11 +1,11 @@
 """Reading and writing HF-style checkpoint folders one tensor at a time.
 
 safetensors is parsed here directly (an 8-byte header size, a JSON header, raw little-endian data):
-a tensor is read with one positioned `np.fromfile` instead of a memory map, so pages of tensors
-already converted do not stay resident, and a file is written by planning every shard's header up
-front and then streaming each tensor into place. Neither direction holds more than one tensor.
-`pytorch_model*.bin` files are read with `torch.load(weights_only=True, mmap=True)`: tensors only,
-never arbitrary pickled objects.
+a tensor is read with one positioned read into its array (local or object storage) instead of a
+memory map, so pages of tensors already converted do not stay resident, and a file is written by
+planning every shard's header up front and then streaming each tensor into place. Neither
+direction holds more than one tensor. `pytorch_model*.bin` files are read with
+`torch.load(weights_only=True, mmap=True)`: tensors only, never arbitrary pickled objects.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from evejax import storage
 
 DTYPES = {
   'F64': np.float64,
@@ -43,7 +45,7 @@ class SafetensorsFile:
 
   def __init__(self, path: str):
     self.path = path
-    with open(path, 'rb') as f:
+    with storage.open(path, 'rb') as f:
       (size,) = struct.unpack('<Q', f.read(8))
       header = json.loads(f.read(size))
     self.metadata = header.pop('__metadata__', {}) or {}
@@ -59,10 +61,11 @@ class SafetensorsFile:
       raise ValueError(f'{self.path}: tensor {key!r} has unsupported dtype {entry["dtype"]}')
     dtype = np.dtype(DTYPES[entry['dtype']])
     begin, end = entry['data_offsets']
-    count = (end - begin) // dtype.itemsize
-    with open(self.path, 'rb') as f:
-      data = np.fromfile(f, dtype=dtype, count=count, offset=self.data_start + begin)
-    if data.size != math.prod(entry['shape']):
+    data = np.empty((end - begin) // dtype.itemsize, dtype)
+    with storage.open(self.path, 'rb') as f:  # Local or object storage (a ranged read).
+      f.seek(self.data_start + begin)
+      read = f.readinto(data.view(np.uint8))
+    if read != end - begin or data.size != math.prod(entry['shape']):
       raise ValueError(f'{self.path}: tensor {key!r} is truncated (file shorter than its header)')
     return data.reshape(entry['shape'])
 
@@ -78,10 +81,14 @@ class TorchBinFile:
         f'Reading {path} needs PyTorch (pip install torch); safetensors checkpoints do not'
       ) from e
     self.path, self._torch = path, torch
-    try:  # Zip-format files are memory-mapped, so only the tensor being read is loaded.
-      state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # Legacy (non-zip) format cannot be mapped.
-      state = torch.load(path, map_location='cpu', weights_only=True)
+    if storage.is_url(path):  # Read whole: only local files can be memory-mapped.
+      with storage.open(path, 'rb') as f:
+        state = torch.load(f, map_location='cpu', weights_only=True)
+    else:
+      try:  # Zip-format files are memory-mapped, so only the tensor being read is loaded.
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+      except RuntimeError:  # Legacy (non-zip) format cannot be mapped.
+        state = torch.load(path, map_location='cpu', weights_only=True)
     self.entries = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if len(self.entries) != len(state):
       raise ValueError(f'{path}: entries {sorted(set(state) - set(self.entries))} are not tensors')
@@ -100,15 +107,14 @@ def checkpoint_files(folder: str) -> list[str]:
   """The weight files of a HF-style checkpoint folder (sharded with an index, or single)."""
   for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
     index = os.path.join(folder, index_name)
-    if os.path.exists(index):
-      with open(index) as f:
-        names = sorted(set(json.load(f)['weight_map'].values()))
-      missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if storage.exists(index):
+      names = sorted(set(json.loads(storage.read_text(index))['weight_map'].values()))
+      missing = [n for n in names if not storage.exists(os.path.join(folder, n))]
       if missing:
         raise FileNotFoundError(f'{index} lists shards that are not in {folder}: {missing}')
       return [os.path.join(folder, n) for n in names]
   for single in ('model.safetensors', 'pytorch_model.bin'):
-    if os.path.exists(os.path.join(folder, single)):
+    if storage.exists(os.path.join(folder, single)):
       return [os.path.join(folder, single)]
   raise FileNotFoundError(
     f'No checkpoint in {folder}: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors or '
@@ -174,7 +180,7 @@ class ShardedSafetensorsWriter:
     self._shards = list(zip(_shard_names(len(shards)), shards))
     self._queue = [(name, t) for name, tensors in self._shards for t in tensors]
     self._next, self._file, self._file_name = 0, None, None
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
 
   @property
   def file_names(self) -> list[str]:
@@ -191,7 +197,7 @@ class ShardedSafetensorsWriter:
       offset += t.nbytes
     blob = json.dumps(header, separators=(',', ':')).encode()
     blob += b' ' * (-len(blob) % 8)  # data starts 8-byte aligned
-    self._file = open(os.path.join(self.folder, name), 'wb')
+    self._file = storage.open(os.path.join(self.folder, name), 'wb')
     self._file.write(struct.pack('<Q', len(blob)) + blob)
     self._file_name = name
 
@@ -229,5 +235,6 @@ class ShardedSafetensorsWriter:
         'metadata': {'total_size': sum(t.nbytes for _, t in self._queue)},
         'weight_map': {t.key: name for name, t in self._queue},
       }
-      with open(os.path.join(self.folder, SAFETENSORS_INDEX), 'w') as f:
-        json.dump(index, f, indent=2)
+      storage.write_atomic(
+        os.path.join(self.folder, SAFETENSORS_INDEX), json.dumps(index, indent=2)
+      )

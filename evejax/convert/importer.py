@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
+from evejax import storage
 from evejax.convert import keymap
 from evejax.convert.files import CheckpointReader, SafetensorsFile
 from evejax.models import EVE, ModelConfig
@@ -43,10 +44,9 @@ class CheckpointMismatchError(ValueError):
 
 def read_hf_config(folder: str) -> dict:
   path = os.path.join(folder, 'config.json')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'No config.json in {folder}; pass a HF model folder')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def rope_theta(hf: Mapping[str, Any]) -> float:

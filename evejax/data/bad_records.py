@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import grain
 from absl import logging
+
+from evejax import storage
 
 KINDS = ('unreadable_record', 'bad_image', 'bad_conversation', 'bad_teacher_features', 'too_long')
 
@@ -46,10 +47,10 @@ class Policy:
 
 def read_quarantine(path: str) -> list[dict[str, Any]]:
   """The quarantined records, each once (a restored run re-reads records after its checkpoint)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   entries = {}
-  with open(path) as f:
+  with storage.open(path) as f:
     for line in f:
       entry = json.loads(line)
       entries.setdefault((entry['shard'], entry['index'], entry['kind']), entry)
@@ -70,8 +71,9 @@ class _FilterIterator(grain.DatasetIterator):
       'Skipping bad record %s[%d] (%s): %s', record.shard, record.index, record.kind, record.reason
     )
     if self._policy.quarantine:
-      # One short line per O_APPEND write: safe with several worker processes on one file.
-      with open(self._policy.quarantine, 'a') as f:
+      # One short line per O_APPEND write: safe with several worker processes on one local file
+      # (on object storage the object is rewritten: one writer per file, num_workers=0).
+      with storage.Appender(self._policy.quarantine) as f:
         f.write(json.dumps(dataclasses.asdict(record)) + '\n')
 
   def _summary(self) -> str:

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from evejax import storage
 from evejax.batch import BatchSpec
 from evejax.data import bad_records, encode, images, packing, records, shapes, templates
 from evejax.data.tokenizer import Tokenizer, train_bpe
@@ -125,6 +126,14 @@ def cache_dir(data: DataConfig) -> str:
   )
 
 
+def shard_copies_dir(data: DataConfig) -> str:
+  """Local disk for copies of shards on object storage (`data.copy_remote_shards`); '' = none."""
+  if not data.copy_remote_shards:
+    return ''
+  roots = (data.cache_dir, os.environ.get('EVEJAX_CACHE'), os.path.expanduser('~/.cache/evejax'))
+  return os.path.join(next(r for r in roots if r and not storage.is_url(r)), 'shards')
+
+
 def shapes_source(data: DataConfig, split: str) -> records.RecordSource:
   """The demo data of `split` ('train' or 'eval'), written to ArrayRecord once and read back.
 
@@ -141,7 +150,7 @@ def shapes_source(data: DataConfig, split: str) -> records.RecordSource:
   directory = os.path.join(
     cache_dir(data), f'shapes-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}'
   )
-  if not os.path.exists(records.manifest_path(directory, split)):
+  if not storage.exists(records.manifest_path(directory, split)):
     # In this process: callers (scripts, notebooks) need no __main__ guard.
     records.write_dataset(
       list(range(num)),
@@ -152,7 +161,7 @@ def shapes_source(data: DataConfig, split: str) -> records.RecordSource:
       describe=str,
       info={'corpus': dataset.corpus()},
     )
-  return records.RecordSource(directory, split)
+  return records.RecordSource(directory, split, copy_to=shard_copies_dir(data))
 
 
 def make_sources(data: DataConfig) -> tuple[Source, Source | None]:
@@ -167,8 +176,9 @@ def make_sources(data: DataConfig) -> tuple[Source, Source | None]:
     if not data.path:
       raise ValueError("data.source='records' needs data.path, the converted dataset's directory")
     held_out = None
-    if data.eval_split and os.path.exists(records.manifest_path(data.path, data.eval_split)):
-      held_out = records.RecordSource(data.path, data.eval_split)
+    copy_to = shard_copies_dir(data)
+    if data.eval_split and storage.exists(records.manifest_path(data.path, data.eval_split)):
+      held_out = records.RecordSource(data.path, data.eval_split, copy_to=copy_to)
     elif data.eval_split:
       logging.warning(
         '%s has no split %r (no %s): training without held-out evaluation; set '
@@ -177,7 +187,7 @@ def make_sources(data: DataConfig) -> tuple[Source, Source | None]:
         data.eval_split,
         records.manifest_path(data.path, data.eval_split),
       )
-    return records.RecordSource(data.path, data.train_split), held_out
+    return records.RecordSource(data.path, data.train_split, copy_to=copy_to), held_out
   from evejax.data import tfds_source  # Imports tensorflow_datasets (slow) only when used.
 
   tfds = data.tfds

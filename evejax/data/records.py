@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
-import glob
 import hashlib
 import json
 import multiprocessing
@@ -28,8 +27,15 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+from evejax import storage
+
 FORMAT = 'evejax-records-v1'
 SHARD_SUFFIX = '.array_record'
+_GCSFUSE = (
+  'ArrayRecord (what Grain reads) opens local files only. Mount the bucket with gcsfuse, as '
+  'MaxText does for Grain (gcsfuse --implicit-dirs -o ro BUCKET /mnt/BUCKET), and give the '
+  'mounted path; or set data.copy_remote_shards=True to copy the shards to local disk first'
+)
 
 
 def serialize(record: Mapping[str, Any]) -> bytes:
@@ -106,22 +112,22 @@ def manifest_path(directory: str, split: str) -> str:
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
 
 
 def _write_shard(path: str, records: Iterable[bytes]) -> int:
-  """Writes to a temporary name and renames, so a shard on disk is always complete."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
-  count = 0
-  for data in records:
-    writer.write(data)
-    count += 1
-  writer.close()
-  os.replace(tmp, path)
+  """Writes to a temporary name and renames (or uploads: ArrayRecord writes local files only),
+  so a shard in place is always complete."""
+  with storage.local_file_for_writing(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+    count = 0
+    for data in records:
+      writer.write(data)
+      count += 1
+    writer.close()
   return count
 
 
@@ -137,10 +143,9 @@ class ShardJob:
 def _shard_up_to_date(job: ShardJob) -> dict | None:
   """The shard's sidecar entry if the shard was already written from the same inputs."""
   sidecar = job.path + '.json'
-  if not (os.path.exists(job.path) and os.path.exists(sidecar)):
+  if not (storage.exists(job.path) and storage.exists(sidecar)):
     return None
-  with open(sidecar) as f:
-    entry = json.load(f)
+  entry = json.loads(storage.read_text(sidecar))
   if entry.get('fingerprint') != job.fingerprint or entry.get('sha256') != file_sha256(job.path):
     return None
   return entry
@@ -187,7 +192,7 @@ def write_dataset(
     raise ValueError(f'no items to convert into {directory}/{split}')
   num_shards = num_shards or max(1, -(-len(items) // records_per_shard))
   num_shards = min(num_shards, len(items))
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   bounds = np.linspace(0, len(items), num_shards + 1).astype(int)
   jobs = []
   for k in range(num_shards):
@@ -227,19 +232,16 @@ def write_dataset(
 
 def _remove_stale_shards(directory: str, split: str, keep: set[str]) -> None:
   """Deletes shards of an earlier conversion with another shard count (not in the manifest)."""
-  for path in glob.glob(os.path.join(directory, f'{split}-?????-of-?????{SHARD_SUFFIX}')):
+  for path in storage.glob(directory, f'{split}-?????-of-?????{SHARD_SUFFIX}'):
     if os.path.basename(path) not in keep:
-      os.remove(path)
-      if os.path.exists(path + '.json'):
-        os.remove(path + '.json')
+      storage.remove(path)
+      if storage.exists(path + '.json'):
+        storage.remove(path + '.json')
 
 
 def _write_json(path: str, content: Any) -> None:
-  """Atomic (write + rename): concurrent converters or readers never see half a file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(content, f, indent=1)
-  os.replace(tmp, path)
+  """Atomic: concurrent converters or readers never see half a file."""
+  storage.write_atomic(path, json.dumps(content, indent=1))
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -250,13 +252,12 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def read_manifest(directory: str, split: str) -> dict:
   path = manifest_path(directory, split)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'no manifest {path}: convert the data with data_pipelines/ first (or '
       'check data.path and data.train_split / data.eval_split)'
     )
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = json.loads(storage.read_text(path))
   if manifest.get('format') != FORMAT:
     raise ValueError(f'{path} has format {manifest.get("format")!r}, expected {FORMAT!r}')
   return manifest
@@ -270,14 +271,19 @@ class RecordSource:
   start-up rather than hours into a run.
   """
 
-  def __init__(self, directory: str, split: str, *, verify_checksums: bool = False):
+  def __init__(
+    self, directory: str, split: str, *, verify_checksums: bool = False, copy_to: str = ''
+  ):
+    """`copy_to`: a local folder where shards on object storage are copied (else an error)."""
     self.directory, self.split = directory, split
+    if storage.is_url(directory) and not copy_to:
+      raise ValueError(f'{directory}: the shards are on object storage. {_GCSFUSE}.')
     manifest = read_manifest(directory, split)
     self.info = manifest.get('info', {})
     paths = []
     for shard in manifest['shards']:
       path = os.path.join(directory, shard['file'])
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise FileNotFoundError(
           f'shard {path} listed in {manifest_path(directory, split)} is '
           'missing; re-run the converter or restore the file'
@@ -287,7 +293,7 @@ class RecordSource:
           f'shard {path} does not match its SHA-256 in the manifest: the file is '
           'corrupt or was rewritten; re-run the converter'
         )
-      paths.append(path)
+      paths.append(_local_copy(path, shard['sha256'], copy_to) if storage.is_url(path) else path)
     try:
       self._source = grain.sources.ArrayRecordDataSource(paths)
     except Exception as e:  # array_record raises bare RuntimeErrors on unreadable files.
@@ -314,3 +320,19 @@ class RecordSource:
 
   def __repr__(self) -> str:
     return f'RecordSource({self.directory!r}, {self.split!r}, {len(self)} records)'
+
+
+def _local_copy(path: str, sha256: str, folder: str) -> str:
+  """A local copy of shard `path`, named by its SHA-256 (so a copy is made once and reused)."""
+  local = os.path.join(folder, f'{sha256}{SHARD_SUFFIX}')
+  if os.path.exists(local):
+    return local
+  os.makedirs(folder, exist_ok=True)
+  with storage.local_file_for_writing(local) as tmp:
+    storage.copy(path, tmp)
+    if file_sha256(tmp) != sha256:
+      raise ValueError(
+        f'shard {path} does not match its SHA-256 in the manifest: the file is corrupt or '
+        'was rewritten; re-run the converter'
+      )
+  return local

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from evejax import storage
+
 PAD_TOKEN = '<|endoftext|>'  # Qwen2.5's pad token; the demo tokenizer reuses Qwen's special names.
 EOS_TOKEN = '<|im_end|>'
 
@@ -51,18 +53,17 @@ class Tokenizer:
     """Loads `tokenizer.json` (a file, or a folder holding it and maybe `tokenizer_config.json`)."""
     folder, file = (
       (path, os.path.join(path, 'tokenizer.json'))
-      if os.path.isdir(path)
+      if storage.isdir(path)
       else (os.path.dirname(path), path)
     )
-    if not os.path.exists(file):
+    if not storage.exists(file):
       raise FileNotFoundError(
         f'No tokenizer.json at {file}; pass a tokenizer.json file or the folder of a HF tokenizer'
       )
     special = {'eos_token': EOS_TOKEN, 'pad_token': PAD_TOKEN, 'bos_token': None}
     config_file = os.path.join(folder, 'tokenizer_config.json')
-    if os.path.exists(config_file):
-      with open(config_file) as f:
-        config = json.load(f)
+    if storage.exists(config_file):
+      config = json.loads(storage.read_text(config_file))
       for key in special:
         if _token_content(config.get(key)):
           special[key] = _token_content(config[key])
@@ -70,19 +71,20 @@ class Tokenizer:
         special['bos_token'] = None
     if special['pad_token'] is None:
       special['pad_token'] = special['eos_token']
-    return cls(tokenizers.Tokenizer.from_file(file), **special)
+    return cls(tokenizers.Tokenizer.from_str(storage.read_text(file)), **special)
 
   def save(self, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    self.backend.save(os.path.join(folder, 'tokenizer.json'))
+    storage.makedirs(folder)
+    storage.write_atomic(os.path.join(folder, 'tokenizer.json'), self.backend.to_str(pretty=True))
     config = {
       'eos_token': self.eos_token,
       'pad_token': self.pad_token,
       'bos_token': self.bos_token,
       'add_bos_token': self.bos_token is not None,
     }
-    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-      json.dump(config, f, indent=2)
+    storage.write_atomic(
+      os.path.join(folder, 'tokenizer_config.json'), json.dumps(config, indent=2)
+    )
 
   @property
   def vocab_size(self) -> int:

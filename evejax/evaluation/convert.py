@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from evejax import cli
+from evejax import cli, storage
 from evejax.config import TrainConfig
 from evejax.config_utils import load_config_file
 from evejax.data import pipeline
@@ -41,7 +41,7 @@ flags.mark_flags_as_required(['format', 'out'])
 
 def records():
   fmt, questions = _FORMAT.value, _QUESTIONS.value
-  images = _IMAGES.value or os.path.join(os.path.dirname(os.path.abspath(_OUT.value)), 'images')
+  images = _IMAGES.value or os.path.join(os.path.dirname(storage.absolute(_OUT.value)), 'images')
   if fmt == 'shapes':
     config = _CONFIG.value or load_config_file(DEFAULT_CONFIG)
     held_out = pipeline.make_sources(TrainConfig.parse(config).data)[1]

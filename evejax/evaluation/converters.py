@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
+from evejax import storage
 from evejax.evaluation.metrics import OPTION_LETTERS
 
 SHORT_ANSWER = 'Answer the question using a single word or phrase.'
@@ -23,12 +24,11 @@ OPTION_LETTER = "Answer with the option's letter from the given choices directly
 
 
 def _load_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def _image(image_dir: str, name: str) -> str:
-  return os.path.abspath(os.path.join(image_dir, name))
+  return storage.absolute(os.path.join(image_dir, name))
 
 
 def _choice_prompt(question: str, choices: list[str], hint: str | None = None) -> str:
@@ -167,7 +167,7 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
   """MMBench `.tsv` (index, question, hint, A-D, answer, category, base64 image); images are
   written to `image_out_dir`. `circular` (MMBench's CircularEval): each question once per rotation
   of its options, all in the group of its index; the harness then reports `circular_accuracy`."""
-  os.makedirs(image_out_dir, exist_ok=True)
+  storage.makedirs(image_out_dir)
   csv.field_size_limit(1 << 30)
   with open(tsv, newline='') as f:
     for row in csv.DictReader(f, delimiter='\t'):
@@ -175,7 +175,7 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
       data = base64.b64decode(row['image'])
       kind = (Image.open(io.BytesIO(data)).format or 'png').lower()
       path = os.path.join(image_out_dir, f'{row["index"]}.{kind}')
-      with open(path, 'wb') as out:
+      with storage.open(path, 'wb') as out:
         out.write(data)
       hint = row.get('hint') if _present(row.get('hint')) else None
       answer = row['answer'].strip() if _present(row.get('answer')) else None
@@ -189,7 +189,7 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
           'id': str(row['index']) + (f'-r{shift}' if shift else ''),
           'question': row['question'],
           'metric': 'choice',
-          'image': os.path.abspath(path),
+          'image': storage.absolute(path),
           'choices': rotated,
           'answers': [letter] if letter else [],
           'prompt': _choice_prompt(row['question'], rotated, hint),
@@ -218,11 +218,11 @@ def shapes(
   turn of a multi-turn record becomes its own question about the image (each is answerable from
   the image alone); with `history`, asked after the record's earlier turns and their reference
   answers (the training layout). `limit` counts records."""
-  os.makedirs(image_out_dir, exist_ok=True)
+  storage.makedirs(image_out_dir)
   for index in range(len(source) if limit is None else min(limit, len(source))):
     record = source[index]
     path = os.path.join(image_out_dir, f'{record["id"]}.png')
-    with open(path, 'wb') as f:
+    with storage.open(path, 'wb') as f:
       f.write(record['image'])
     turns = record['conversations']
     pairs = [
@@ -234,7 +234,7 @@ def shapes(
         'id': f'{record["id"]}-{turn}',
         'question': question,
         'metric': 'exact',
-        'image': os.path.abspath(path),
+        'image': storage.absolute(path),
         'answers': [answer],
         'category': _shapes_category(question),
         **({'history': [list(p) for p in pairs[:turn]]} if history else {}),

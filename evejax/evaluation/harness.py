@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from absl import logging
 
+from evejax import storage
 from evejax.evaluation import metrics as metric_lib
 from evejax.evaluation import submission as submission_lib
 from evejax.evaluation.records import METRICS
@@ -26,10 +27,9 @@ def _load_image(record: dict) -> bytes | None:
   path = record.get('image')
   if not path:
     return None
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'image file {path} does not exist')
-  with open(path, 'rb') as f:
-    return f.read()
+  return storage.read_bytes(path)
 
 
 def predict(
@@ -149,8 +149,8 @@ def run(
     on_batch=lambda n: logging.info('%d/%d items answered', n, len(records)),
   )
   results = score(records, predictions)
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, 'predictions.jsonl'), 'w') as f:
+  storage.makedirs(output_dir)
+  with storage.open(os.path.join(output_dir, 'predictions.jsonl'), 'w') as f:
     for record, prediction in zip(records, predictions):
       f.write(
         json.dumps(
@@ -159,8 +159,7 @@ def run(
         )
         + '\n'
       )
-  with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  storage.write_atomic(os.path.join(output_dir, 'metrics.json'), json.dumps(results, indent=1))
   if submission:
     submission_lib.write(
       submission,

@@ -30,6 +30,8 @@ import json
 import os
 from collections.abc import Iterable
 
+from evejax import storage
+
 METRICS = ('vqa', 'exact', 'choice', 'pope', 'mme', 'cider')
 REQUIRED = ('id', 'question', 'metric', 'answers')
 
@@ -64,9 +66,9 @@ def validate(record: dict, where: str) -> dict:
 def read_jsonl(path: str) -> list[dict]:
   """Records of a benchmark file, image paths made absolute. Malformed lines are errors naming the
   file and line: a benchmark silently shrinking would change its score."""
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = os.path.dirname(storage.absolute(path))
   records, ids = [], set()
-  with open(path) as f:
+  with storage.open(path) as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -87,9 +89,9 @@ def read_jsonl(path: str) -> list[dict]:
 
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
   """Writes records (validated) one per line; returns how many."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  storage.makedirs(os.path.dirname(storage.absolute(path)))
   count = 0
-  with open(path, 'w') as f:
+  with storage.open(path, 'w') as f:
     for count, record in enumerate(records, start=1):
       f.write(json.dumps(validate(record, f'{path} record {count}'), ensure_ascii=False) + '\n')
   return count

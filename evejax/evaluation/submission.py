@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
+from evejax import storage
 from evejax.evaluation.metrics import normalize_vqa_answer
 
 FORMATS = ('vqav2',)
@@ -42,9 +43,7 @@ def write(
     raise ValueError(f'Unknown submission format {fmt!r}; available: {FORMATS}')
   ids = []
   if questions_file:
-    with open(questions_file) as f:
-      ids = [q['question_id'] for q in json.load(f)['questions']]
+    ids = [q['question_id'] for q in json.loads(storage.read_text(questions_file))['questions']]
   entries = vqav2(records, predictions, ids)
-  with open(path, 'w') as f:
-    json.dump(entries, f)
+  storage.write_atomic(path, json.dumps(entries))
   return len(entries)

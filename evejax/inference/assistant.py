@@ -8,7 +8,6 @@ image preprocessing are the training run's, so questions look exactly like train
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from evejax import sharding
+from evejax import sharding, storage
 from evejax.checkpoint import store
 from evejax.config import TrainConfig
 from evejax.data import pipeline, templates
@@ -34,7 +33,7 @@ def _find_tokenizer(cfg: TrainConfig, step_dir: str) -> Tokenizer:
   if cfg.data.tokenizer:
     return Tokenizer.load(cfg.data.tokenizer)
   path = store.tokenizer_file(store.workdir_of(step_dir))
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'No tokenizer at {path}, in the workdir of checkpoint {step_dir}; '
       'the trainer writes it there'

@@ -1,4 +1,6 @@
-"""Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file."""
+"""Scalars to TensorBoard event files (tensorboardX: no TensorFlow needed) and to a JSONL file.
+
+Both take a local workdir or a URL (`gs://`): every event file goes through `evejax.storage`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,12 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
+
+from evejax import storage
+
+for _scheme in ('gs', 's3'):
+  record_writer.register_writer_factory(_scheme, storage.EventFiles())
 
 
 class ScalarSink(Protocol):
@@ -27,9 +34,9 @@ class MetricWriter:
     self.enabled = enabled  # Only one process of a multi-host job writes.
     self._also = tuple(also)
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._jsonl = storage.Appender(os.path.join(workdir, 'metrics.jsonl'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -51,5 +58,4 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

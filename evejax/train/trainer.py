@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from evejax import checkpoint, sharding
+from evejax import checkpoint, sharding, storage
 from evejax.batch import BatchSpec
 from evejax.checkpoint import store
 from evejax.checkpoint.store import CheckpointError
@@ -103,17 +103,19 @@ def _restore_or_start(
   if init_from:
     params, report = checkpoint.load_params(init_from, state.params)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
-        json.dump({'init_from': init_from, **report}, f, indent=1)
+      storage.write_atomic(
+        os.path.join(workdir, 'init_from_report.json'),
+        json.dumps({'init_from': init_from, **report}, indent=1),
+      )
     state = state.replace(params=params)
   return state
 
 
 def _check_paths(cfg: TrainConfig, workdir: str) -> None:
   """The workdir can hold a run, and a new run's `init_from` names a checkpoint."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if storage.isfile(workdir):
     raise ConfigError(f'--workdir={workdir} is a file: give a directory (created if missing)')
-  if cfg.init_from and not os.path.isdir(store.checkpoints_dir(workdir)):  # A resume ignores it.
+  if cfg.init_from and not storage.isdir(store.checkpoints_dir(workdir)):  # A resume ignores it.
     try:
       store.resolve_checkpoint(cfg.init_from)
     except CheckpointError as error:
