@@ -1,0 +1,58 @@
+"""TPU slice names -> libtpu topologies (evejax/sharding/topology.py), without libtpu."""
+
+import sys
+
+import pytest
+
+from evejax.plan import over_hbm_bytes
+from evejax.sharding import topology
+
+# Cloud TPU's slice shapes for these names (the documented v4 / v5p / v5e / v6e tables, which
+# MaxText's accelerator_to_spec_map also lists), as libtpu's topology names.
+CLOUD = {
+  'v4-8': 'v4:2x2x1',
+  'v4-16': 'v4:2x2x2',
+  'v4-128': 'v4:4x4x4',
+  'v4-1024': 'v4:8x8x8',
+  'v5p-8': 'v5:2x2x1',
+  'v5p-64': 'v5:2x4x4',
+  'v5p-256': 'v5:4x4x8',
+  'v5p-512': 'v5:4x8x8',
+  'v5e-1': 'v5e:1x1',
+  'v5e-4': 'v5e:2x2',
+  'v5e-8': 'v5e:2x4',
+  'v5e-16': 'v5e:4x4',
+  'v5e-32': 'v5e:4x8',
+  'v5e-128': 'v5e:8x16',
+  'v6e-64': 'v6e:8x8',
+  'v6e-256': 'v6e:16x16',
+}
+
+
+@pytest.mark.parametrize('name', sorted(CLOUD))
+def test_slice_names_give_cloud_shapes(name):
+  slice_ = topology.parse(name)
+  assert slice_.libtpu_name == CLOUD[name]
+  per_chip = 2 if name.startswith(('v4', 'v5p')) else 1  # v4 / v5p names count TensorCores
+  assert slice_.chips * per_chip == int(name.split('-')[1])
+
+
+@pytest.mark.parametrize('name', ['v5p-4', 'v5p-12', 'v5e-2', 'v7-8', 'v5p', 'v6e-0', 'tpu-8'])
+def test_bad_slice_names_are_one_line_errors(name):
+  with pytest.raises(ValueError, match=rf"--topology='{name}': expected <chip>-<size>"):
+    topology.parse(name)
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'libtpu', None)  # import libtpu -> ImportError
+  with pytest.raises(ValueError, match=r"pip install 'evejax\[tpu\]'.*--devices=N"):
+    topology.devices(topology.parse('v5e-8'))
+
+
+def test_over_hbm_error_gives_the_compilers_figure():
+  error = RuntimeError(
+    'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. '
+    'Used 101.50G of 95.74G hbm. Exceeded hbm capacity by 5.76G.'
+  )
+  assert over_hbm_bytes(error) == int(101.5 * 2**30)
+  assert over_hbm_bytes(RuntimeError('INTERNAL: something else')) is None
