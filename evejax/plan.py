@@ -121,9 +121,9 @@ def with_shardings(shapes, shardings):
   )
 
 
-def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
-  """The compiled train step (with the run's PAL term and frozen parameters), and the abstract
-  state and batch it was compiled for."""
+def lower_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
+  """The lowered train step (with the run's PAL term and frozen parameters), and the abstract
+  state and batch it was lowered for."""
   rules = sharding.rules_from_config(config.sharding_rules)
   sharding.activate_rules(rules)
   graphdef, params, _ = sharding.abstract_params(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh, rules)
@@ -146,8 +146,15 @@ def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
       pal=pal_lib.objective_from_config(config.pal, cfg),
       loss_chunk=config.loss_chunk,
     )
-    compiled = train_step.lower(state, batch).compile()
-  return compiled, state, batch
+    lowered = train_step.lower(state, batch)
+  return lowered, state, batch
+
+
+def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
+  """The compiled train step, and the abstract state and batch it was compiled for."""
+  lowered, state, batch = lower_step(config, cfg, mesh, spec)
+  with jax.set_mesh(mesh):
+    return lowered.compile(), state, batch
 
 
 def xla_flops(compiled) -> float:
@@ -167,16 +174,23 @@ def unrolled_layer_flops(config: TrainConfig, cfg: ModelConfig, mesh, spec: Batc
   return (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
 
 
-# The TPU compiler refuses a program over the chip's HBM ("Ran out of memory in memory space hbm.
-# Used 101.3G of 95.74G hbm."): that figure is the plan's total.
-_HBM_OOM = re.compile(r'Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm')
+# The TPU compiler refuses a program over the chip's HBM, in one of two words: the whole program
+# ("Ran out of memory in memory space hbm. Used 101.3G of 95.74G hbm.") or its temporaries ("the
+# total memory required for HLO temporaries (34.36G) exceeds available HBM (15.75G)").
+_OVER_HBM = (
+  ('total', re.compile(r'Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm')),
+  ('temporaries', re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')),
+)
 _UNITS = dict(zip(('', 'K', 'M', 'G', 'T'), (1, 2**10, 2**20, 2**30, 2**40)))
 
 
-def over_hbm_bytes(error: Exception) -> int | None:
-  """The bytes a TPU compile that ran out of HBM needed, or None for any other error."""
-  match = _HBM_OOM.search(str(error))
-  return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else None
+def over_hbm(error: Exception) -> dict[str, int] | None:
+  """What a TPU compile refused for HBM needed, {'total' or 'temporaries': bytes}; None for any
+  other error."""
+  for key, pattern in _OVER_HBM:
+    if match := pattern.search(str(error)):
+      return {key: int(float(match.group(1)) * _UNITS[match.group(2)])}
+  return None
 
 
 def plan(
@@ -189,23 +203,31 @@ def plan(
 ) -> dict[str, Any]:
   """Per-device memory (bytes), fit, and FLOPs of the run's train step on `mesh`. `layer_flops`
   ('unrolled' or 'analytic'): how a scanned stack's FLOPs are counted (module docstring). A
-  compile the TPU compiler refuses for HBM gives the compiler's total and no breakdown."""
+  compile the TPU compiler refuses for HBM gives the compiler's figure (`refused`: its words)."""
   start = time.perf_counter()
-  try:
-    compiled, state, batch = compile_step(config, cfg, mesh, spec)
-  except jax.errors.JaxRuntimeError as error:
-    if (needed := over_hbm_bytes(error)) is None:
-      raise
-    compiled, state, batch = None, None, None
-  compile_s = time.perf_counter() - start
+  lowered, state, batch = lower_step(config, cfg, mesh, spec)
   result = dict(
-    compile_s=compile_s,
+    params=per_device_bytes(state.params),
+    opt_state=per_device_bytes(state.opt_state),
+    batch=per_device_bytes(batch),
     hbm=hbm_gib * GiB,
     analytic_flops=flops_lib.train_step_flops(cfg, spec, config.batch_size),
     xla_flops=None,
   )
-  if compiled is None:
-    return dict(result, total=needed, fits=False)
+  try:
+    with jax.set_mesh(mesh):
+      compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    if (needed := over_hbm(error)) is None:
+      raise
+    # Refused for its temporaries: the arguments come on top.
+    needed.setdefault('total', result['params'] + result['opt_state'] + result['batch'])
+    needed['total'] += needed.get('temporaries', 0)
+    refused = str(error).splitlines()[0]
+    return dict(
+      result, **needed, compile_s=time.perf_counter() - start, fits=False, refused=refused
+    )
+  compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   # Arguments (params, optimizer state, batch) + outputs not aliased to them (the donated state's
   # outputs reuse its buffers) + temporaries (activations, gradients, workspace) + the program.
@@ -221,9 +243,7 @@ def plan(
     xla = unrolled_layer_flops(config, cfg, mesh, spec) if layer_flops == 'unrolled' else None
   return dict(
     result,
-    params=per_device_bytes(state.params),
-    opt_state=per_device_bytes(state.opt_state),
-    batch=per_device_bytes(batch),
+    compile_s=compile_s,
     arguments=memory.argument_size_in_bytes,
     outputs=outputs,
     temporaries=memory.temp_size_in_bytes,
@@ -265,10 +285,8 @@ def report(result: dict[str, Any], cfg: ModelConfig, mesh, spec: BatchSpec, rows
     if key in result:
       lines.append(f'| {label:<34} | {result[key] / GiB:10.3f} | {result[key] / MiB:12.2f} |')
   verdict = 'FITS' if result['fits'] else 'DOES NOT FIT'
-  if 'temporaries' not in result:
-    verdict += " (the TPU compiler's total: it refuses a program over HBM, with no breakdown)"
   analytic = result['analytic_flops']
-  if 'temporaries' not in result:
+  if 'refused' in result:
     xla = 'no compiled program to count'
   elif result['xla_flops'] is None:
     xla = 'XLA cost analysis not counted (scanned layers: --layer_flops=unrolled counts them)'
@@ -280,6 +298,9 @@ def report(result: dict[str, Any], cfg: ModelConfig, mesh, spec: BatchSpec, rows
   lines += [
     '',
     f'{verdict}: {result["total"] / GiB:.2f} GiB of {result["hbm"] / GiB:.0f} GiB per chip',
+    *(
+      [f'The TPU compiler refused the program: {result["refused"]}'] if 'refused' in result else []
+    ),
     '',
     f'FLOPs per step: {xla}; analytic per device {analytic / mesh.size:.4g}',
   ]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from evejax.plan import over_hbm_bytes
+from evejax.plan import over_hbm
 from evejax.sharding import topology
 
 # Cloud TPU's slice shapes for these names (the documented v4 / v5p / v5e / v6e tables, which
@@ -49,10 +49,15 @@ def test_missing_libtpu_names_the_extra(monkeypatch):
     topology.devices(topology.parse('v5e-8'))
 
 
-def test_over_hbm_error_gives_the_compilers_figure():
-  error = RuntimeError(
+def test_over_hbm_errors_give_the_compilers_figure():
+  whole = RuntimeError(
     'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. '
     'Used 101.50G of 95.74G hbm. Exceeded hbm capacity by 5.76G.'
   )
-  assert over_hbm_bytes(error) == int(101.5 * 2**30)
-  assert over_hbm_bytes(RuntimeError('INTERNAL: something else')) is None
+  temporaries = RuntimeError(
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries '
+    '(34.36G) exceeds available HBM (15.75G).'
+  )
+  assert over_hbm(whole) == {'total': int(101.5 * 2**30)}
+  assert over_hbm(temporaries) == {'temporaries': int(34.36 * 2**30)}
+  assert over_hbm(RuntimeError('INTERNAL: something else')) is None
