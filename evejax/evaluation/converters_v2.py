@@ -155,10 +155,10 @@ def ai2d(path: str, image_out_dir: str) -> Iterator[dict]:
     answer = str(row['answer']).strip()
     letter = OPTION_LETTERS[int(answer)] if answer.isdigit() else answer
     yield {
-      'id': str(number),
+      'id': f'ai2d-{number}',
       'question': row['question'],
       'metric': 'choice',
-      'image': save_image(_image_bytes(row['image']), image_out_dir, str(number)),
+      'image': save_image(_image_bytes(row['image']), image_out_dir, f'ai2d-{number}'),
       'choices': choices,
       'answers': [letter],
       'prompt': choice_prompt(row['question'], choices),
@@ -179,10 +179,10 @@ def realworldqa(path: str, image_out_dir: str) -> Iterator[dict]:
     letters = ''.join(options)
     is_choice = answer in options and letters == OPTION_LETTERS[: len(letters)]
     yield {
-      'id': str(number),
+      'id': f'realworldqa-{number}',
       'question': row['question'],
       'metric': 'choice' if is_choice else 'exact',
-      'image': save_image(_image_bytes(row['image']), image_out_dir, str(number)),
+      'image': save_image(_image_bytes(row['image']), image_out_dir, f'realworldqa-{number}'),
       'answers': [answer],
       'prompt': row['question'],
       'category': 'multiple choice' if is_choice else 'short answer',

@@ -111,11 +111,11 @@ def open_correct(response: str, gold: Sequence[str]) -> bool:
 
 def gold_answers(answer: str) -> list[str]:
   """An open question's `answer` field: one answer, or a Python list literal of several."""
-  if answer.startswith('['):
-    parsed = ast.literal_eval(answer)
-    if isinstance(parsed, list):
-      return [str(a) for a in parsed]
-  return [answer]
+  try:
+    parsed = ast.literal_eval(answer) if answer.startswith('[') else None
+  except (ValueError, SyntaxError):  # Text that only starts with a bracket.
+    parsed = None
+  return [str(a) for a in parsed] if isinstance(parsed, list) else [answer]
 
 
 def score(
