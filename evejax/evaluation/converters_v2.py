@@ -14,8 +14,6 @@ import os
 import re
 from collections.abc import Iterator
 
-import pyarrow.parquet as pq
-
 from evejax import storage
 from evejax.evaluation import mmmu as mmmu_lib
 from evejax.evaluation.converters import (
@@ -44,6 +42,11 @@ def _parquet_rows(path: str, name_pattern: str = r'.*\.parquet') -> Iterator[dic
       raise FileNotFoundError(f'{path}: no file named like {name_pattern!r} below this folder')
   else:
     files = [path]
+  try:  # Only the parquet releases need it: the `eval` extra.
+    import pyarrow.parquet as pq
+  except ImportError as error:
+    message = f"{path}: reading parquet needs pyarrow: pip install 'evejax[eval]'"
+    raise ImportError(message) from error
   for file in files:
     with storage.open(file, 'rb') as f:
       for batch in pq.ParquetFile(f).iter_batches(batch_size=64):

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import tqdm
@@ -27,6 +28,7 @@ from evejax.evaluation import tables
 from evejax.evaluation.records import METRICS
 from evejax.inference.assistant import Assistant
 from evejax.inference.sampling import SamplingConfig
+from evejax.metrics.progress import Progress
 
 WINDOW_BATCHES = 4  # Batches encoded together, sorted by length: less padding, bounded memory.
 
@@ -73,6 +75,32 @@ def _encoded_windows(
       yield encoded
 
 
+def _answer_window(
+  assistant: Assistant,
+  records: Sequence[dict],
+  encoded: list[tuple],
+  sampling: SamplingConfig,
+  batch_size: int,
+  results: list[dict],
+) -> None:
+  """Fills `results` for one window of encoded records, `batch_size` prompts per generate call."""
+  for index, _, error in encoded:
+    if error is not None:
+      results[index]['error'] = error
+      logging.warning('item %s: %s', records[index]['id'], error)
+  ready = [(index, prompt) for index, prompt, error in encoded if error is None]
+  for start in range(0, len(ready), batch_size):
+    chunk = ready[start : start + batch_size]
+    try:
+      answers = assistant.answer([prompt for _, prompt in chunk], sampling)
+    except (ValueError, RuntimeError) as e:  # e.g. one batch too large for the device
+      answers = None
+      for index, _ in chunk:
+        results[index]['error'] = f'{type(e).__name__}: {e}'
+    for (index, _), text in zip(chunk, answers or []):
+      results[index]['prediction'] = text
+
+
 def predict(
   assistant: Assistant,
   records: Sequence[dict],
@@ -80,29 +108,28 @@ def predict(
   *,
   batch_size: int = 8,
   progress: bool = False,
+  log_every_s: float = 30.0,
 ) -> list[dict]:
-  """One {'id', 'prediction'[, 'error']} per record, in the records' order; `progress`: a progress
-  bar with the rate and ETA on stderr."""
+  """One {'id', 'prediction'[, 'error']} per record, in the records' order. `progress`: a log line
+  with the count, rate and ETA at most every `log_every_s` seconds and at the end (readable in log
+  files), and on a terminal a live progress bar too."""
   results: list[dict] = [{'id': r['id'], 'prediction': ''} for r in records]
-  with tqdm.tqdm(total=len(records), unit='item', disable=not progress, smoothing=0.1) as bar:
+  # The ETA's rate is measured from the end of the first window on: it excludes the compilation.
+  timer = Progress(len(records), unit='item')
+  last_log, done = time.monotonic(), 0
+  bar = tqdm.tqdm(total=len(records), unit='item', disable=None if progress else True)  # None: TTYs
+  with bar:
     for encoded in _encoded_windows(assistant, records, batch_size * WINDOW_BATCHES):
-      for index, _, error in encoded:
-        if error is not None:
-          results[index]['error'] = error
-          logging.warning('item %s: %s', records[index]['id'], error)
-      ready = [(index, prompt) for index, prompt, error in encoded if error is None]
-      bar.update(len(encoded) - len(ready))
-      for start in range(0, len(ready), batch_size):
-        chunk = ready[start : start + batch_size]
-        try:
-          answers = assistant.answer([prompt for _, prompt in chunk], sampling)
-        except (ValueError, RuntimeError) as e:  # e.g. one batch too large for the device
-          answers = None
-          for index, _ in chunk:
-            results[index]['error'] = f'{type(e).__name__}: {e}'
-        for (index, _), text in zip(chunk, answers or []):
-          results[index]['prediction'] = text
-        bar.update(len(chunk))
+      _answer_window(assistant, records, encoded, sampling, batch_size, results)
+      if not done:
+        timer.start(len(encoded))
+      done += len(encoded)
+      bar.update(len(encoded))
+      # This window's pixels go now, before the window after the next one starts encoding.
+      encoded.clear()
+      if progress and (done == len(records) or time.monotonic() - last_log >= log_every_s):
+        logging.info('evaluation: %s', timer.line(done, {}))
+        last_log = time.monotonic()
   return results
 
 

@@ -21,7 +21,7 @@ _KEY_INDICATORS = ('could be ', 'so ', 'is ', 'thus ', 'therefore ', 'final ', '
 _NUMBER_PATTERNS = (
   r'-?\b\d{1,3}(?:,\d{3})+\b',  # with thousands separators
   r'-?\d+(?:\.\d+)?[eE][+-]?\d+',  # scientific notation
-  r'-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])',  # plain
+  r'-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])',  # plain ("12kg" is no number)
 )
 
 
