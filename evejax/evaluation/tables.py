@@ -123,10 +123,13 @@ def chart(runs: dict[str, dict[str, float]], path: str) -> bool:
   for ax, (benchmark, metric, scores) in zip(axes[:, 0], panels):
     names = sorted(scores)
     name = headlines(runs[benchmark])[metric][0] if metric != 'mme' else 'score'
-    values = [100 * scores[c] if name in _PERCENT else scores[c] for c in names]
-    ax.barh(names, values, color='tab:blue')
+    percent = name in _PERCENT
+    values = [100 * scores[c] if percent else scores[c] for c in names]
+    bars = ax.barh(names, values, color='tab:blue')
+    ax.bar_label(bars, fmt='%.1f' if percent else '%g', fontsize=6, padding=2)
+    ax.set_xlim(0, (100 if percent else max(values, default=0)) * 1.08 or 1)  # Room for labels.
     ax.invert_yaxis()  # Categories read top to bottom in name order.
-    ax.set_title(f'{benchmark}: {metric}/{name}' + (' (%)' if name in _PERCENT else ''), fontsize=9)
+    ax.set_title(f'{benchmark}: {metric}/{name}' + (' (%)' if percent else ''), fontsize=9)
     ax.tick_params(labelsize=7)
   figure.tight_layout()
   storage.makedirs(os.path.dirname(path))
