@@ -394,6 +394,10 @@ def test_harness_records_bad_items_and_continues(tiny_assistant, tmp_path):
   assert results['exact/accuracy'] == pytest.approx(np.mean(scored))
   with open(tmp_path / 'out' / 'metrics.json') as f:
     assert json.load(f) == results
+  # The results table names the run by its folder; no categories here, so no chart.
+  assert '| out | exact/accuracy |' in (tmp_path / 'out' / 'results.md').read_text()
+  assert (tmp_path / 'out' / 'results.csv').exists()
+  assert not (tmp_path / 'out' / 'categories.png').exists()
 
 
 def test_assistant_answers_match_generator_tokens(tiny_assistant):
