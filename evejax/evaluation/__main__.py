@@ -6,8 +6,8 @@
 Writes `predictions.jsonl` (one line per item, with the error of any item that failed),
 `metrics.json`, the results table (`results.md`, `results.csv`) and the per-category chart
 (`categories.png`) to --output; `--submission=vqav2|vizwiz` also the EvalAI result file of an
-unlabelled split, `--submission=mmvet` the answers MM-Vet's GPT-4 judge grades. A progress bar with
-the ETA goes to stderr.
+unlabelled split, `--submission=mmvet` the answers MM-Vet's GPT-4 judge grades. Progress, rate and
+ETA are logged every 30 s (and shown as a live bar on a terminal).
 """
 
 from absl import app, flags, logging

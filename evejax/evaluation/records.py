@@ -21,7 +21,8 @@
 | `history`  | no       | earlier turns as [question, answer] pairs, asked before `prompt` in one  |
 |            |          | conversation (the image goes in the first); default: none                |
 
-The converters in converters.py write this format from the benchmarks' own question files.
+The converters in converters.py and converters_v2.py write this format from the benchmarks' own
+question files.
 """
 
 from __future__ import annotations
