@@ -8,6 +8,7 @@ import threading
 
 from evejax.evaluation import harness
 from evejax.inference import SamplingConfig
+from evejax.metrics import progress
 
 
 class _Pixels:
@@ -92,3 +93,12 @@ def test_progress_logs_count_rate_and_eta(tmp_path, caplog):
   harness.predict(_RecordingAssistant(), records, SamplingConfig(), batch_size=2, progress=True)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('evaluation:')]
   assert len(lines) == 1 and 'item 20/20' in lines[0]
+
+
+def test_eta_is_the_rest_at_the_rate_since_the_first_window(monkeypatch):
+  clock = iter([100.0, 104.0])  # start() at 100 s, line() at 104 s
+  monkeypatch.setattr(progress.time, 'perf_counter', lambda: next(clock))
+  timer = progress.Progress(20, unit='item')
+  timer.start(8)
+  # 8 items in 4 s: 2 items/s, the 4 left take 2 s.
+  assert timer.line(16, {}) == 'item 16/20 | 2.00 items/s | ETA 0m02s'
