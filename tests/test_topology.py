@@ -61,3 +61,15 @@ def test_over_hbm_errors_give_the_compilers_figure():
   assert over_hbm(whole) == {'total': int(101.5 * 2**30)}
   assert over_hbm(temporaries) == {'temporaries': int(34.36 * 2**30)}
   assert over_hbm(RuntimeError('INTERNAL: something else')) is None
+
+
+def test_multi_slice_devices_give_a_hybrid_mesh():
+  pytest.importorskip('libtpu')
+  from evejax.sharding import make_mesh  # noqa: PLC0415
+
+  devices = topology.devices(topology.parse('v5e-8'), num_slices=2)
+  assert len(devices) == 16 and {d.device_kind for d in devices} == {'TPU v5 lite'}
+  mesh = make_mesh(dict(fsdp=-1, dcn=dict(data=2)), devices)
+  assert dict(mesh.shape) == dict(data=2, fsdp=8, tensor=1)
+  # Slices outermost: each data row is one slice's 8 chips.
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
