@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,11 +83,13 @@ def render() -> str:
   results.sort(key=lambda r: (order.index(r['stage']), r['topology']))
   lines = [
     '| stage | slice (chip, HBM) | mesh | batch x positions | parameters + optimizer | '
-    'activations, gradients, workspace | generated code | total per chip | fits | compile s |',
-    '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |',
+    'activations, gradients, workspace | generated code | total per chip | fits | '
+    'TFLOPs per chip per step | compile s |',
+    '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |',
   ]
   for r in results:
     mesh = ', '.join(f'{k}={v}' for k, v in r['mesh'].items() if v > 1)
+    chips = math.prod(r['mesh'].values())
     state = (r['params'] + r['opt_state']) / GiB
     code = f'{r["generated_code"] / GiB:.2f}' if 'generated_code' in r else '-'
     fits = 'yes' if r['fits'] else 'NO (compiler refused)' if 'refused' in r else 'NO'
@@ -94,7 +97,7 @@ def render() -> str:
       f'| {labels[r["stage"]]} | {r["topology"]} ({r["device_kind"]}, '
       f'{r["hbm"] / GiB:.0f} GiB) | {mesh} | {r["batch_size"]} x {r["seq_len"]} | {state:.2f} | '
       f'{r.get("temporaries", 0) / GiB:.2f} | {code} | {r["total"] / GiB:.2f} | {fits} | '
-      f'{r["compile_s"]:.0f} |'
+      f'{r["analytic_flops"] / chips / 1e12:.0f} | {r["compile_s"]:.0f} |'
     )
   return '\n'.join(lines)
 
