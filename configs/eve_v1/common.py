@@ -37,35 +37,38 @@ VISION = 'vision_tower|mm_projector|^pal/'
 _STAGE = {
   'prealign': dict(
     trainable=VISION,
+    new=VISION,  # init_new: the imported LLM may lack the PEL, projector and PAL.
     groups={'vision': dict(pattern=VISION, lr=4e-4)},
     lr=4e-5,
     warmup_ratio=0.03,
     batch=512,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='plain',
     dataset='eve-cap33m',
     examples=16_000_000,  # README: the first 16M of EVE-cap33M.
     save_every=7813,
+    examples_per_row=4,  # Packed captions (configs/eve_v2/common.py: _cluster_base).
   ),
   'pretrain': dict(
     trainable='.*',
     lr=4e-5,
     warmup_ratio=0.01,
     batch=512,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='plain',
     dataset='eve-cap33m',
     examples=33_000_000,
     save_every=7813,
+    examples_per_row=4,  # Packed captions (configs/eve_v2/common.py: _cluster_base).
   ),
   'finetune': dict(
     trainable='.*',
     lr=2e-5,
     warmup_ratio=0.01,
     batch=128,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='vicuna_v1',
     dataset='llava-v1.5-mix665k',
@@ -77,7 +80,7 @@ _STAGE = {
     lr=2e-5,
     warmup_ratio=0.01,
     batch=128,
-    seq_len=4096,
+    text_len=4096,
     max_size=1344,
     template='vicuna_v1',
     dataset='eve-instruct-mix1.8m',
