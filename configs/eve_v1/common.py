@@ -74,6 +74,7 @@ _STAGE = {
     dataset='llava-v1.5-mix665k',
     examples=665_000,
     save_every=50000,
+    # Not packed: SFT (configs/eve_v2/common.py: _cluster_base).
   ),
   'finetune_hd': dict(
     trainable='.*',
@@ -86,6 +87,7 @@ _STAGE = {
     dataset='eve-instruct-mix1.8m',
     examples=1_865_000,
     save_every=50000,
+    # Not packed: SFT (configs/eve_v2/common.py: _cluster_base).
   ),
 }
 

@@ -52,7 +52,7 @@ _STAGE = {
     template='plain',
     dataset='datacomp1b-10m-index',
     examples=10_000_000,
-    examples_per_row=4,
+    examples_per_row=4,  # Packed: independent (image, caption) pairs (_cluster_base).
   ),
   'stage1_0': dict(
     trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}',
@@ -63,7 +63,7 @@ _STAGE = {
     template='plain',
     dataset='datacomp1b-30m-index',
     examples=29_000_000,
-    examples_per_row=4,
+    examples_per_row=4,  # Packed: independent (image, caption) pairs (_cluster_base).
   ),
   'stage1_1': dict(
     trainable=f'{VISION_TOKENIZER}|{VISION_COPIES}',
@@ -74,7 +74,7 @@ _STAGE = {
     template='plain',
     dataset='laion-openimages-sam-datacomp1b-48m-index',
     examples=48_000_000,
-    examples_per_row=2,
+    examples_per_row=2,  # Packed captions; up to 1600 px images: about 2 a row (_cluster_base).
   ),
   'stage2': dict(
     trainable='.*',
@@ -85,6 +85,8 @@ _STAGE = {
     template='qwen2',
     dataset='infinity-mm-generalqa-index',
     examples=15_000_000,
+    # Not packed (examples_per_row 1): SFT conversations vary from tens to thousands of positions
+    # (_cluster_base).
   ),
   'stage3': dict(
     trainable='.*',
@@ -95,6 +97,8 @@ _STAGE = {
     template='qwen2',
     dataset='infinity-mm-llava-ov-index',
     examples=7_300_000,
+    # Not packed (examples_per_row 1): SFT conversations vary from tens to thousands of positions
+    # (_cluster_base).
   ),
 }
 WARMUP_RATIO = 0.03
