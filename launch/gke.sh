@@ -20,7 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ $# -ge 2 ]] || die "usage: $0 CONFIG WORKDIR [--config.key=value ...]"
 [[ -n "${IMAGE:-}" ]] || die "set IMAGE to a container image with evejax installed"
 name=${NAME:-evejax-$(date +%Y%m%d-%H%M%S)}
-command=$(train_command "$@" --config.distributed.auto=True)
+command=$(train_command python "$@" --config.distributed.auto=True)
 
 if [[ "${XPK:-0}" == 1 ]]; then
   [[ -n "${CLUSTER:-}" ]] || die "set CLUSTER for xpk"

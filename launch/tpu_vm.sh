@@ -23,6 +23,7 @@ where=(--zone="$ZONE")
 [[ -n "${PROJECT:-}" ]] && where+=(--project="$PROJECT")
 # shellcheck disable=SC2088  # '~' expands on the workers, not here.
 remote_dir='~/evejax' log='~/evejax_train.log' status='~/evejax_train.status'
+venv=.venv  # In remote_dir, where `run` starts.
 
 case "$action" in
   create)
@@ -38,8 +39,12 @@ case "$action" in
     run tar -czf "$archive" -C "$repo" --exclude=.git --exclude=.venv .
     run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:/tmp/evejax.tar.gz" "${where[@]}" \
       --worker=all
-    install="mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir"
-    install+=" && cd $remote_dir && pip install -q -e '.[tpu]'"  # [tpu]: the TPU build of jax
+    # evejax needs Python >= 3.11 and the TPU VM images have 3.10: a venv of a uv-managed Python
+    # (as MaxText sets up), inside the checkout; [tpu]: the TPU build of jax.
+    install="mkdir -p $remote_dir && tar -xzf /tmp/evejax.tar.gz -C $remote_dir && cd $remote_dir"
+    install+=" && python3 -m pip install -q --user uv"
+    install+=" && python3 -m uv venv -q --allow-existing --python 3.12 $venv"
+    install+=" && python3 -m uv pip install -q --python $venv/bin/python -e '.[tpu]'"
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command "$install"
     ;;
   mount)
@@ -53,7 +58,7 @@ case "$action" in
     [[ $# -ge 2 ]] || die "usage: $0 run CONFIG WORKDIR [--config.key=value ...]"
     # Detached, so a dropped ssh connection does not stop training; `logs` follows worker 0 and
     # `wait` returns its exit status, which the run leaves in $status.
-    train="$(train_command "$@" --config.distributed.auto=True); echo \$? > $status"
+    train="$(train_command "$venv/bin/python" "$@" --config.distributed.auto=True); echo \$? > $status"
     cmd="cd $remote_dir && rm -f $status && nohup $(quote bash -c "$train") > $log 2>&1 &"
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command "$cmd"
     ;;

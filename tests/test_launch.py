@@ -89,7 +89,9 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
     '--worker=all',
     '--command',
   ]
-  assert remote_train(words[-1]) == [*TRAIN, '--config.distributed.auto=True']
+  # The interpreter of the venv that `setup` makes, in ~/evejax where the command starts.
+  venv_train = ['.venv/bin/python', *TRAIN[1:]]
+  assert remote_train(words[-1]) == [*venv_train, '--config.distributed.auto=True']
   # `wait` polls worker 0 for the status that the run leaves behind, then exits with it.
   wait = shlex.split(dry_run('tpu_vm.sh', 'wait', **env))
   assert wait[-3:] == ['--worker=0', '--command', WAIT]
@@ -97,16 +99,13 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
     'bash ~/evejax/launch/gcsfuse_mount.sh bkt /mnt/bkt'
   )
   install = shlex.split(dry_run('tpu_vm.sh', 'setup', **env).splitlines()[-1])[-1]
-  assert shlex.split(install)[-8:] == [
-    'cd',
-    '~/evejax',
-    '&&',
-    'pip',
-    'install',
-    '-q',
-    '-e',
-    '.[tpu]',
-  ]  # The package with the TPU build of jax.
+  # Python >= 3.11 in a venv inside the checkout (the images have 3.10), with the TPU build of jax.
+  assert install.split(' && ')[2:] == [
+    'cd ~/evejax',
+    'python3 -m pip install -q --user uv',
+    'python3 -m uv venv -q --allow-existing --python 3.12 .venv',
+    "python3 -m uv pip install -q --python .venv/bin/python -e '.[tpu]'",
+  ]
   assert shlex.split(dry_run('tpu_vm.sh', 'teardown', **env)) == [
     'gcloud',
     'compute',

@@ -60,7 +60,7 @@ def transcripts(tmp_path_factory) -> list[list[list[str]]]:
 
 def train_config(words: list[str], workdir: str) -> TrainConfig:
   """The config that a `python -m evejax.train --config=... --workdir=...` line trains."""
-  assert words[:3] == ['python', '-m', 'evejax.train'] and words[4] == f'--workdir={workdir}'
+  assert words[1:3] == ['-m', 'evejax.train'] and words[4] == f'--workdir={workdir}'
   return TrainConfig.parse(load_config_file(words[3].removeprefix('--config=')))
 
 
