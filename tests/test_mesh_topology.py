@@ -94,6 +94,23 @@ def test_multi_slice_puts_slices_outermost_on_the_dcn_axis():
     mesh.device_grid({'fsdp': -1, 'dcn': {'data': 4}}, devices)
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeGpu:
+  """A GPU of a multi-node run: XLA gives every host its own slice_index."""
+
+  id: int
+  process_index: int
+  slice_index: int
+  platform: str = 'gpu'
+  device_kind: str = 'NVIDIA H100 80GB HBM3'
+
+
+def test_multi_node_gpus_need_no_dcn_and_keep_device_ids_in_order():
+  devices = [FakeGpu(i, i // 8, i // 8) for i in reversed(range(16))]  # 2 nodes x 8 GPUs
+  grid = mesh.device_grid({'data': 1, 'fsdp': -1, 'tensor': 1}, devices)
+  assert grid.shape == (1, 16, 1) and [d.id for d in grid.ravel()] == list(range(16))
+
+
 def test_cpu_devices_keep_jax_order():
   script = (
     'import jax, numpy as np\n'

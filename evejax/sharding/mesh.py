@@ -75,7 +75,9 @@ def device_grid(sizes: Mapping[str, Any], devices: Sequence[Any]) -> np.ndarray:
   dcn = dict(sizes.pop('dcn', None) or {})
   slices = {getattr(d, 'slice_index', None) for d in devices}
   if not dcn:
-    if len(slices) > 1:
+    # Only TPU slices need dcn axes: multi-host GPUs also get one slice_index per host (XLA groups
+    # devices by boot id), and a flat mesh over them is the plain multi-node layout.
+    if len(slices) > 1 and devices[0].platform == 'tpu':
       raise ValueError(
         f'The {len(devices)} devices span {len(slices)} TPU slices: set config.mesh.dcn to '
         "spread mesh axes over them, e.g. dcn=dict(data=2) (README, 'Scale')"
