@@ -4,7 +4,7 @@
 # for the end, delete the VM.
 #
 #   launch/tpu_vm.sh create
-#   launch/tpu_vm.sh setup                                   # copy + pip install on all workers
+#   launch/tpu_vm.sh setup                          # copy + venv with evejax[tpu] on all workers
 #   launch/tpu_vm.sh mount BUCKET [DIR]                      # gcsfuse, read-only, at DIR (/mnt/BUCKET)
 #   launch/tpu_vm.sh run CONFIG WORKDIR [--config.key=value ...]   # WORKDIR: gs://bucket/run
 #   launch/tpu_vm.sh logs | wait | teardown                 # wait: until worker 0's run ends
