@@ -60,7 +60,10 @@ _CONFIG = cli.define_config_flag(
   'A get_config(arg) file, as path[:arg]; --config.model.X=Y sets any ModelConfig field.'
 )
 _MESH = flags.DEFINE_string(
-  'mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the config's mesh)."
+  'mesh',
+  '',
+  "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4', plus 'dcn.data=2' for slices (default: the "
+  "config's mesh).",
 )
 _DEVICES = flags.DEFINE_integer(
   'devices', 256, 'Number of fake CPU devices (chips) to compile for, without --topology.'
@@ -91,10 +94,12 @@ GiB, MiB = 2**30, 2**20
 
 
 def parse_sizes(text: str) -> dict[str, Any]:
+  """'data=2,fsdp=-1' -> sizes; 'dcn.data=2' -> the per-axis slice counts under 'dcn'."""
   sizes = {}
   for item in filter(None, text.split(',')):
     key, _, value = item.partition('=')
-    sizes[key.strip()] = int(value)
+    outer, _, axis = key.strip().rpartition('.')
+    (sizes.setdefault(outer, {}) if outer else sizes)[axis] = int(value)
   return sizes
 
 

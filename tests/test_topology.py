@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from evejax.plan import over_hbm
+from evejax.plan import over_hbm, parse_sizes
 from evejax.sharding import topology
 
 # Cloud TPU's slice shapes for these names (the documented v4 / v5p / v5e / v6e tables, which
@@ -73,3 +73,8 @@ def test_multi_slice_devices_give_a_hybrid_mesh():
   assert dict(mesh.shape) == dict(data=2, fsdp=8, tensor=1)
   # Slices outermost: each data row is one slice's 8 chips.
   assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+
+
+def test_mesh_flag_takes_slices_under_dcn():
+  assert parse_sizes('fsdp=-1,dcn.data=2') == dict(fsdp=-1, dcn=dict(data=2))
+  assert parse_sizes('data=2, fsdp=4,tensor=1') == dict(data=2, fsdp=4, tensor=1)
