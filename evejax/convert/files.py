@@ -55,6 +55,9 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key]['shape'])
 
+  def dtype(self, key: str) -> np.dtype:
+    return np.dtype(DTYPES[self.entries[key]['dtype']])
+
   def read(self, key: str) -> np.ndarray:
     entry = self.entries[key]
     if entry['dtype'] not in DTYPES:
@@ -95,6 +98,12 @@ class TorchBinFile:
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key].shape)
+
+  def dtype(self, key: str) -> np.dtype:
+    tensor = self.entries[key]
+    if tensor.dtype == self._torch.bfloat16:  # numpy has no bfloat16
+      return np.dtype(ml_dtypes.bfloat16)
+    return tensor.reshape(-1)[:0].numpy().dtype  # an empty view: nothing is read
 
   def read(self, key: str) -> np.ndarray:
     tensor = self.entries[key]
@@ -140,6 +149,9 @@ class CheckpointReader:
 
   def shape(self, key: str) -> tuple[int, ...]:
     return self._files[key].shape(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._files[key].dtype(key)
 
   def read(self, key: str) -> np.ndarray:
     return self._files[key].read(key)

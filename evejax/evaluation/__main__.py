@@ -7,6 +7,8 @@ Writes `predictions.jsonl` (one line per item, with the error of any item that f
 `metrics.json` to --output; `--submission=vqav2` also the EvalAI result file of an unlabelled split.
 """
 
+import dataclasses
+
 from absl import flags, logging
 
 from evejax import cli
@@ -37,10 +39,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   records = read_jsonl(_BENCHMARK.value)[: _LIMIT.value]
+  assistant = cli_flags.load_assistant()
+  # The papers' benchmark protocol: greedy, with the model's repetition penalty (EVEv2: 1.05).
+  greedy = dataclasses.replace(assistant.sampling, temperature=0.0)
   results = harness.run(
-    cli_flags.load_assistant(),
+    assistant,
     records,
-    cli_flags.sampling_config(),
+    cli_flags.sampling_config(greedy),
     _OUTPUT.value,
     batch_size=_BATCH_SIZE.value,
     submission=_SUBMISSION.value,
