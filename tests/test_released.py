@@ -190,6 +190,9 @@ def test_run_export_and_import_answer_identically(three_checkpoints):
   official_assistant = Assistant.from_checkpoint(str(export))
   assert official_assistant.preprocess.template == templates.get_template('qwen2')
   assert official_assistant.preprocess.spec.max_size == 1600
+  assert official_assistant.preprocess.spec.resize == 'eve_v2_infer'
+  assert official_assistant.generator.image_seen_id == 0  # EVEv2's placeholder id for the penalty
+  assert official_assistant.sampling.greedy  # the export's generation_config has no do_sample
   assert official_assistant.tokenizer.encode(question) == Tokenizer.load(str(run)).encode(question)
 
 

@@ -7,10 +7,12 @@ written in the text map to their ids.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -114,6 +116,12 @@ class Tokenizer:
     """Token ids of `text`; special tokens in the text (e.g. `<|im_end|>`) map to their ids."""
     return self.backend.encode(text, add_special_tokens=False).ids
 
+  def encode_segments(self, texts: Sequence[str]) -> list[list[int]]:
+    """The ids of consecutive texts (a conversation's turns), one list per text, as the whole
+    `''.join(texts)` tokenises. A byte-level BPE splits words where the templates cut them (before
+    a space, at a special token), so each text is encoded on its own."""
+    return [self.encode(text) for text in texts]
+
   def decode(self, ids: Iterable[int]) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=False)
 
@@ -163,8 +171,9 @@ class SentencePieceTokenizer(Tokenizer):
       if processor.is_control(i) or processor.is_unknown(i)
     }
     self._special_ids = {k: v for k, v in specials.items() if k}
-    self._special_split = re.compile(
-      '(' + '|'.join(map(re.escape, sorted(self._special_ids, key=len, reverse=True))) + ')'
+    longest_first = sorted(self._special_ids, key=len, reverse=True)
+    self._special_split = (
+      re.compile('(' + '|'.join(map(re.escape, longest_first)) + ')') if longest_first else None
     )
 
   def _lookup(self, token: str) -> int | None:
@@ -183,13 +192,32 @@ class SentencePieceTokenizer(Tokenizer):
     return self.backend.get_piece_size()
 
   def encode(self, text: str) -> list[int]:
-    ids: list[int] = []
-    for piece in self._special_split.split(text):
-      if piece in self._special_ids:
-        ids.append(self._special_ids[piece])
-      elif piece:
-        ids.extend(self.backend.encode(piece))
-    return ids
+    return self.encode_segments([text])[0]
+
+  def encode_segments(self, texts: Sequence[str]) -> list[list[int]]:
+    """The whole `''.join(texts)` tokenised (as the reference tokenises a conversation: one
+    string), each piece going to the text it starts in. Encoding the texts on their own would
+    give each a dummy-prefix space (` a1</s>` -> `▁`, `▁a1` instead of `▁a1`)."""
+    ends = list(itertools.accumulate(len(text.encode()) for text in texts))  # byte offsets
+    out: list[list[int]] = [[] for _ in texts]
+    offset = 0
+    joined = ''.join(texts)
+    for chunk in self._special_split.split(joined) if self._special_split else [joined]:
+      if chunk in self._special_ids:
+        pieces = [(self._special_ids[chunk], 0)]
+      else:
+        pieces = [(piece.id, piece.begin) for piece in self._pieces(chunk)] if chunk else []
+      for token_id, begin in pieces:
+        out[min(bisect.bisect_right(ends, offset + begin), len(texts) - 1)].append(token_id)
+      offset += len(chunk.encode())
+    return out
+
+  def _pieces(self, text: str):
+    """SentencePiece pieces of `text` with their byte offsets (`begin`) in it."""
+    try:
+      return self.backend.encode(text, return_type='proto').pieces
+    except TypeError:  # sentencepiece < 0.2.1
+      return self.backend.encode(text, out_type='immutable_proto').pieces
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.backend.decode(list(ids))

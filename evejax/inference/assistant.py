@@ -54,6 +54,7 @@ class LoadedCheckpoint(NamedTuple):
   params: dict
   tokenizer: Tokenizer
   sampling: SamplingConfig  # the checkpoint's generation settings (official: generation_config)
+  image_seen_id: int | None = None  # official EVEv2: 0 (Generator)
 
 
 def _abstract(model: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
@@ -116,7 +117,9 @@ def load_checkpoint(
     graphdef, params = _import(files, model, mesh)
   cfg = official.train_config(files, model, max_size=max_size, template=template)
   tokenizer = Tokenizer.load(files)
-  return LoadedCheckpoint(cfg, graphdef, params, tokenizer, official.sampling(files, tokenizer))
+  sampling = official.sampling(files, tokenizer)
+  image_seen_id = official.IMAGE_SEEN_ID.get(model.vision_tokenizer)
+  return LoadedCheckpoint(cfg, graphdef, params, tokenizer, sampling, image_seen_id)
 
 
 def unrolled(cfg: TrainConfig, graphdef: nnx.GraphDef, params: dict):
@@ -159,9 +162,10 @@ class Assistant:
     resize: str | None = None,
     max_size: int | None = None,
     template: str | None = None,
+    image_seen_id: int | None = None,
   ) -> Assistant:
     """`max_length` defaults to the training `data.seq_len`; `resize`, `max_size` and `template`
-    to the training run's.
+    to the training run's; `image_seen_id`: see Generator.
 
     Images are encoded with the training run's BatchSpec (geometry, channels, resize multiple),
     without the training-only parts: offline teacher features and blanked pixels."""
@@ -174,7 +178,13 @@ class Assistant:
     preprocess = pipeline.Preprocessor(tokenizer, templates.get_template(cfg.data.template), spec)
     max_length = max_length or cfg.data.seq_len
     generator = Generator(
-      graphdef, params, spec=spec, pad_id=tokenizer.pad_id, max_length=max_length, mesh=mesh
+      graphdef,
+      params,
+      spec=spec,
+      pad_id=tokenizer.pad_id,
+      max_length=max_length,
+      mesh=mesh,
+      image_seen_id=image_seen_id,
     )
     return cls(generator, preprocess, max_length)
 

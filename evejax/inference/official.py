@@ -8,7 +8,8 @@ needs it: its model config, weights, tokenizer, and the official inference proto
   (`eve_v2_infer`, ~2.5k visual tokens at 1600); EVEv1 makes the long side the processor's size
   (`eve_v1`);
 - generation settings: `generation_config.json` as HF `generate` reads it (sampling only with
-  `do_sample`, its repetition penalty, its eos ids as stop tokens).
+  `do_sample`, its repetition penalty, its eos ids as stop tokens); EVEv2's penalty also counts id 0
+  in a prompt with an image, where the reference puts it in place of the image.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from evejax.models import ModelConfig
 
 TEMPLATES = {'qwen2': 'qwen2', 'llama': 'vicuna_v1'}  # per LLM family
 RESIZE = {'v2': 'eve_v2_infer', 'v1': 'eve_v1'}  # per vision tokenizer
+# EVEv2 replaces its image placeholder by id 0 in the ids the repetition penalty sees (Generator).
+IMAGE_SEEN_ID = {'v2': 0}
 GENERATION_CONFIG, PROCESSOR_CONFIG = 'generation_config.json', 'preprocessor_config.json'
 # HF GenerationConfig defaults for what generation_config.json leaves out.
 HF_SAMPLING_DEFAULTS = {'temperature': 1.0, 'top_k': 50, 'top_p': 1.0, 'repetition_penalty': 1.0}
