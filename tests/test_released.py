@@ -2,21 +2,27 @@
 `convert import` output answer with identical token ids; `kinds.locate` tells them apart; an
 official folder gets the official inference protocol (template, image rule, generation_config)."""
 
+import dataclasses
+import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image, ImageDraw
 
 from evejax.checkpoint import CheckpointError, kinds, store
+from evejax.config import TrainConfig
+from evejax.convert import checkpoints, exporter, importer
 from evejax.data import images, templates
 from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import Tokenizer, train_bpe
 from evejax.inference import SamplingConfig, official
 from evejax.inference.assistant import Assistant
-from evejax.models import ModelConfig
+from evejax.models import EVE, ModelConfig
+from tests.conftest import TINY
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 
@@ -130,6 +136,37 @@ def test_generation_config_as_hf_generate_reads_it(tmp_path, shapes_tokenizer):
 @pytest.fixture
 def shapes_tokenizer():
   return train_bpe(ShapesDataset(20, seed=1).corpus(), 300)
+
+
+def test_one_model_answers_identically_from_all_three_kinds(tmp_path):
+  """In process (the default suite): one tiny model saved as a run's step, exported to the
+  official format and imported back gives the same prompt and the same greedy ids from each."""
+  model_cfg = ModelConfig(**{**TINY, 'vocab_size': 320})
+  params = nnx.to_pure_dict(nnx.state(EVE(model_cfg, rngs=nnx.Rngs(3)), nnx.Param))
+  workdir, export, imported = tmp_path / 'run', tmp_path / 'export', tmp_path / 'import'
+  train_bpe(ShapesDataset(20, seed=1).corpus(), 300).save(str(workdir))
+  protocol = dict(template='chat', resize='eve_v2_train', max_size=32)
+  config = TrainConfig.parse(
+    {'model': dataclasses.asdict(model_cfg), 'data': {**protocol, 'seq_len': 128}}
+  )
+  step = store.step_dir(store.checkpoints_dir(str(workdir)), 1)
+  store.write_params_folder(step, params, config.to_dict())
+  exporter.export_eve(
+    params, model_cfg, str(export), tokenizer_dir=str(workdir), dtype='float32', progress=False
+  )
+  hf_cfg = official.model_config(str(export), importer.read_hf_config(str(export)))
+  imported_params = importer.import_checkpoint(str(export), hf_cfg, progress=False)
+  checkpoints.save_params(str(imported), imported_params, hf_cfg, str(export))
+
+  image = io.BytesIO()
+  Image.new('RGB', (32, 24), 'red').save(image, format='PNG')
+  results = []
+  for path, overrides in ((workdir, {}), (export, protocol), (imported, protocol)):
+    assistant = Assistant.from_checkpoint(str(path), max_length=128, **overrides)
+    prompt = assistant.encode('what is it?', image.getvalue())
+    ids = assistant.generator.generate([prompt], SamplingConfig(max_new_tokens=6))[0]
+    results.append((prompt['tokens'].tolist(), ids))
+  assert len(results[0][1]) == 6 and results[0] == results[1] == results[2]
 
 
 @pytest.fixture(scope='module')
