@@ -18,11 +18,11 @@ from evejax.config import TrainConfig
 from evejax.convert import checkpoints, exporter, importer
 from evejax.data import images, templates
 from evejax.data.shapes import ShapesDataset
-from evejax.data.tokenizer import Tokenizer, train_bpe
+from evejax.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_bpe
 from evejax.inference import SamplingConfig, official
 from evejax.inference.assistant import Assistant
 from evejax.models import EVE, ModelConfig
-from tests.conftest import TINY
+from tests.conftest import TINY, train_sentencepiece
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 
@@ -138,16 +138,47 @@ def shapes_tokenizer():
   return train_bpe(ShapesDataset(20, seed=1).corpus(), 300)
 
 
-def test_one_model_answers_identically_from_all_three_kinds(tmp_path):
+# EVEv2 with a byte-level BPE; EVEv1 (Llama, PEL with local/global attention, 4-channel pixels)
+# with a SentencePiece tokenizer.model, as the releases.
+VERSIONS = {
+  'v2': (dict(vocab_size=320), dict(template='chat', resize='eve_v2_train', max_size=32)),
+  'v1': (
+    dict(
+      vocab_size=320,
+      family='llama',
+      attention_bias=False,
+      moe_part='',
+      vision_tokenizer='v1',
+      vision_hidden_size=16,
+    ),
+    dict(template='vicuna_v1', resize='eve_v1', max_size=32),
+  ),
+}
+
+
+def _save_tokenizer(version: str, workdir) -> None:
+  """What the trainer saves in the workdir: tokenizer.json (BPE) or tokenizer.model."""
+  corpus = ShapesDataset(20, seed=1).corpus()
+  if version == 'v2':
+    train_bpe(corpus, 300).save(str(workdir))
+    return
+  workdir.mkdir(parents=True)
+  text = [line.replace('\n', ' ') for line in corpus]
+  (workdir / 'tokenizer.model').write_bytes(train_sentencepiece(text, 300))
+  assert isinstance(Tokenizer.load(str(workdir)), SentencePieceTokenizer)
+
+
+@pytest.mark.parametrize('version', sorted(VERSIONS))
+def test_one_model_answers_identically_from_all_three_kinds(tmp_path, version):
   """In process (the default suite): one tiny model saved as a run's step, exported to the
   official format and imported back gives the same prompt and the same greedy ids from each."""
-  model_cfg = ModelConfig(**{**TINY, 'vocab_size': 320})
+  fields, protocol = VERSIONS[version]
+  model_cfg = ModelConfig(**{**TINY, **fields})
   params = nnx.to_pure_dict(nnx.state(EVE(model_cfg, rngs=nnx.Rngs(3)), nnx.Param))
   workdir, export, imported = tmp_path / 'run', tmp_path / 'export', tmp_path / 'import'
-  train_bpe(ShapesDataset(20, seed=1).corpus(), 300).save(str(workdir))
-  protocol = dict(template='chat', resize='eve_v2_train', max_size=32)
+  _save_tokenizer(version, workdir)
   config = TrainConfig.parse(
-    {'model': dataclasses.asdict(model_cfg), 'data': {**protocol, 'seq_len': 128}}
+    {'model': dataclasses.asdict(model_cfg), 'data': {**protocol, 'seq_len': 512}}
   )
   step = store.step_dir(store.checkpoints_dir(str(workdir)), 1)
   store.write_params_folder(step, params, config.to_dict())
@@ -162,7 +193,7 @@ def test_one_model_answers_identically_from_all_three_kinds(tmp_path):
   Image.new('RGB', (32, 24), 'red').save(image, format='PNG')
   results = []
   for path, overrides in ((workdir, {}), (export, protocol), (imported, protocol)):
-    assistant = Assistant.from_checkpoint(str(path), max_length=128, **overrides)
+    assistant = Assistant.from_checkpoint(str(path), max_length=512, **overrides)
     prompt = assistant.encode('what is it?', image.getvalue())
     ids = assistant.generator.generate([prompt], SamplingConfig(max_new_tokens=6))[0]
     results.append((prompt['tokens'].tolist(), ids))

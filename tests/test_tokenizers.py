@@ -4,7 +4,6 @@ against the reference's rule, written out here independently: the conversation t
 `get_prompt()` string, cut at `<image>`, each chunk tokenised by the HF tokenizer
 (`tokenizer_image_token`, EVE_REFERENCE.md §1.2)."""
 
-import io
 import json
 
 import pytest
@@ -16,6 +15,7 @@ from evejax.data import templates
 from evejax.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from evejax.inference import official
 from evejax.inference.prompts import prompt_ids
+from tests.conftest import train_sentencepiece
 
 SYSTEM = (  # conv_qwen_v2 / conv_vicuna_v1 system prompt, copied from the reference
   'A chat between a curious user and an artificial intelligence assistant. '
@@ -120,27 +120,8 @@ def test_qwen2_prompt_ids_follow_the_reference(qwen_folder):
 def llama_folder(tmp_path_factory):
   """A SentencePiece BPE trained as Llama's (byte fallback, dummy prefix, digits split, no
   newline piece: `\\n` is `<0x0A>`), with Vicuna's tokenizer_config.json."""
-  sentencepiece = pytest.importorskip('sentencepiece')
   folder = tmp_path_factory.mktemp('llama')
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(CORPUS),
-    model_writer=model,
-    vocab_size=420,
-    model_type='bpe',
-    byte_fallback=True,
-    add_dummy_prefix=True,
-    remove_extra_whitespaces=False,
-    split_digits=True,
-    normalization_rule_name='identity',
-    character_coverage=1.0,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-    minloglevel=2,
-  )
-  (folder / 'tokenizer.model').write_bytes(model.getvalue())
+  (folder / 'tokenizer.model').write_bytes(train_sentencepiece(CORPUS, 420))
   config = {
     'add_bos_token': True,
     'add_eos_token': False,

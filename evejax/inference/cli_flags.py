@@ -115,5 +115,5 @@ def load_assistant() -> Assistant:
       max_size=MAX_SIZE.value,
       template=TEMPLATE.value,
     )
-  except (CheckpointError, OSError, ValueError) as e:
+  except (CheckpointError, OSError, ValueError, ImportError) as e:  # ImportError: sentencepiece
     sys.exit(f'--checkpoint={CHECKPOINT.value}: {e}')
