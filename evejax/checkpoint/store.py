@@ -3,7 +3,8 @@
 This is the one module that knows the layout; everything else asks it. A training workdir:
 
   {workdir}/config.json             the run's full config (JSON), written when the run starts
-  {workdir}/tokenizer.json          the run's tokenizer (`Tokenizer.save`, with its config)
+  {workdir}/tokenizer.json          the run's tokenizer (`Tokenizer.save`, with its config;
+                                    tokenizer.model for a SentencePiece one)
   {workdir}/checkpoints/{step}/     one Orbax step directory per saved step, one item per part,
                                     so each can be read on its own (`init_from` reads `params`):
       params      parameter pytree (pure dict)
@@ -122,11 +123,6 @@ def item_dir(folder: str, item: str) -> str:
 def workdir_of(step_folder: str) -> str:
   """The workdir whose run saved a step directory (`{workdir}/checkpoints/{step}`)."""
   return os.path.dirname(os.path.dirname(storage.absolute(step_folder)))
-
-
-def tokenizer_file(workdir: str) -> str:
-  """Where the trainer saves the run's tokenizer (`Tokenizer.save(workdir)`)."""
-  return os.path.join(workdir, 'tokenizer.json')
 
 
 def source_dir(folder: str) -> str:
