@@ -86,6 +86,8 @@ def test_official_protocol_of_a_folder(tmp_path):
   spec = cfg.batch_spec()
   groups, grid = official_patches(spec, 640, 480)
   assert grid == (44, 58) and len(groups) <= spec.image_budget
+  # An elongated photo needs more than a square's grid: the inference rule never rejects it.
+  assert official_patches(spec, 4332, 1000)[1] == (25, 105)
   assert official.train_config(str(v2), model, max_size=800, template='chat').data.max_size == 800
 
   v1 = _hf_folder(tmp_path / 'v1', 'eve', mm_vision_tower='openai/eve-patch14-anypixel-1344')
