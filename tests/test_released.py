@@ -94,6 +94,9 @@ def test_official_protocol_of_a_folder(tmp_path):
   llama = ModelConfig(family='llama', vision_tokenizer='v1', vision_patch_size=14, pal_pool=2)
   cfg = official.train_config(str(v1), llama)
   assert (cfg.data.template, cfg.data.resize, cfg.data.max_size) == ('vicuna_v1', 'eve_v1', 1344)
+  # EVE-7B-HD: image sides in whole 2x2 token blocks (56 px), as PAL pools them.
+  hd = {'mm_vision_tower': 'openai/eve-patch14-anypixel-1344'}
+  assert official.pal_pool(str(v1), hd) == 2 and cfg.batch_spec().resize_multiple == 56
   # A processor folder beside the weights wins over the name.
   (v1 / 'preprocessor_config.json').write_text('{"image_size": 672}')
   assert official.processor_max_size(str(v1), {'mm_vision_tower': 'x/y'}, 'v1') == 672

@@ -109,9 +109,14 @@ def model_config(folder: str, hf: Mapping[str, Any], max_size: int | None = None
   dtype = _dtype_name(reader.dtype(embedding))
   fields.update(param_dtype=dtype, dtype=dtype)
   if fields.get('pal'):
-    size = max_size or processor_max_size(folder, hf, 'v1')
-    fields['pal_pool'] = max(1, size // V1_BASE_SIZE)
+    fields['pal_pool'] = pal_pool(folder, hf, max_size)
   return importer.model_config_from_hf(hf, **fields)
+
+
+def pal_pool(folder: str, hf: Mapping[str, Any], max_size: int | None = None) -> int:
+  """EVEv1's PAL pooling, which also makes image sides whole 2x2 token blocks at 1344 px (HD):
+  the processor's image size / 672."""
+  return max(1, (max_size or processor_max_size(folder, hf, 'v1')) // V1_BASE_SIZE)
 
 
 def train_config(
