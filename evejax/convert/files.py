@@ -46,8 +46,14 @@ class SafetensorsFile:
   def __init__(self, path: str):
     self.path = path
     with storage.open(path, 'rb') as f:
-      (size,) = struct.unpack('<Q', f.read(8))
-      header = json.loads(f.read(size))
+      head = f.read(8)
+      try:
+        (size,) = struct.unpack('<Q', head)
+        header = json.loads(f.read(size))
+      except (struct.error, ValueError):
+        raise ValueError(
+          f'{path} is not a safetensors file (truncated or damaged header); download it again'
+        ) from None
     self.metadata = header.pop('__metadata__', {}) or {}
     self.entries = header
     self.data_start = 8 + size

@@ -103,6 +103,7 @@ def _dtype_name(dtype: np.dtype) -> str:
 def model_config(folder: str, hf: Mapping[str, Any], max_size: int | None = None) -> ModelConfig:
   """The evejax model of an official folder, computing in the dtype its weights are stored in
   (the release: bfloat16). EVEv1 HD (1344 px) gets PAL's 2x2 pooling, as the release trained."""
+  llm = importer.model_config_from_hf(hf)  # a config evejax cannot run fails before any read
   reader = CheckpointReader(folder)
   fields = importer.vision_fields(reader)
   embedding = next(k for k in reader.keys() if k.endswith('embed_tokens.weight'))
@@ -110,7 +111,7 @@ def model_config(folder: str, hf: Mapping[str, Any], max_size: int | None = None
   fields.update(param_dtype=dtype, dtype=dtype)
   if fields.get('pal'):
     fields['pal_pool'] = pal_pool(folder, hf, max_size)
-  return importer.model_config_from_hf(hf, **fields)
+  return dataclasses.replace(llm, **fields)
 
 
 def pal_pool(folder: str, hf: Mapping[str, Any], max_size: int | None = None) -> int:
@@ -133,8 +134,9 @@ def train_config(
         'template': template or TEMPLATES[model.family],
         'resize': RESIZE[model.vision_tokenizer],
         'max_size': max_size or processor_max_size(files, hf, model.vision_tokenizer),
-        'seq_len': hf.get('tokenizer_model_max_length')
-        or hf.get('max_position_embeddings')
+        # The context: the reference's generate truncates nothing (its tokenizer_model_max_length
+        # cuts training rows only), so the model's positions bound it.
+        'seq_len': hf.get('max_position_embeddings')
         or exporter.DEFAULT_MAX_POSITIONS[model.family],
       },
     }
