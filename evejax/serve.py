@@ -5,9 +5,9 @@
 The page takes an image with the first question and answers each question in a multi-turn chat,
 streaming the answer in as it is generated; every answer sees the earlier turns, as in the training
 data's multi-turn layout. A new image starts a new conversation about it. An unreadable image or a
-conversation that fills the context is not answered: the page shows why. The model is loaded once
-and answers one request at a time (Gradio's queue, concurrency 1); the sampling flags are those of
-`python -m evejax.generate` (default greedy).
+conversation that fills the context is not answered: a warning on the page says why. The model is
+loaded once and answers one request at a time (Gradio's queue, concurrency 1); the sampling flags
+are those of `python -m evejax.generate` (default greedy).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ _HOST = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(['checkpoint'])
 
+NOT_ANSWERED = 'Not answered'
 WAY_OUT = 'Attach another image or clear the chat (the bin above it) to start a new conversation.'
 
 
@@ -77,22 +78,27 @@ class Chat:
     self.model_thread = futures.ThreadPoolExecutor(max_workers=1)
 
   def respond(self, message: dict, history: list[dict]) -> Iterator[str]:
-    """The answer so far, longer at each step; raises gr.Error (shown on the page) for a turn the
-    model cannot take."""
+    """The answer so far, longer at each step; for a turn the model cannot take, no answer and a
+    warning on the page that stays until closed (the question stays in the chat, unanswered)."""
     image, turns, question = conversation(message, history)
     if not question:
-      raise gr.Error('Type a question (an image alone is not one).')
+      gr.Warning('Type a question: an image alone is not one.', duration=None, title=NOT_ANSWERED)
+      return
     if turns and self.assistant.preprocess.template.plain:
-      raise gr.Error(
-        'This model was trained with the plain (caption-only) template, which has no conversation '
-        'turns: one question per image. ' + WAY_OUT
+      gr.Warning(
+        'This model was trained with the plain (caption-only) template, which has no '
+        f'conversation turns: one question per image. {WAY_OUT}',
+        duration=None,
+        title=NOT_ANSWERED,
       )
+      return
     try:
       prompt = self.assistant.encode(
         question, None if image is None else storage.read_bytes(image), history=turns
       )
     except ValueError as e:
-      raise gr.Error(f'Not answered: {e}. {WAY_OUT}') from e
+      gr.Warning(f'{e}. {WAY_OUT}', duration=None, title=NOT_ANSWERED)
+      return
     yield from self.stream(prompt)
 
   def stream(self, prompt: dict) -> Iterator[str]:
