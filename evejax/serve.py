@@ -13,10 +13,11 @@ are those of `python -m evejax.generate` (default greedy).
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 
-from absl import flags
+from absl import flags, logging
 
 from evejax import cli, storage
 from evejax.inference import cli_flags
@@ -136,7 +137,12 @@ def build_page(chat: Chat, title: str) -> gr.ChatInterface:
 
 def main(argv):
   del argv
+  start = time.perf_counter()
   assistant = cli_flags.load_assistant()
+  # Once per process: every request uses this Assistant (tests/test_serve.py counts this line).
+  logging.info(
+    'Model loaded from %s in %.1f s', cli_flags.CHECKPOINT.value, time.perf_counter() - start
+  )
   chat = Chat(assistant, cli_flags.sampling_config(), cli_flags.SEED.value)
   page = build_page(chat, f'evejax: {cli_flags.CHECKPOINT.value}')
   page.queue(default_concurrency_limit=1).launch(server_name=_HOST.value, server_port=_PORT.value)

@@ -1,5 +1,9 @@
 """The web demo (`python -m evejax.serve`): its chat function against the Assistant, and the page
-in a real headless browser (Debian's chromium driven by playwright) against a tiny trained run."""
+in a real headless browser (Debian's chromium driven by playwright) against a tiny trained run.
+
+EVEJAX_SERVE_CHECKPOINT=DIR tests a trained run instead (e.g. the README's workdirs/demo) and
+EVEJAX_SERVE_SCREENSHOT=FILE.png saves the page after its first two answers (docs/serve.png).
+"""
 
 import os
 import shutil
@@ -31,6 +35,8 @@ CHROMIUM_HELP = (
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """30 steps of the demo recipe on one layer (~15 s): enough for answers in words."""
+  if trained := os.environ.get('EVEJAX_SERVE_CHECKPOINT'):
+    return trained
   root = tmp_path_factory.mktemp('serve')
   config = demo.get_config()
   config.data.update(num_train=64, num_eval=0, cache_dir=str(root / 'cache'))
@@ -163,12 +169,16 @@ def server(workdir, tmp_path_factory):
       except OSError:
         time.sleep(0.5)
     yield url
+    # The model was loaded once, however many requests the page made.
+    assert log.read_text().count('Model loaded from') == 1, log.read_text()[-3000:]
   finally:
     process.terminate()
     process.wait(timeout=30)
 
 
 def ask(page, question, image=None):
+  # The textbox takes no input until the page is done with the previous question.
+  expect(page.get_by_test_id('textbox')).to_be_editable(timeout=60_000)
   if image:
     page.locator('input[type=file]').set_input_files(image)
     # The thumbnail shows the file once it is on the server.
@@ -183,16 +193,21 @@ def test_page_answers_about_an_uploaded_image_in_a_multi_turn_chat(server, assis
     assistant, 'what is at the top?', images[1], history=[('describe the image.', first)]
   )
   fresh = greedy_answer(assistant, 'what is at the top?', images[0])
+  assert first and second and fresh
   with sync_playwright() as p:
     browser = p.chromium.launch(executable_path=chromium(), args=['--no-sandbox'])
-    page = browser.new_page()
+    page = browser.new_page(viewport={'width': 1000, 'height': 900})
     page.goto(server)
     answers = page.get_by_test_id('bot')
     ask(page, 'describe the image.', images[1])
     expect(answers).to_have_text([first], timeout=60_000)
     ask(page, 'what is at the top?')
     expect(answers).to_have_text([first, second], timeout=60_000)
-    # Not answered: a warning says why, and the chat goes on with another image.
+    if screenshot := os.environ.get('EVEJAX_SERVE_SCREENSHOT'):
+      page.screenshot(path=screenshot)
+    # Not answered: a warning says why, the question stays unanswered and the chat goes on.
+    ask(page, 'what is on the left? ' * 60)
+    expect(page.get_by_text('leaves no room to generate')).to_be_visible(timeout=60_000)
     ask(page, 'describe the image.', images[2])
     expect(page.get_by_text('undecodable image')).to_be_visible(timeout=60_000)
     expect(page.get_by_test_id('user').filter(has_text='describe the image.')).to_have_count(2)
