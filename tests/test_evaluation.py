@@ -394,6 +394,10 @@ def test_harness_records_bad_items_and_continues(tiny_assistant, tmp_path):
   assert results['exact/accuracy'] == pytest.approx(np.mean(scored))
   with open(tmp_path / 'out' / 'metrics.json') as f:
     assert json.load(f) == results
+  # The results table names the run by its folder; no categories here, so no chart.
+  assert '| out | exact/accuracy |' in (tmp_path / 'out' / 'results.md').read_text()
+  assert (tmp_path / 'out' / 'results.csv').exists()
+  assert not (tmp_path / 'out' / 'categories.png').exists()
 
 
 def test_assistant_answers_match_generator_tokens(tiny_assistant):
@@ -479,3 +483,32 @@ def test_scanned_model_generates_with_unrolled_layers(tiny_run):
   row = encode.pack_row([prompt], preprocess.spec)
   logits = scanned({k: jax.numpy.asarray(v[None]) for k, v in row.items()})
   assert first == int(np.argmax(logits[0, len(prompt['tokens']) - 1]))
+
+
+def test_streaming_predictions_match_one_item_at_a_time(tiny_assistant, tmp_path):
+  """Windows of encoded items, batches of similar length: the same answers as asking each item on
+  its own, in the records' order (test_eval_streaming.py: the memory bound and progress lines)."""
+  questions = ['what color is the square?', 'describe the image.', 'what shape is it?']
+  records = []
+  for i in range(5):
+    path = tmp_path / f'{i}.png'
+    path.write_bytes(_png((60 * i, 200 - 40 * i, 90)))
+    records.append(
+      {
+        'id': str(i),
+        'question': questions[i % 3] + ' now' * (i % 2),  # Lengths differ: sorted in a window.
+        'metric': 'exact',
+        'answers': ['red.'],
+        'image': str(path) if i != 3 else None,
+      }
+    )
+  sampling = SamplingConfig(max_new_tokens=4)
+  streamed = harness.predict(tiny_assistant, records, sampling, batch_size=2)
+  alone = [
+    tiny_assistant.answer([tiny_assistant.encode(r['question'], harness._load_image(r))], sampling)[
+      0
+    ]
+    for r in records
+  ]
+  assert [p['id'] for p in streamed] == [r['id'] for r in records]
+  assert [p['prediction'] for p in streamed] == alone

@@ -2,6 +2,7 @@
 CLIs, with the training run's tokenizer, template and preprocessing."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,9 @@ def test_generate_and_evaluation_clis(workdir, tmp_path):
     '--batch_size=4',
   )
   assert '| exact/accuracy |' in result.stdout
+  assert re.search(r'evaluation: item \d+/\d+ \| .* items/s \| ETA', result.stderr)
+  assert '| eval | exact/accuracy |' in (out / 'results.md').read_text()
+  assert (out / 'categories.png').read_bytes()[:4] == b'\x89PNG'  # Per question kind.
   with open(out / 'metrics.json') as f:
     metrics = json.load(f)
   with open(out / 'predictions.jsonl') as f:

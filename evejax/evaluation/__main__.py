@@ -3,11 +3,14 @@
   python -m evejax.evaluation --checkpoint=workdirs/demo --benchmark=bench/shapes.jsonl \
       --output=workdirs/demo/eval/shapes
 
-Writes `predictions.jsonl` (one line per item, with the error of any item that failed) and
-`metrics.json` to --output; `--submission=vqav2` also the EvalAI result file of an unlabelled split.
+Writes `predictions.jsonl` (one line per item, with the error of any item that failed),
+`metrics.json`, the results table (`results.md`, `results.csv`) and the per-category chart
+(`categories.png`) to --output; `--submission=vqav2|vizwiz` also the EvalAI result file of an
+unlabelled split, `--submission=mmvet` the answers MM-Vet's GPT-4 judge grades. Progress, rate and
+ETA are logged every 30 s (and shown as a live bar on a terminal).
 """
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from evejax import cli
 from evejax.evaluation import harness
@@ -15,14 +18,14 @@ from evejax.evaluation.records import read_jsonl
 from evejax.inference import cli_flags
 
 _BENCHMARK = flags.DEFINE_string('benchmark', None, 'Benchmark JSONL file (see records.py).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Folder for predictions.jsonl and metrics.json.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Folder for predictions, metrics and results table.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Questions generated together.')
 _LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate only the first N items.')
 _SUBMISSION = flags.DEFINE_enum(
   'submission',
   None,
   list(harness.submission_lib.FORMATS),
-  'Also write a server submission file (e.g. VQAv2 test-dev).',
+  "Also write a server submission file (VQAv2 test-dev, VizWiz test) or MM-Vet's judge input.",
 )
 _SUBMISSION_QUESTIONS = flags.DEFINE_string(
   'submission_questions',
@@ -37,6 +40,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   records = read_jsonl(_BENCHMARK.value)[: _LIMIT.value]
+  needed = harness.required_submission(records)
+  if needed and _SUBMISSION.value != needed:
+    raise app.UsageError(f'{harness.JUDGED}: add --submission={needed}')
   results = harness.run(
     cli_flags.load_assistant(),
     records,

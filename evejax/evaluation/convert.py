@@ -5,7 +5,12 @@
   python -m evejax.evaluation.convert --format=shapes --config=configs/demo.py \
       --out=bench/shapes.jsonl [--config.data.num_eval=128]
 
---images is the image folder (for mmbench and shapes: where the images are written; default: an
+  python -m evejax.evaluation.convert --format=mmmu --questions=MMMU --out=bench/mmmu.jsonl
+  python -m evejax.evaluation.convert --format=chartqa --questions="ChartQA Dataset/test" \
+      --out=bench/chartqa.jsonl
+
+--images is the image folder (for mmbench, shapes and the parquet releases mmmu, ai2d and
+realworldqa: where the images are written; chartqa: default the split's `png/`; otherwise default an
 `images/` folder beside --out). The shapes format writes the held-out split of the config's data.
 """
 
@@ -17,11 +22,18 @@ from evejax import cli, storage
 from evejax.config import TrainConfig
 from evejax.config_utils import load_config_file
 from evejax.data import pipeline
-from evejax.evaluation import converters
+from evejax.evaluation import converters, converters_v2
 from evejax.evaluation.records import write_jsonl
 
-_FORMAT = flags.DEFINE_enum('format', None, list(converters.FORMATS), 'Benchmark layout.')
-_QUESTIONS = flags.DEFINE_string('questions', None, 'Question file (mme: the benchmark folder).')
+_FORMAT = flags.DEFINE_enum(
+  'format', None, list(converters.FORMATS + converters_v2.FORMATS), 'Benchmark layout.'
+)
+_QUESTIONS = flags.DEFINE_string(
+  'questions',
+  None,
+  'Question file (mme, mmmu: the benchmark folder; chartqa: the split folder; ai2d, realworldqa: '
+  'the parquet file or a folder of them).',
+)
 _ANNOTATIONS = flags.DEFINE_string('annotations', None, 'vqav2: the annotations file.')
 _IMAGES = flags.DEFINE_string('images', None, 'Image folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'scienceqa_img: the split to keep.')
@@ -56,6 +68,10 @@ def records():
     return converters.mme(questions)
   if fmt == 'mmbench':
     return converters.mmbench(questions, images)
+  if fmt == 'chartqa':
+    return converters_v2.chartqa(questions, _IMAGES.value)
+  if fmt in converters_v2.FORMATS:
+    return getattr(converters_v2, fmt)(questions, images)
   return getattr(converters, fmt)(questions, images)
 
 

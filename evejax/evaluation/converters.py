@@ -23,15 +23,24 @@ SHORT_ANSWER = 'Answer the question using a single word or phrase.'
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
 
-def _load_json(path: str):
+def load_json(path: str):
   return json.loads(storage.read_text(path))
 
 
-def _image(image_dir: str, name: str) -> str:
+def image_path(image_dir: str, name: str) -> str:
   return storage.absolute(os.path.join(image_dir, name))
 
 
-def _choice_prompt(question: str, choices: list[str], hint: str | None = None) -> str:
+def save_image(data: bytes, image_out_dir: str, stem: str) -> str:
+  """Writes an embedded image as `{stem}.{its format}` in `image_out_dir`; its absolute path."""
+  kind = (Image.open(io.BytesIO(data)).format or 'png').lower()
+  path = os.path.join(image_out_dir, f'{stem}.{kind}')
+  with storage.open(path, 'wb') as out:
+    out.write(data)
+  return storage.absolute(path)
+
+
+def choice_prompt(question: str, choices: list[str], hint: str | None = None) -> str:
   options = '\n'.join(f'{letter}. {c}' for letter, c in zip(OPTION_LETTERS, choices))
   context = f'Context: {hint}\n' if hint else ''
   return f'{context}{question}\n{options}\n{OPTION_LETTER}'
@@ -40,18 +49,18 @@ def _choice_prompt(question: str, choices: list[str], hint: str | None = None) -
 def vqav2(questions: str, image_dir: str, annotations: str | None = None) -> Iterator[dict]:
   """`v2_OpenEnded_mscoco_{split}_questions.json` (+ `v2_mscoco_{split}_annotations.json`); images
   `COCO_{split}_{image_id:012d}.jpg` in `image_dir`. Test splits have no annotations."""
-  data = _load_json(questions)
+  data = load_json(questions)
   subtype = data.get('data_subtype', 'val2014')
   answers = {}
   if annotations:
-    answers = {a['question_id']: a for a in _load_json(annotations)['annotations']}
+    answers = {a['question_id']: a for a in load_json(annotations)['annotations']}
   for q in data['questions']:
     ann = answers.get(q['question_id'], {})
     yield {
       'id': str(q['question_id']),
       'question': q['question'],
       'metric': 'vqa',
-      'image': _image(image_dir, f'COCO_{subtype}_{q["image_id"]:012d}.jpg'),
+      'image': image_path(image_dir, f'COCO_{subtype}_{q["image_id"]:012d}.jpg'),
       'answers': [a['answer'] for a in ann.get('answers', [])],
       'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
       **({'category': ann['answer_type']} if 'answer_type' in ann else {}),
@@ -60,12 +69,12 @@ def vqav2(questions: str, image_dir: str, annotations: str | None = None) -> Ite
 
 def gqa(questions: str, image_dir: str) -> Iterator[dict]:
   """`{split}_balanced_questions.json` ({question_id: {imageId, question, answer, types}})."""
-  for qid, q in _load_json(questions).items():
+  for qid, q in load_json(questions).items():
     yield {
       'id': str(qid),
       'question': q['question'],
       'metric': 'exact',
-      'image': _image(image_dir, f'{q["imageId"]}.jpg'),
+      'image': image_path(image_dir, f'{q["imageId"]}.jpg'),
       'answers': [q['answer']] if 'answer' in q else [],
       'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
       **({'category': q['types']['structural']} if 'types' in q else {}),
@@ -74,12 +83,12 @@ def gqa(questions: str, image_dir: str) -> Iterator[dict]:
 
 def textvqa(questions: str, image_dir: str) -> Iterator[dict]:
   """`TextVQA_0.5.1_{split}.json` ({"data": [{question_id, image_id, question, answers}]})."""
-  for q in _load_json(questions)['data']:
+  for q in load_json(questions)['data']:
     yield {
       'id': str(q['question_id']),
       'question': q['question'],
       'metric': 'vqa',
-      'image': _image(image_dir, f'{q["image_id"]}.jpg'),
+      'image': image_path(image_dir, f'{q["image_id"]}.jpg'),
       'answers': q.get('answers', []),
       'prompt': f'{q["question"]}\n{SHORT_ANSWER}',
     }
@@ -88,17 +97,17 @@ def textvqa(questions: str, image_dir: str) -> Iterator[dict]:
 def scienceqa_img(problems: str, image_dir: str, split: str = 'test') -> Iterator[dict]:
   """`problems.json` of ScienceQA, the questions of `split` that have an image (SQA-IMG); images
   `{split}/{pid}/image.png` under `image_dir`."""
-  for pid, p in _load_json(problems).items():
+  for pid, p in load_json(problems).items():
     if p.get('split') != split or not p.get('image'):
       continue
     yield {
       'id': str(pid),
       'question': p['question'],
       'metric': 'choice',
-      'image': _image(image_dir, os.path.join(split, str(pid), p['image'])),
+      'image': image_path(image_dir, os.path.join(split, str(pid), p['image'])),
       'choices': list(p['choices']),
       'answers': [OPTION_LETTERS[p['answer']]],
-      'prompt': _choice_prompt(p['question'], p['choices'], p.get('hint')),
+      'prompt': choice_prompt(p['question'], p['choices'], p.get('hint')),
       'category': p.get('subject', ''),
     }
 
@@ -114,7 +123,7 @@ def pope(questions: str, image_dir: str) -> Iterator[dict]:
         'id': f'{category}-{q["question_id"]}',
         'question': q['text'],
         'metric': 'pope',
-        'image': _image(image_dir, q['image']),
+        'image': image_path(image_dir, q['image']),
         'answers': [q['label']],
         'prompt': f'{q["text"]}\n{SHORT_ANSWER}',
         'category': category,
@@ -151,7 +160,7 @@ def mme(root: str) -> Iterator[dict]:
           'id': f'{task}/{stem}/{i}',
           'question': question,
           'metric': 'mme',
-          'image': _image(image_dir, images[stem]),
+          'image': image_path(image_dir, images[stem]),
           'answers': [answer.strip()],
           'prompt': f'{question}\n{SHORT_ANSWER}',
           'category': task,
@@ -172,11 +181,7 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
   with open(tsv, newline='') as f:
     for row in csv.DictReader(f, delimiter='\t'):
       choices = [row[letter] for letter in 'ABCD' if _present(row.get(letter))]
-      data = base64.b64decode(row['image'])
-      kind = (Image.open(io.BytesIO(data)).format or 'png').lower()
-      path = os.path.join(image_out_dir, f'{row["index"]}.{kind}')
-      with storage.open(path, 'wb') as out:
-        out.write(data)
+      path = save_image(base64.b64decode(row['image']), image_out_dir, str(row['index']))
       hint = row.get('hint') if _present(row.get('hint')) else None
       answer = row['answer'].strip() if _present(row.get('answer')) else None
       for shift in range(len(choices) if circular else 1):
@@ -189,10 +194,10 @@ def mmbench(tsv: str, image_out_dir: str, circular: bool = True) -> Iterator[dic
           'id': str(row['index']) + (f'-r{shift}' if shift else ''),
           'question': row['question'],
           'metric': 'choice',
-          'image': storage.absolute(path),
+          'image': path,
           'choices': rotated,
           'answers': [letter] if letter else [],
-          'prompt': _choice_prompt(row['question'], rotated, hint),
+          'prompt': choice_prompt(row['question'], rotated, hint),
           'category': row.get('category', ''),
           **({'group': str(row['index'])} if circular else {}),
         }

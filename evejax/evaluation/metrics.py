@@ -10,6 +10,12 @@
 | `mme`    | MME                    | per subtask 100 * (question accuracy + image accuracy+),   |
 |          |                        | summed over the perception and the cognition subtasks      |
 | `cider`  | captions               | CIDEr-D of pycocoevalcap                                   |
+| `relaxed`| ChartQA                | pix2struct's relaxed accuracy: numbers within 5% of the    |
+|          |                        | answer, other answers equal (case-insensitive)             |
+| `ocrbench`| OCRBench              | the answer is a substring of the prediction; `score`: the  |
+|          |                        | count of right items (of 1000 for the full benchmark)      |
+| `mmmu`   | MMMU                   | MMMU's parsing of option letters and open answers (mmmu.py)|
+| `judge`  | MM-Vet                 | not scored here: answers exported for an external judge    |
 
 Every function takes parallel lists and returns a dict of aggregate numbers (fractions, not percent,
 except MME's scores, which are on the benchmark's own scale).
@@ -276,6 +282,75 @@ def mme(
     'cognition': sum(v for k, v in scores.items() if k in MME_COGNITION),
     **{f'{task}': score for task, score in sorted(scores.items())},
   }
+
+
+# --- ChartQA relaxed accuracy ---------------------------------------------------------------------
+
+
+def _relaxed_float(text: str) -> float | None:
+  try:
+    return float(text.rstrip('%')) / 100 if text.endswith('%') else float(text)
+  except ValueError:
+    return None
+
+
+def relaxed_score(prediction: str, answers: Sequence[str], tolerance: float = 0.05) -> float:
+  """pix2struct's `relaxed_correctness` (ChartQA's metric), right against any answer: a number
+  within `tolerance` of a non-zero numeric answer ("12%" is 0.12), otherwise equal strings
+  ignoring case."""
+  prediction = prediction.strip()
+  predicted = _relaxed_float(prediction)
+  for answer in answers:
+    target = _relaxed_float(answer)
+    if predicted is not None and target:
+      if abs(predicted - target) / abs(target) <= tolerance:
+        return 1.0
+    elif prediction.lower() == answer.lower():
+      return 1.0
+  return 0.0
+
+
+def relaxed_accuracy(
+  predictions: Sequence[str], answers: Sequence[Sequence[str]]
+) -> dict[str, float]:
+  return {'accuracy': _mean([relaxed_score(p, a) for p, a in zip(predictions, answers)])}
+
+
+# --- OCRBench -------------------------------------------------------------------------------------
+
+OCRBENCH_HME = 'Handwritten Mathematical Expression Recognition'
+OCRBENCH_RECOGNITION = (
+  'Regular Text Recognition',
+  'Irregular Text Recognition',
+  'Artistic Text Recognition',
+  'Handwriting Recognition',
+  'Digit String Recognition',
+  'Non-Semantic Text Recognition',
+)
+
+
+def ocrbench_score(prediction: str, answers: Sequence[str], category: str) -> float:
+  """OCRBench's rule: right when an answer is a substring of the prediction, both lower-cased and
+  stripped, line breaks as spaces; for handwritten formulas (HME100k) with every space removed and
+  case kept, as the official scorer does."""
+  formula = category == OCRBENCH_HME
+
+  def normal(text: str) -> str:
+    if formula:
+      return text.strip().replace('\n', ' ').replace(' ', '')
+    return text.lower().strip().replace('\n', ' ')
+
+  return float(any(normal(a) in normal(prediction) for a in answers))
+
+
+def ocrbench(
+  predictions: Sequence[str], answers: Sequence[Sequence[str]], categories: Sequence[str]
+) -> dict[str, float]:
+  """`score`: right items (the benchmark's number, of 1000), `accuracy`, and the official
+  `text_recognition` sum over the six recognition categories."""
+  right = [ocrbench_score(p, a, c) for p, a, c in zip(predictions, answers, categories)]
+  recognition = sum(r for r, c in zip(right, categories) if c in OCRBENCH_RECOGNITION)
+  return {'score': sum(right), 'accuracy': _mean(right), 'text_recognition': recognition}
 
 
 # --- CIDEr ----------------------------------------------------------------------------------------

@@ -14,14 +14,15 @@
 | `image`    | no       | image path, relative to the JSONL file's folder or absolute; null = text |
 | `prompt`   | no       | what the model is asked (benchmark instructions included); default:      |
 |            |          | `question`                                                               |
-| `choices`  | `choice` | option texts in letter order (A, B, ...)                                 |
+| `choices`  | `choice` | option texts in letter order (A, B, ...); `mmmu`: empty for open answers |
 | `category` | no       | sub-benchmark (MME subtask, POPE split, ...); metrics are also reported  |
-|            |          | per category                                                             |
+|            |          | per category (`mme`, `ocrbench`: required, their scoring depends on it)  |
 | `group`    | `mme`    | items scored together (MME: the two questions about one image)           |
 | `history`  | no       | earlier turns as [question, answer] pairs, asked before `prompt` in one  |
 |            |          | conversation (the image goes in the first); default: none                |
 
-The converters in converters.py write this format from the benchmarks' own question files.
+The converters in converters.py and converters_v2.py write this format from the benchmarks' own
+question files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Iterable
 
 from evejax import storage
 
-METRICS = ('vqa', 'exact', 'choice', 'pope', 'mme', 'cider')
+METRICS = ('vqa', 'exact', 'choice', 'pope', 'mme', 'cider', 'relaxed', 'ocrbench', 'mmmu', 'judge')
 REQUIRED = ('id', 'question', 'metric', 'answers')
 
 
@@ -47,6 +48,10 @@ def validate(record: dict, where: str) -> dict:
     raise ValueError(f'{where}: "answers" must be a list of strings, got {record["answers"]!r}')
   if record['metric'] == 'choice' and not record.get('choices'):
     raise ValueError(f'{where}: metric "choice" needs a non-empty "choices" list')
+  if record['metric'] == 'mmmu' and not isinstance(record.get('choices'), list):
+    raise ValueError(f'{where}: metric "mmmu" needs "choices" (a list; empty for open questions)')
+  if record['metric'] in ('mme', 'ocrbench') and not record.get('category'):
+    raise ValueError(f'{where}: metric {record["metric"]!r} needs "category" (its subtask)')
   if record['metric'] == 'mme' and 'group' not in record:
     raise ValueError(f'{where}: metric "mme" needs "group" (the image its question pair shares)')
   history = record.get('history', [])

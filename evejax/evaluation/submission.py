@@ -1,4 +1,5 @@
-"""Submission files for benchmarks scored on a server (the harness only scores labelled splits)."""
+"""Submission files for benchmarks scored elsewhere: on a server (the harness only scores labelled
+splits) or by an external judge (MM-Vet)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from evejax import storage
 from evejax.evaluation.metrics import normalize_vqa_answer
 
-FORMATS = ('vqav2',)
+FORMATS = ('vqav2', 'vizwiz', 'mmvet')
 
 
 def vqav2(
@@ -18,9 +19,7 @@ def vqav2(
   EvalAI does. The test-dev phase expects every test-std question too: ids in `all_question_ids`
   without a prediction get an empty answer."""
   out, seen = [], set()
-  for record, prediction in zip(records, predictions, strict=True):
-    if record['id'] != prediction['id']:
-      raise ValueError(f'prediction {prediction["id"]!r} is not for record {record["id"]!r}')
+  for record, prediction in _paired(records, predictions):
     question_id = int(record['id'])
     seen.add(question_id)
     out.append(
@@ -28,6 +27,29 @@ def vqav2(
     )
   out += [{'question_id': int(q), 'answer': ''} for q in all_question_ids if int(q) not in seen]
   return out
+
+
+def vizwiz(records: Sequence[dict], predictions: Sequence[dict]) -> list[dict]:
+  """EvalAI's VizWiz result format: [{"image": "VizWiz_test_00000000.jpg", "answer": str}] (the
+  converter's ids are the image names), answers normalised as for VQAv2."""
+  return [
+    {'image': record['id'], 'answer': normalize_vqa_answer(prediction['prediction'])}
+    for record, prediction in _paired(records, predictions)
+  ]
+
+
+def mmvet(records: Sequence[dict], predictions: Sequence[dict]) -> dict[str, str]:
+  """The {"v1_0": answer, ...} file MM-Vet's GPT-4 judge (its evaluator notebook) grades."""
+  return {
+    record['id']: prediction['prediction'] for record, prediction in _paired(records, predictions)
+  }
+
+
+def _paired(records: Sequence[dict], predictions: Sequence[dict]):
+  for record, prediction in zip(records, predictions, strict=True):
+    if record['id'] != prediction['id']:
+      raise ValueError(f'prediction {prediction["id"]!r} is not for record {record["id"]!r}')
+    yield record, prediction
 
 
 def write(
@@ -41,9 +63,12 @@ def write(
   the questions the server expects. Returns the number of answers."""
   if fmt not in FORMATS:
     raise ValueError(f'Unknown submission format {fmt!r}; available: {FORMATS}')
-  ids = []
-  if questions_file:
-    ids = [q['question_id'] for q in json.loads(storage.read_text(questions_file))['questions']]
-  entries = vqav2(records, predictions, ids)
-  storage.write_atomic(path, json.dumps(entries))
+  if fmt == 'vqav2':
+    ids = []
+    if questions_file:
+      ids = [q['question_id'] for q in json.loads(storage.read_text(questions_file))['questions']]
+    entries = vqav2(records, predictions, ids)
+  else:
+    entries = vizwiz(records, predictions) if fmt == 'vizwiz' else mmvet(records, predictions)
+  storage.write_atomic(path, json.dumps(entries, ensure_ascii=False))
   return len(entries)

@@ -16,8 +16,9 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """Measures steady-state speed from the first timed step (after compilation) onward."""
 
-  def __init__(self, total_steps: int):
+  def __init__(self, total_steps: int, unit: str = 'step'):
     self.total_steps = total_steps
+    self.unit = unit  # What is counted: 'step' for training, 'item' for an evaluation.
     self._start_step = self._start_time = None
 
   def start(self, step: int) -> None:
@@ -31,5 +32,7 @@ class Progress:
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     rate = self.steps_per_second(step)
     eta = format_duration((self.total_steps - step) / rate) if rate else '?'
-    values = ' '.join(f'{k} {v:.4g}' for k, v in scalars.items())
-    return f'step {step}/{self.total_steps} | {values} | {rate:.2f} steps/s | ETA {eta}'
+    parts = [f'{self.unit} {step}/{self.total_steps}']
+    if scalars:
+      parts.append(' '.join(f'{k} {v:.4g}' for k, v in scalars.items()))
+    return ' | '.join(parts + [f'{rate:.2f} {self.unit}s/s', f'ETA {eta}'])
