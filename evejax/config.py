@@ -21,6 +21,7 @@ are errors naming the key); every module then receives its own section, never th
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,6 +105,9 @@ class DataConfig:
   tokenizer: str = ''  # A tokenizer.json or HF folder; '' = a BPE trained on the source's corpus.
   template: str = 'chat'  # Conversation template (evejax/data/templates.py).
   seq_len: int = 256  # Positions per row, visual tokens included.
+  # The reference's model_max_length: text ids (one per image placeholder) kept before the images
+  # expand; longer samples are cut (counted as `truncated`, not bad records). 0 = no cut.
+  max_text_len: int = 0
   max_size: int = 96  # Image area budget (side of a square), pixels.
   resize: str = 'eve_v2_train'  # Resize policy (evejax/data/images.py).
   blank_images: bool = False  # Ablation: keep the layout, erase the pixels.
@@ -269,6 +273,9 @@ class TrainConfig:
   eval_at_start: bool = False  # Also evaluate the starting weights (step 0, e.g. init_from's).
   checkpoint: CheckpointConfig = _field(CheckpointConfig)
   init_from: str = ''  # A workdir or checkpoint to take the weights (only) from.
+  # Regexes (re.search over '/'-joined paths) of the parameters init_from may lack: those start
+  # freshly initialised (e.g. the vision tower at EVEv2 stage 0); any other missing one is an error.
+  init_new: tuple = ()
   benchmark: BenchmarkConfig = _field(BenchmarkConfig)
   guard: GuardConfig = _field(GuardConfig)
   metrics: MetricsConfig = _field(MetricsConfig)
@@ -280,6 +287,11 @@ class TrainConfig:
       raise ValueError(f'total_steps={self.total_steps} must be >= 1')
     if self.batch_size < 1:
       raise ValueError(f'batch_size={self.batch_size} must be >= 1')
+    for pattern in self.init_new:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as error:
+        raise ValueError(f'init_new entry {pattern!r} is not a regex: {error}') from None
     if self.pal.weight and not self.model.pal:
       raise ValueError('pal.weight > 0 needs model.pal=True (the patch-aligning layer)')
 

@@ -28,7 +28,8 @@ die() {
   exit 2
 }
 
-# The training command line for CONFIG WORKDIR [--config.key=value ...], quoted for a remote shell.
+# The training command line for PYTHON CONFIG WORKDIR [--config.key=value ...], quoted for a
+# remote shell.
 train_command() {
-  quote python -m evejax.train "--config=$1" "--workdir=$2" "${@:3}"
+  quote "$1" -m evejax.train "--config=$2" "--workdir=$3" "${@:4}"
 }

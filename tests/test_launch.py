@@ -22,6 +22,23 @@ FLAGS = ['--config.optim.lr=0.0001', '--config.optim.trainable=^vision_tower/|/m
 TRAIN = ['python', '-m', 'evejax.train', f'--config={CONFIG}', f'--workdir={WORKDIR}', *FLAGS]
 
 
+STATUS = '~/evejax_train.status'
+WAIT = (
+  f'while [ ! -e {STATUS} ]; do sleep 60; done; tail -n 5 ~/evejax_train.log; exit $(cat {STATUS})'
+)
+
+
+def remote_train(command: str) -> list[str]:
+  """The training command line inside `launch/tpu_vm.sh run`'s remote command: detached, its log
+  and exit status in the worker's home."""
+  words = shlex.split(command)
+  assert words[:8] == ['cd', '~/evejax', '&&', 'rm', '-f', STATUS, '&&', 'nohup']
+  assert words[8:10] == ['bash', '-c'] and words[11:] == ['>', '~/evejax_train.log', '2>&1', '&']
+  train, status = words[10].rsplit('; ', 1)
+  assert status == f'echo $? > {STATUS}'
+  return shlex.split(train)
+
+
 def dry_run(script: str, *args: str, **env: str) -> str:
   return subprocess.run(
     [os.path.join(REPO, 'launch', script), *args],
@@ -72,29 +89,23 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
     '--worker=all',
     '--command',
   ]
-  assert shlex.split(words[-1]) == [
-    'cd',
-    '~/evejax',
-    '&&',
-    'nohup',
-    *TRAIN,
-    '--config.distributed.auto=True',
-    '>',
-    '~/evejax_train.log',
-    '2>&1',
-    '&',
-  ]
+  # The interpreter of the venv that `setup` makes, in ~/evejax where the command starts.
+  venv_train = ['.venv/bin/python', *TRAIN[1:]]
+  assert remote_train(words[-1]) == [*venv_train, '--config.distributed.auto=True']
+  # `wait` polls worker 0 for the status that the run leaves behind, then exits with it.
+  wait = shlex.split(dry_run('tpu_vm.sh', 'wait', **env))
+  assert wait[-3:] == ['--worker=0', '--command', WAIT]
+  assert shlex.split(dry_run('tpu_vm.sh', 'mount', 'bkt', **env))[-1] == (
+    'bash ~/evejax/launch/gcsfuse_mount.sh bkt /mnt/bkt'
+  )
   install = shlex.split(dry_run('tpu_vm.sh', 'setup', **env).splitlines()[-1])[-1]
-  assert shlex.split(install)[-8:] == [
-    'cd',
-    '~/evejax',
-    '&&',
-    'pip',
-    'install',
-    '-q',
-    '-e',
-    '.[tpu]',
-  ]  # The package with the TPU build of jax.
+  # Python >= 3.11 in a venv inside the checkout (the images have 3.10), with the TPU build of jax.
+  assert install.split(' && ')[2:] == [
+    'cd ~/evejax',
+    'python3 -m pip install -q --user uv',
+    'python3 -m uv venv -q --allow-existing --python 3.12 .venv',
+    "python3 -m uv pip install -q --python .venv/bin/python -e '.[tpu]'",
+  ]
   assert shlex.split(dry_run('tpu_vm.sh', 'teardown', **env)) == [
     'gcloud',
     'compute',

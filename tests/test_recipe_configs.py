@@ -5,9 +5,10 @@ import os
 import pytest
 
 from evejax import recipe
+from evejax.config import TrainConfig
 from evejax.models import ModelConfig
 
-# stage: (peak LR, global batch, text length, image side, template, warmup ratio, starts from)
+# stage: (peak LR, global batch in examples, text length, image side, template, starts from)
 EVE_V2_7B = {
   'stage0': (2e-4, 1024, 2048, 800, 'plain', 'llm'),
   'stage1_0': (1e-4, 1024, 2048, 800, 'plain', 'copy'),
@@ -21,26 +22,54 @@ EVE_V1_7B = {
   'finetune': (2e-5, 128, 2048, 672, 'vicuna_v1', 'pretrain'),
   'finetune_hd': (2e-5, 128, 4096, 1344, 'vicuna_v1', 'pretrain'),
 }
+# Row positions: the text budget plus a square max-size image's visual tokens, [CLASS] + n (n + 1)
+# with n = side / token side + 1 (v2: 32 px tokens, v1: 28 px), rounded up to 128 (by hand:
+# 2048 + 703 -> 2816, 4096 + 2653 -> 6784, 5000 + 2653 -> 7680, 2048 + 651 -> 2816,
+# 4096 + 2451 -> 6656). Packed (examples per row): the caption stages.
+ROWS = {
+  'stage0': (2816, 4),
+  'stage1_0': (2816, 4),
+  'stage1_1': (6784, 2),
+  'stage2': (6784, 1),
+  'stage3': (7680, 1),
+  'prealign': (2816, 4),
+  'pretrain': (2816, 4),
+  'finetune': (2816, 1),
+  'finetune_hd': (6656, 1),
+}
 
 
 @pytest.mark.parametrize('name, table', [('eve_v2', EVE_V2_7B), ('eve_v1', EVE_V1_7B)])
 def test_7b_stages_follow_the_reference_tables(name, table):
   assert [s for s in recipe.stages(f'configs/{name}') if s != 'copy'] == list(table)
-  for stage, (lr, batch, seq_len, side, template, start) in table.items():
+  for stage, (lr, batch, text_len, side, template, start) in table.items():
     config = recipe.stage_config(f'configs/{name}:size=7b,data_root=/data', stage, '/runs')
+    seq_len, per_row = ROWS[stage]
     assert (
       config.optim.lr,
-      config.batch_size,
+      config.batch_size * per_row,
+      config.data.max_text_len,
       config.data.seq_len,
       config.data.max_size,
       config.data.template,
-    ) == (lr, batch, seq_len, side, template), stage
+    ) == (lr, batch, text_len, seq_len, side, template), stage
+    assert (config.data.pack_window > 1) == (per_row > 1), stage
+    assert config.model.routing == 'sorted'  # FLOP-exact routing for training.
     assert config.init_from == os.path.join('/runs', start)
     assert config.data.path.startswith('/data/')
     assert config.optim.weight_decay == 0.0 and config.optim.end_lr_ratio == 0.0
     ratio = 0.03 if name == 'eve_v2' or stage == 'prealign' else 0.01
     assert config.optim.warmup_steps == round(ratio * config.total_steps)
-    ModelConfig.from_dict(config.model)  # A valid model.
+    TrainConfig.parse(config).batch_spec()  # A valid model and data geometry.
+
+
+def test_examples_per_row_packs_any_stage_and_keeps_the_batch():
+  sft = recipe.stage_config('configs/eve_v2:size=7b,examples_per_row=4', 'stage3', '/r')
+  assert (sft.batch_size, sft.data.pack_window > 1, sft.total_steps) == (128, True, 14257)
+  unpacked = recipe.stage_config('configs/eve_v2:size=7b,examples_per_row=1', 'stage1_0', '/r')
+  assert (unpacked.batch_size, unpacked.data.pack_window, unpacked.data.row_patches) == (1024, 1, 0)
+  with pytest.raises(ValueError, match='examples_per_row=3 does not divide the batch of 512'):
+    recipe.stage_config('configs/eve_v2:size=7b,examples_per_row=3', 'stage3', '/r')
 
 
 def test_eve_v2_vision_copies_appear_at_the_copy_step():

@@ -37,52 +37,57 @@ VISION = 'vision_tower|mm_projector|^pal/'
 _STAGE = {
   'prealign': dict(
     trainable=VISION,
+    new=VISION,  # init_new: the imported LLM may lack the PEL, projector and PAL.
     groups={'vision': dict(pattern=VISION, lr=4e-4)},
     lr=4e-5,
     warmup_ratio=0.03,
     batch=512,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='plain',
     dataset='eve-cap33m',
     examples=16_000_000,  # README: the first 16M of EVE-cap33M.
     save_every=7813,
+    examples_per_row=4,  # Packed captions (configs/eve_v2/common.py: _cluster_base).
   ),
   'pretrain': dict(
     trainable='.*',
     lr=4e-5,
     warmup_ratio=0.01,
     batch=512,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='plain',
     dataset='eve-cap33m',
     examples=33_000_000,
     save_every=7813,
+    examples_per_row=4,  # Packed captions (configs/eve_v2/common.py: _cluster_base).
   ),
   'finetune': dict(
     trainable='.*',
     lr=2e-5,
     warmup_ratio=0.01,
     batch=128,
-    seq_len=2048,
+    text_len=2048,
     max_size=672,
     template='vicuna_v1',
     dataset='llava-v1.5-mix665k',
     examples=665_000,
     save_every=50000,
+    # Not packed: SFT (configs/eve_v2/common.py: _cluster_base).
   ),
   'finetune_hd': dict(
     trainable='.*',
     lr=2e-5,
     warmup_ratio=0.01,
     batch=128,
-    seq_len=4096,
+    text_len=4096,
     max_size=1344,
     template='vicuna_v1',
     dataset='eve-instruct-mix1.8m',
     examples=1_865_000,
     save_every=50000,
+    # Not packed: SFT (configs/eve_v2/common.py: _cluster_base).
   ),
 }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -59,12 +61,40 @@ def _read_on_host(params_dir: str) -> dict[str, np.ndarray]:
   return traverse_util.flatten_dict(restored, sep='/')
 
 
-def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
+def check_new(new: Sequence[str], allowed: Sequence[str], source: str) -> None:
+  """Raises unless every parameter missing from the checkpoint matches a regex of `allowed`
+  (`config.init_new`): a model part the source lacks is never silently random."""
+  unexpected = [name for name in new if not any(re.search(p, name) for p in allowed)]
+  if not unexpected:
+    return
+  shown = ', '.join(unexpected[:12]) + (
+    f' ... ({len(unexpected)} in all)' if len(unexpected) > 12 else ''
+  )
+  copies = any('/moe_' in name for name in unexpected)
+  hint = (
+    'The vision copies (moe_*) come from the LLM weights: run the EVEv2 copy step '
+    '(python -m evejax.recipe --config=configs/eve_v2:ARGS --workdir=ROOT --stages=copy) or import '
+    'with python -m evejax.convert import --moe_part=...; '
+    if copies
+    else ''
+  )
+  raise CheckpointError(
+    f'init_from={source} lacks {len(unexpected)} parameters of the model: {shown}. {hint}'
+    'To start them freshly initialised, list them in config.init_new (regexes over the '
+    f"'/'-joined paths, now {tuple(allowed)}), e.g. --config.init_new=\"('^vision_tower/',)\""
+  )
+
+
+def load_params(
+  path: str, params: PyTree, new: Sequence[str] = ()
+) -> tuple[PyTree, dict[str, list]]:
   """`params` with every entry the checkpoint has (same name and shape) replaced by its value.
 
   Values land in the shardings of `params`. Returns the new params and a report with the names
   that were loaded, newly created (kept from `params`) and dropped (only in the checkpoint).
-  A parameter present in both with different shapes is an error, never silently re-initialised.
+  A parameter of the model that the checkpoint lacks is an error unless it matches a regex of
+  `new` (`config.init_new`); one present in both with different shapes is always an error, never
+  silently re-initialised.
   A checkpoint with the other layer layout (per-layer vs stacked, `model.scan_layers`) is
   converted on the host, then placed.
   """
@@ -88,6 +118,7 @@ def load_params(path: str, params: PyTree) -> tuple[PyTree, dict[str, list]]:
     raise CheckpointError(
       f'init_from={params_dir}: parameters with other shapes than the model: {report["mismatched"]}'
     )
+  check_new(report['new'], new, params_dir)
   if host is None:  # Read straight into the target shardings: no full copy on any host.
     target = _nested({k: abstract_like(by_name[k]) for k in report['loaded']})
     restore = ocp.args.PyTreeRestore(

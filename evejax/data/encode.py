@@ -76,6 +76,31 @@ def encode_example(
   }
 
 
+def cut_text(
+  ids: Sequence[int], supervised: Sequence[bool], max_text_len: int
+) -> tuple[Sequence[int], Sequence[bool], int]:
+  """The reference's `model_max_length` cut (EVE_REFERENCE §2.4, §3.5): token ids (one per image
+  placeholder) and their labels end after `max_text_len` ids, before any image expands; 0 = no
+  cut. Returns the ids, labels and the number of ids cut."""
+  if not max_text_len or len(ids) <= max_text_len:
+    return ids, supervised, 0
+  return ids[:max_text_len], supervised[:max_text_len], len(ids) - max_text_len
+
+
+def cut_to_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray] | None:
+  """An expanded example that is longer than a row, its text tail cut at `seq_len` positions (the
+  last kept position then predicts nothing, as at the end of any example); None when the cut
+  would split an image's visual tokens. The reference never cuts after expansion (its rows
+  grow); configs make rows long enough (text budget + one image) so this is the exception."""
+  if len(example['tokens']) <= seq_len:
+    return example
+  if (example['token_kind'][seq_len:] != bf.TEXT).any():
+    return None
+  cut = {key: example[key][:seq_len].copy() for key in EXAMPLE_KEYS}
+  cut['targets'][-1], cut['loss_weights'][-1] = 0, 0.0
+  return {**example, **cut}
+
+
 def pack_row(
   examples: Sequence[dict[str, np.ndarray]], spec: bf.BatchSpec
 ) -> dict[str, np.ndarray]:

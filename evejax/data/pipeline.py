@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from evejax import storage
-from evejax.batch import BatchSpec
+from evejax.batch import IMAGE_TOKEN_INDEX, BatchSpec
 from evejax.data import bad_records, encode, images, packing, records, shapes, templates
 from evejax.data.tokenizer import Tokenizer, train_bpe
 
@@ -50,6 +50,7 @@ class Preprocessor:
   template: templates.Template
   spec: BatchSpec
   blank_images: bool = False  # Ablation: keep the layout, erase the pixels.
+  max_text_len: int = 0  # Text ids kept before the images expand (model_max_length); 0 = all.
 
   def image_patches(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> patch groups (N, S, F) and the visual-token grid (rows, cols)."""
@@ -60,7 +61,11 @@ class Preprocessor:
 
   def encode(self, record: Mapping[str, Any]) -> dict[str, np.ndarray] | Rejected:
     """The one path from a record to its unpadded example; a record that cannot be used gives a
-    `Rejected` naming the step that failed (image, conversation, teacher features, length)."""
+    `Rejected` naming the step that failed (image, conversation, teacher features, length).
+
+    Length as the reference: the text is cut to `max_text_len` ids before the images expand; an
+    example still longer than a row loses its text tail (`encode.cut_to_row`). Either way it
+    carries `truncated` (the reason), counted apart from bad records (bad_records.py)."""
     kind = 'bad_image'
     try:
       image_bytes = record.get('image')
@@ -69,18 +74,29 @@ class Preprocessor:
       ids, supervised = templates.tokenize_conversation(
         record['conversations'], self.tokenizer, self.template
       )
+      ids, supervised, text_cut = encode.cut_text(ids, supervised, self.max_text_len)
+      if text_cut:  # Images whose placeholder was cut away are not shown (as the reference).
+        image_list = image_list[: sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)]
       example = encode.encode_example(ids, supervised, image_list)
       kind = 'bad_teacher_features'
       example = self.with_teacher(example, record)
     except (ValueError, KeyError) as e:
       return Rejected(kind, f'{type(e).__name__}: {e}')
-    if not packing.fits(example, self.spec):
+    positions = len(example['tokens'])
+    example = encode.cut_to_row(example, self.spec.seq_len)
+    if example is None or packing.num_patches(example) > self.spec.patch_slots:
       return Rejected(
         'too_long',
-        f'{len(example["tokens"])} tokens and '
-        f'{packing.num_patches(example)} patch groups do not fit a row of '
-        f'data.seq_len={self.spec.seq_len} and {self.spec.patch_slots} patch groups',
+        f'{positions} positions do not fit a row of data.seq_len={self.spec.seq_len} and '
+        f'{self.spec.patch_slots} patch groups without cutting into an image',
       )
+    reasons = []
+    if text_cut:
+      reasons.append(f'text cut by {text_cut} ids to data.max_text_len={self.max_text_len}')
+    if positions > self.spec.seq_len:
+      reasons.append(f'{positions} positions cut to data.seq_len={self.spec.seq_len}')
+    if reasons:
+      example['truncated'] = '; '.join(reasons)
     return example
 
   def with_teacher(
@@ -236,6 +252,7 @@ def make_preprocessor(data: DataConfig, tokenizer: Tokenizer, spec: BatchSpec) -
     template=templates.get_template(data.template),
     spec=spec,
     blank_images=data.blank_images,
+    max_text_len=data.max_text_len,
   )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from flax.core import spmd
 from jax.experimental import mesh_utils
@@ -60,36 +61,77 @@ def _fill(sizes: Mapping[str, int], num_devices: int, what: str) -> list[int]:
   return shape
 
 
-def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
+def device_grid(sizes: Mapping[str, Any], devices: Sequence[Any]) -> np.ndarray:
+  """The devices laid out as a (data, fsdp, tensor) array that follows the interconnect.
 
-  `sizes['dcn']` (optional) gives the per-axis number of slices (multi-slice TPU, or one granule
-  per process elsewhere); the other sizes then describe one slice (ICI), and each mesh axis is
-  dcn x ici long, slices outermost.
+  One slice: `mesh_utils.create_device_mesh` maps the axes onto the TPU torus (ICI), the last
+  (`tensor`, the most communication) onto the best-connected physical axes, so neighbours along
+  an axis are neighbours on the ring; other platforms keep JAX's device order (GPUs by id).
+  `sizes['dcn']`: per-axis slice counts (multi-slice TPU, or one granule per process elsewhere);
+  the other sizes then describe one slice, each axis is dcn x ici long, slices outermost
+  (`create_hybrid_device_mesh`).
   """
   sizes = dict(sizes)
   dcn = dict(sizes.pop('dcn', None) or {})
-  devices = list(jax.devices() if devices is None else devices)
+  slices = {getattr(d, 'slice_index', None) for d in devices}
   if not dcn:
-    shape = _fill(sizes, len(devices), 'mesh')
-    device_grid = np.asarray(devices).reshape(shape)
-  else:
-    dcn_shape = _fill(dcn, math.prod(int(dcn.get(a, 1)) for a in MESH_AXES), 'mesh.dcn')
-    if len(devices) % math.prod(dcn_shape):
-      raise ValueError(f'mesh.dcn {dcn} does not divide the {len(devices)} devices')
-    ici_shape = _fill(sizes, len(devices) // math.prod(dcn_shape), 'mesh (per slice)')
-    # Multi-slice TPUs number their slices; elsewhere each process (host) is one granule.
-    multi_slice = len({getattr(d, 'slice_index', None) for d in devices}) > 1
-    try:
-      device_grid = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, process_is_granule=not multi_slice
-      )
-    except ValueError as error:
-      granules = 'slices' if multi_slice else 'processes'
+    # Only TPU slices need dcn axes: multi-host GPUs also get one slice_index per host (XLA groups
+    # devices by boot id), and a flat mesh over them is the plain multi-node layout.
+    if len(slices) > 1 and devices[0].platform == 'tpu':
       raise ValueError(
-        f'mesh.dcn {dcn} does not match the {granules} of this run: {error}'
-      ) from error
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        f'The {len(devices)} devices span {len(slices)} TPU slices: set config.mesh.dcn to '
+        "spread mesh axes over them, e.g. dcn=dict(data=2) (README, 'Scale')"
+      )
+    shape = _fill(sizes, len(devices), 'mesh')
+    return _on_torus(
+      lambda split: mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split),
+      sizes,
+    )
+  dcn_shape = _fill(dcn, math.prod(int(dcn.get(a, 1)) for a in MESH_AXES), 'mesh.dcn')
+  if len(devices) % math.prod(dcn_shape):
+    raise ValueError(f'mesh.dcn {dcn} does not divide the {len(devices)} devices')
+  ici_shape = _fill(sizes, len(devices) // math.prod(dcn_shape), 'mesh (per slice)')
+  # Multi-slice TPUs number their slices; elsewhere each process (host) is one granule.
+  multi_slice = len(slices) > 1
+  try:
+    return _on_torus(
+      lambda split: mesh_utils.create_hybrid_device_mesh(
+        ici_shape,
+        dcn_shape,
+        devices,
+        process_is_granule=not multi_slice,
+        allow_split_physical_axes=split,
+      ),
+      sizes,
+    )
+  except ValueError as error:
+    granules = 'slices' if multi_slice else 'processes'
+    raise ValueError(
+      f'mesh.dcn {dcn} does not match the {granules} of this run: {error}'
+    ) from error
+
+
+def _on_torus(create: Callable[[bool], np.ndarray], sizes: Mapping[str, Any]) -> np.ndarray:
+  """`create(allow_split_physical_axes)`: whole physical axes per mesh axis when the sizes allow
+  it; else (e.g. fsdp=6 on a 4x4 torus) axes split across the torus, which works but makes some
+  axes' collectives cross more links: logged."""
+  try:
+    return create(False)
+  except NotImplementedError as error:  # mesh_utils' "split physical axes to fit" signal
+    logging.warning(
+      'config.mesh %s does not map onto whole axes of the TPU torus (%s): splitting physical '
+      'axes; mesh axis sizes that are products of the torus sides keep collectives on rings',
+      dict(sizes),
+      error,
+    )
+    return create(True)
+
+
+def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all) laid out by `device_grid`; one
+  size may be -1 to take the remaining devices."""
+  grid = device_grid(sizes, list(jax.devices() if devices is None else devices))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(overrides: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:

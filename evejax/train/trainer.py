@@ -93,15 +93,15 @@ def _progress_values(scalars: dict[str, float]) -> dict[str, float]:
 
 
 def _restore_or_start(
-  init_from: str, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState, train_iter
+  cfg: TrainConfig, workdir: str, ckpt: checkpoint.Checkpointer, state: TrainState, train_iter
 ) -> TrainState:
   """Resumes from this run's checkpoint; else, for a new run, loads `init_from` weights."""
   if ckpt.latest_step() is not None:
     step, state, _ = ckpt.restore(state, train_iter)
     logging.info('Resumed from checkpoint %s/%d', ckpt.directory, step)
     return state
-  if init_from:
-    params, report = checkpoint.load_params(init_from, state.params)
+  if init_from := cfg.init_from:
+    params, report = checkpoint.load_params(init_from, state.params, cfg.init_new)
     if jax.process_index() == 0:
       storage.write_atomic(
         os.path.join(workdir, 'init_from_report.json'),
@@ -229,7 +229,7 @@ def train(config: ml_collections.ConfigDict | TrainConfig, workdir: str) -> dict
   ckpt = checkpoint.Checkpointer(
     store.checkpoints_dir(workdir), **dataclasses.asdict(cfg.checkpoint)
   )
-  state = _restore_or_start(cfg.init_from, workdir, ckpt, state, train_iter)
+  state = _restore_or_start(cfg, workdir, ckpt, state, train_iter)
   metadata = _checkpoint_metadata(cfg, params, mesh)
 
   also = []
