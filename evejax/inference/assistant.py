@@ -202,7 +202,14 @@ class Assistant:
     (batch rows split, weights replicated)."""
     mesh = mesh or sharding.make_mesh({'data': -1})
     loaded = load_checkpoint(path, mesh, max_size=max_size, template=template)
-    assistant = cls.from_params(*loaded[:4], mesh=mesh, max_size=max_size, template=template, **kw)
+    assistant = cls.from_params(
+      *loaded[:4],
+      mesh=mesh,
+      max_size=max_size,
+      template=template,
+      image_seen_id=loaded.image_seen_id,
+      **kw,
+    )
     stops = set(loaded.sampling.stop_tokens) | set(assistant.stop_tokens)
     assistant.sampling = dataclasses.replace(loaded.sampling, stop_tokens=tuple(sorted(stops)))
     return assistant
