@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 from flax import nnx
 from PIL import Image, ImageDraw
 
@@ -19,7 +21,7 @@ from evejax.convert import checkpoints, exporter, importer
 from evejax.data import images, templates
 from evejax.data.shapes import ShapesDataset
 from evejax.data.tokenizer import SentencePieceTokenizer, Tokenizer, train_bpe
-from evejax.inference import SamplingConfig, official
+from evejax.inference import SamplingConfig, cli_flags, official
 from evejax.inference.assistant import Assistant
 from evejax.models import EVE, ModelConfig
 from tests.conftest import TINY, train_sentencepiece
@@ -136,6 +138,22 @@ def test_generation_config_as_hf_generate_reads_it(tmp_path, shapes_tokenizer):
   assert official.sampling(str(folder), shapes_tokenizer) == SamplingConfig(
     stop_tokens=(shapes_tokenizer.eos_id,)
   )
+
+
+def test_sampling_flags_given_replace_the_checkpoint_settings():
+  defaults = SamplingConfig(temperature=0.7, top_p=0.8, repetition_penalty=1.05, stop_tokens=(5,))
+  parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  try:
+    assert cli_flags.sampling_config(defaults) == defaults
+    with flagsaver.as_parsed((cli_flags.TEMPERATURE, '0'), (cli_flags.MAX_NEW_TOKENS, '7')):
+      assert cli_flags.sampling_config(defaults) == dataclasses.replace(
+        defaults, temperature=0.0, max_new_tokens=7
+      )
+      assert cli_flags.sampling_config() == SamplingConfig(max_new_tokens=7)
+  finally:
+    if not parsed:
+      flags.FLAGS.unparse_flags()
 
 
 @pytest.fixture
