@@ -1,6 +1,7 @@
-"""Ahead-of-time plan of a training run: compile the train step for a mesh of fake CPU devices and
-report what each device holds, the step's FLOPs, and whether it fits a given HBM per chip.
+"""Ahead-of-time plan of a training run: compile the train step for a mesh of devices that need not
+exist and report what each device holds, the step's FLOPs, and whether it fits the chip's HBM.
 
+  python -m evejax.plan --config=configs/eve_v2/stage2.py:size=7b --mesh=fsdp=-1 --topology=v5p-256
   python -m evejax.plan --config=configs/eve_v2/stage2.py:size=7b --mesh=fsdp=-1 --devices=256
       [--hbm_gib=95] [--config.model.routing=sorted --config.model.remat=full]
       [--config.batch_size=512]
@@ -10,17 +11,29 @@ them all).
 
 Nothing is allocated: parameters, optimizer state and the batch are abstract (shapes + shardings),
 and `jax.jit(...).lower(...).compile()` runs XLA's SPMD partitioner and buffer assignment for the
-per-device program. Memory comes from the CPU compiler's buffer assignment (attention is the plain
-XLA kernel, not a fused flash kernel, so the temporaries are an upper bound for GPU/TPU runs).
-FLOPs come from XLA's cost analysis of that per-device program, times the device count; a scanned
-layer stack (`model.scan_layers`) is counted once per layer body by XLA, so for those the plan also
-compiles unrolled 1- and 2-layer programs and scales the per-layer difference.
+per-device program.
+
+- `--topology=v5p-256` (v4, v5p, v5e, v6e slices; sharding/topology.py) compiles with the TPU
+  compiler from libtpu (`pip install 'evejax[tpu]'`) for the slice's chips, as MaxText's
+  train_compile: the TPU's fused attention (`model.attention=auto` -> splash), layouts and buffer
+  assignment; HBM is the chip's unless --hbm_gib is given. A program over the chip's HBM fails to
+  compile; the plan reports the compiler's figure as DOES NOT FIT.
+- `--devices=N` (no --topology) compiles for N fake CPU devices: the CPU compiler's buffer
+  assignment, attention the plain XLA kernel (no flash kernel), so temporaries are an upper bound.
+
+FLOPs come from XLA's cost analysis of the per-device program, times the device count. XLA counts
+a scanned layer stack (`model.scan_layers`) once per layer body; `--layer_flops=unrolled` then also
+compiles unrolled 1- and 2-layer programs and scales the per-layer difference (the default on CPU),
+`analytic` reports the analytic count only (the default with --topology, where those two extra
+compiles of the full-width model would triple the time).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import time
 from typing import Any
 
@@ -32,23 +45,46 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from evejax import cli, sharding
+from evejax import cli, sharding, storage
 from evejax.batch import BatchSpec
 from evejax.config import TrainConfig
 from evejax.metrics import flops as flops_lib
-from evejax.models import EVE, ModelConfig
+from evejax.models import EVE, ModelConfig, attention
+from evejax.sharding import topology
 from evejax.sharding.synthetic import batch_shapes
 from evejax.train import optim
+from evejax.train import pal as pal_lib
 from evejax.train.step import TrainState, make_train_step
 
 _CONFIG = cli.define_config_flag(
   'A get_config(arg) file, as path[:arg]; --config.model.X=Y sets any ModelConfig field.'
 )
 _MESH = flags.DEFINE_string(
-  'mesh', '', "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4' (default: the config's mesh)."
+  'mesh',
+  '',
+  "Mesh sizes, e.g. 'data=2,fsdp=-1,tensor=4', plus 'dcn.data=2' for slices (default: the "
+  "config's mesh).",
 )
-_DEVICES = flags.DEFINE_integer('devices', 256, 'Number of fake devices (chips) to compile for.')
-_HBM = flags.DEFINE_float('hbm_gib', 95.0, 'Memory per chip, GiB.')
+_DEVICES = flags.DEFINE_integer(
+  'devices', 256, 'Number of fake CPU devices (chips) to compile for, without --topology.'
+)
+_TOPOLOGY = flags.DEFINE_string(
+  'topology', '', 'A TPU slice (v5p-256, v6e-256, v4-128, v5e-16): compile with the TPU compiler.'
+)
+_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of --topology (multi-slice; mesh.dcn).')
+_HBM = flags.DEFINE_float(
+  'hbm_gib', 0.0, "Memory per chip, GiB (default: the --topology chip's, else 95)."
+)
+_LAYER_FLOPS = flags.DEFINE_enum(
+  'layer_flops',
+  'auto',
+  ['auto', 'unrolled', 'analytic'],
+  'FLOPs of scanned layers: unrolled 1- and 2-layer compiles, or the analytic count only '
+  '(auto: unrolled on fake CPU devices, analytic with --topology).',
+)
+_JSON = flags.DEFINE_string(
+  'json', '', 'Also write the plan (figures in bytes and FLOPs, mesh, device) to this JSON file.'
+)
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Positions per row (default: data.seq_len).')
 _PATCH_GROUPS = flags.DEFINE_integer(
   'patch_groups', 0, 'Visual-token slots per row (default: from data.max_size / data.row_patches).'
@@ -58,10 +94,12 @@ GiB, MiB = 2**30, 2**20
 
 
 def parse_sizes(text: str) -> dict[str, Any]:
+  """'data=2,fsdp=-1' -> sizes; 'dcn.data=2' -> the per-axis slice counts under 'dcn'."""
   sizes = {}
   for item in filter(None, text.split(',')):
     key, _, value = item.partition('=')
-    sizes[key.strip()] = int(value)
+    outer, _, axis = key.strip().rpartition('.')
+    (sizes.setdefault(outer, {}) if outer else sizes)[axis] = int(value)
   return sizes
 
 
@@ -88,8 +126,9 @@ def with_shardings(shapes, shardings):
   )
 
 
-def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
-  """The compiled train step, and the abstract state and batch it was compiled for."""
+def lower_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
+  """The lowered train step (with the run's PAL term and frozen parameters), and the abstract
+  state and batch it was lowered for."""
   rules = sharding.rules_from_config(config.sharding_rules)
   sharding.activate_rules(rules)
   graphdef, params, _ = sharding.abstract_params(lambda: EVE(cfg, rngs=nnx.Rngs(0)), mesh, rules)
@@ -108,10 +147,19 @@ def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
       tx,
       optim.learning_rate_schedule(config.optim, config.total_steps),
       microbatches=config.microbatches,
+      trainable=optim.trainable_mask(config.optim, params),
+      pal=pal_lib.objective_from_config(config.pal, cfg),
       loss_chunk=config.loss_chunk,
     )
-    compiled = train_step.lower(state, batch).compile()
-  return compiled, state, batch
+    lowered = train_step.lower(state, batch)
+  return lowered, state, batch
+
+
+def compile_step(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec):
+  """The compiled train step, and the abstract state and batch it was compiled for."""
+  lowered, state, batch = lower_step(config, cfg, mesh, spec)
+  with jax.set_mesh(mesh):
+    return lowered.compile(), state, batch
 
 
 def xla_flops(compiled) -> float:
@@ -119,92 +167,174 @@ def xla_flops(compiled) -> float:
   return float((cost[0] if isinstance(cost, list) else cost).get('flops', 0.0))
 
 
+def unrolled_layer_flops(config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec) -> float:
+  """XLA counts a while loop's body once: count the unrolled 1-layer program plus num_layers - 1
+  layers, one layer being the difference between the unrolled 2- and 1-layer programs."""
+  one, two = (
+    xla_flops(
+      compile_step(config, dataclasses.replace(cfg, num_layers=n, scan_layers=False), mesh, spec)[0]
+    )
+    for n in (1, 2)
+  )
+  return (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
+
+
+# The TPU compiler refuses a program over the chip's HBM, in one of two words: the whole program
+# ("Ran out of memory in memory space hbm. Used 101.3G of 95.74G hbm.") or its temporaries ("the
+# total memory required for HLO temporaries (34.36G) exceeds available HBM (15.75G)").
+_OVER_HBM = (
+  ('total', re.compile(r'Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm')),
+  ('temporaries', re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')),
+)
+_UNITS = dict(zip(('', 'K', 'M', 'G', 'T'), (1, 2**10, 2**20, 2**30, 2**40)))
+
+
+def over_hbm(error: Exception) -> dict[str, int] | None:
+  """What a TPU compile refused for HBM needed, {'total' or 'temporaries': bytes}; None for any
+  other error."""
+  for key, pattern in _OVER_HBM:
+    if match := pattern.search(str(error)):
+      return {key: int(float(match.group(1)) * _UNITS[match.group(2)])}
+  return None
+
+
 def plan(
-  config: TrainConfig, cfg: ModelConfig, mesh, spec: BatchSpec, hbm_gib: float
+  config: TrainConfig,
+  cfg: ModelConfig,
+  mesh,
+  spec: BatchSpec,
+  hbm_gib: float,
+  layer_flops: str = 'unrolled',
 ) -> dict[str, Any]:
+  """Per-device memory (bytes), fit, and FLOPs of the run's train step on `mesh`. `layer_flops`
+  ('unrolled' or 'analytic'): how a scanned stack's FLOPs are counted (module docstring). A
+  compile the TPU compiler refuses for HBM gives the compiler's figure (`refused`: its words)."""
   start = time.perf_counter()
-  compiled, state, batch = compile_step(config, cfg, mesh, spec)
+  lowered, state, batch = lower_step(config, cfg, mesh, spec)
+  result = dict(
+    params=per_device_bytes(state.params),
+    opt_state=per_device_bytes(state.opt_state),
+    batch=per_device_bytes(batch),
+    hbm=hbm_gib * GiB,
+    analytic_flops=flops_lib.train_step_flops(cfg, spec, config.batch_size),
+    xla_flops=None,
+  )
+  try:
+    with jax.set_mesh(mesh):
+      compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    if (needed := over_hbm(error)) is None:
+      raise
+    # Refused for its temporaries: the arguments come on top.
+    needed.setdefault('total', result['params'] + result['opt_state'] + result['batch'])
+    needed['total'] += needed.get('temporaries', 0)
+    refused = str(error).splitlines()[0]
+    return dict(
+      result, **needed, compile_s=time.perf_counter() - start, fits=False, refused=refused
+    )
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  params, opt_state = per_device_bytes(state.params), per_device_bytes(state.opt_state)
-  batch_bytes = per_device_bytes(batch)
-  # Arguments (params, optimizer state, batch) + temporaries (activations, gradients, workspace);
-  # the donated state's outputs alias its arguments, so they add nothing.
+  # Arguments (params, optimizer state, batch) + outputs not aliased to them (the donated state's
+  # outputs reuse its buffers) + temporaries (activations, gradients, workspace) + the program.
+  outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes
   total = (
     memory.argument_size_in_bytes
-    + memory.output_size_in_bytes
-    - memory.alias_size_in_bytes
+    + outputs
     + memory.temp_size_in_bytes
+    + memory.generated_code_size_in_bytes
   )
   xla = xla_flops(compiled) * mesh.size
   if cfg.scan_layers and cfg.num_layers > 1:
-    # XLA counts a while loop's body once: count the unrolled 1-layer program plus num_layers - 1
-    # layers, one layer being the difference between the unrolled 2- and 1-layer programs.
-    one, two = (
-      xla_flops(
-        compile_step(config, dataclasses.replace(cfg, num_layers=n, scan_layers=False), mesh, spec)[
-          0
-        ]
-      )
-      for n in (1, 2)
-    )
-    xla = (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
-  analytic = flops_lib.train_step_flops(cfg, spec, config.batch_size)
+    xla = unrolled_layer_flops(config, cfg, mesh, spec) if layer_flops == 'unrolled' else None
   return dict(
+    result,
     compile_s=compile_s,
-    params=params,
-    opt_state=opt_state,
-    batch=batch_bytes,
+    arguments=memory.argument_size_in_bytes,
+    outputs=outputs,
     temporaries=memory.temp_size_in_bytes,
+    generated_code=memory.generated_code_size_in_bytes,
     total=total,
-    hbm=hbm_gib * GiB,
     fits=total <= hbm_gib * GiB,
     xla_flops=xla,
-    analytic_flops=analytic,
   )
+
+
+_ROWS = (
+  ('params', 'parameters'),
+  ('opt_state', 'optimizer state'),
+  ('batch', 'batch'),
+  ('arguments', "arguments (the compiler's layouts)"),
+  ('outputs', 'outputs not aliased to arguments'),
+  ('temporaries', 'activations, gradients, workspace'),
+  ('generated_code', 'generated code'),
+  ('total', 'total (peak estimate)'),
+  ('hbm', 'HBM per chip'),
+)
 
 
 def report(result: dict[str, Any], cfg: ModelConfig, mesh, spec: BatchSpec, rows: int) -> str:
   seq_len, patch_groups = spec.seq_len, spec.patch_slots
+  device = mesh.devices.flat[0]
   lines = [
     f'Plan: {cfg.num_layers} layers, hidden {cfg.hidden_size}, routing {cfg.routing}, '
-    f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}',
-    f'Mesh {dict(mesh.shape)} = {mesh.size} devices; global batch {rows} rows x {seq_len} '
-    f'positions, {patch_groups} visual-token slots per row; compiled in '
+    f'scan_layers {cfg.scan_layers}, remat {cfg.remat}, dtype {cfg.dtype}/{cfg.param_dtype}, '
+    f'attention {attention.resolve(cfg.attention, device.platform)}',
+    f'Mesh {dict(mesh.shape)} = {mesh.size} devices ({device.device_kind}); global batch {rows} '
+    f'rows x {seq_len} positions, {patch_groups} visual-token slots per row; compiled in '
     f'{result["compile_s"]:.0f} s',
     '',
-    '| per device                        |        GiB |          MiB |',
+    '| per device                         |        GiB |          MiB |',
     '| --- | ---: | ---: |',
   ]
-  for key, label in (
-    ('params', 'parameters'),
-    ('opt_state', 'optimizer state'),
-    ('batch', 'batch'),
-    ('temporaries', 'activations, gradients, workspace'),
-    ('total', 'total (peak estimate)'),
-    ('hbm', 'HBM per chip'),
-  ):
-    lines.append(f'| {label:<33} | {result[key] / GiB:10.3f} | {result[key] / MiB:12.2f} |')
+  for key, label in _ROWS:
+    if key in result:
+      lines.append(f'| {label:<34} | {result[key] / GiB:10.3f} | {result[key] / MiB:12.2f} |')
   verdict = 'FITS' if result['fits'] else 'DOES NOT FIT'
+  analytic = result['analytic_flops']
+  if 'refused' in result:
+    xla = 'no compiled program to count'
+  elif result['xla_flops'] is None:
+    xla = 'XLA cost analysis not counted (scanned layers: --layer_flops=unrolled counts them)'
+  else:
+    xla = (
+      f'XLA cost analysis {result["xla_flops"]:.4g} (all devices), analytic {analytic:.4g} '
+      f'(ratio {result["xla_flops"] / analytic:.3f})'
+    )
   lines += [
     '',
     f'{verdict}: {result["total"] / GiB:.2f} GiB of {result["hbm"] / GiB:.0f} GiB per chip',
+    *(
+      [f'The TPU compiler refused the program: {result["refused"]}'] if 'refused' in result else []
+    ),
     '',
-    f'FLOPs per step: XLA cost analysis {result["xla_flops"]:.4g} (all devices), '
-    f'analytic {result["analytic_flops"]:.4g} (ratio '
-    f'{result["xla_flops"] / result["analytic_flops"]:.3f})',
+    f'FLOPs per step: {xla}; analytic per device {analytic / mesh.size:.4g}',
   ]
   return '\n'.join(lines)
 
 
+def devices_and_hbm() -> tuple[list, float, str]:
+  """The devices to compile for, the HBM per chip (GiB) and how scanned layers' FLOPs are counted:
+  a TPU slice's (--topology), else --devices fake CPU devices."""
+  if _TOPOLOGY.value:
+    slice_ = topology.parse(_TOPOLOGY.value)
+    devices = topology.devices(slice_, _SLICES.value)
+    hbm, default_flops = slice_.chip.hbm_gib, 'analytic'
+  else:
+    # Fake devices: set before the first JAX call creates the CPU backend.
+    jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+    devices, hbm, default_flops = jax.devices(), 95.0, 'unrolled'
+  layer_flops = default_flops if _LAYER_FLOPS.value == 'auto' else _LAYER_FLOPS.value
+  return devices, _HBM.value or hbm, layer_flops
+
+
 def main(argv):
   del argv
-  # Fake devices: set before the first JAX call creates the CPU backend.
+  # The host compiles; a TPU slice's devices come from libtpu without initialising a TPU backend.
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   config = TrainConfig.parse(_CONFIG.value)
   cfg = config.model
-  mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh))
+  devices, hbm_gib, layer_flops = devices_and_hbm()
+  mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh), devices)
   spec = batch_spec(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.batch_size % shards:
@@ -213,8 +343,22 @@ def main(argv):
       f'shards (data x fsdp) of mesh {dict(mesh.shape)}; set --config.batch_size '
       'to a multiple of it'
     )
-  result = plan(config, cfg, mesh, spec, _HBM.value)
+  result = plan(config, cfg, mesh, spec, hbm_gib, layer_flops)
   print(report(result, cfg, mesh, spec, config.batch_size), flush=True)
+  if _JSON.value:
+    device = mesh.devices.flat[0]
+    described = dict(
+      config=cli.config_spec(),
+      overrides=cli.config_overrides(),
+      topology=_TOPOLOGY.value or f'{mesh.size} fake CPU devices',
+      device_kind=device.device_kind,
+      attention=attention.resolve(cfg.attention, device.platform),
+      mesh=dict(mesh.shape),
+      batch_size=config.batch_size,
+      seq_len=spec.seq_len,
+    )
+    with storage.open(_JSON.value, 'w') as file:
+      json.dump(dict(described, **result), file, indent=1)
 
 
 if __name__ == '__main__':

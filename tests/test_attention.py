@@ -3,6 +3,10 @@ checks the oracle itself): packed rows with several segments and padding, values
 On CPU the Pallas kernels (TPU splash, GPU Triton flash) run in interpret mode; on a GPU the same
 tests run cuDNN and the compiled Triton kernel."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +142,38 @@ def test_model_with_fused_attention_matches_xla_logits_and_gradients():
   np.testing.assert_allclose(got, want, atol=1e-5)
   for g, w in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want)):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+# Run in a process of its own with 4 CPU devices (tests/test_attention.py as a script).
+PER_DEVICE = """
+import jax, jax.numpy as jnp, numpy as np
+from evejax import sharding
+from evejax.models import attention
+from tests.test_attention import numpy_attention, packed_inputs
+
+q, k, v, seg = packed_inputs(seed=4, rows=4)
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
+fn = jax.jit(lambda *a: attention.self_attention(*a, 'pallas'))
+with jax.set_mesh(mesh):
+  args = [jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh)) for x in (q, k, v, seg)]
+  assert 'shard_map' in str(jax.make_jaxpr(fn)(*args))  # the kernel runs on each device's shard
+  got = np.asarray(fn(*args))
+real = (seg > 0)[:, :, None, None]
+np.testing.assert_allclose(got * real, numpy_attention(q, k, v, seg) * real, atol=1e-5)
+"""
+
+
+def test_pallas_attention_runs_per_device_under_a_mesh():
+  """GSPMD cannot partition a Pallas (Mosaic) kernel: under a mesh it runs on each device's rows
+  (fsdp) and heads (tensor), and equals the NumPy oracle."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=repo,
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', PER_DEVICE], cwd=repo, env=env, capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr[-4000:]

@@ -1,5 +1,6 @@
 """`python -m evejax.plan`: AOT compile on fake devices, per-device memory table, FLOPs, HBM fit."""
 
+import json
 import os
 import re
 import subprocess
@@ -107,3 +108,30 @@ def test_plan_scanned_flops_count_every_layer():
     float, re.search(r'XLA cost analysis ([\d.e+]+) .* analytic ([\d.e+]+)', text).groups()
   )
   assert 0.9 <= xla / analytic <= 1.6  # full remat recomputes the forward pass
+
+
+@pytest.mark.slow  # the TPU compiler (libtpu, the `tpu` extra) on this host: ~1 min
+def test_plan_compiles_with_the_tpu_compiler(tmp_path):
+  pytest.importorskip('libtpu')
+  out = tmp_path / 'plan.json'
+  text = run_plan(
+    '--topology=v5e-8', '--mesh=fsdp=8', '--config.model.param_dtype=float32', f'--json={out}'
+  )
+  assert '8 devices (TPU v5 lite)' in text and 'attention pallas' in text  # splash, per device
+  assert 'FITS: ' in text and 'of 16 GiB per chip' in text  # v5e's HBM
+  result = json.loads(out.read_text())
+  assert result['params'] == pytest.approx(expected_param_bytes_per_device(), rel=0.01)
+  # The compiler's arguments: the same buffers, at most padded to the TPU's tiled layouts.
+  assert result['params'] + result['opt_state'] + result['batch'] <= result['arguments']
+  assert result['arguments'] < 1.5 * (result['params'] + result['opt_state'] + result['batch'])
+  assert result['generated_code'] > 0 and result['temporaries'] > 0
+
+
+@pytest.mark.slow  # the TPU compiler on this host: ~1 min
+def test_plan_reports_a_program_the_tpu_compiler_refuses_for_hbm():
+  pytest.importorskip('libtpu')
+  # An 8M-token vocabulary replicated on every chip: ~23 GiB of parameters and Adam state alone.
+  text = run_plan('--topology=v5e-8', '--mesh=data=8', '--config.model.vocab_size=8000000')
+  assert 'DOES NOT FIT: ' in text
+  assert 'The TPU compiler refused the program: RESOURCE_EXHAUSTED' in text
+  assert float(re.search(r'DOES NOT FIT: ([\d.]+) GiB of 16 GiB', text).group(1)) > 23

@@ -20,8 +20,15 @@ query row of scores per token, nothing to fuse.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from evejax.sharding.mesh import BATCH_AXES
 
 Array = jax.Array
 
@@ -30,10 +37,17 @@ PLATFORM_DEFAULTS = {'gpu': 'cudnn', 'tpu': 'pallas'}
 FLASH_BLOCK = 128  # query / key block of the Pallas kernels; the sequence must be a multiple
 
 
+def traced_platform() -> str:
+  """The platform being traced for: the active mesh's devices' (an AOT compile for TPU topology
+  devices on a CPU host, `evejax.plan --topology`), else JAX's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def resolve(implementation: str, platform: str | None = None) -> str:
-  """The implementation `auto` stands for on `platform` (default: JAX's default backend), checked
+  """The implementation `auto` stands for on `platform` (default: `traced_platform()`), checked
   against what the platform can run."""
-  platform = platform or jax.default_backend()
+  platform = platform or traced_platform()
   if implementation == 'auto':
     return PLATFORM_DEFAULTS.get(platform, 'xla')
   if implementation == 'cudnn' and platform != 'gpu':
@@ -66,8 +80,32 @@ def self_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids))
   if implementation == 'cudnn':
     return _cudnn(q, k, v, segment_ids, max_segments)
-  platform = jax.default_backend()
-  return flash_attention(q, k, v, segment_ids, kernel=platform, interpret=platform == 'cpu')
+  platform = traced_platform()
+  kernel = functools.partial(flash_attention, kernel=platform, interpret=platform == 'cpu')
+  return _per_device(kernel, q, k, v, segment_ids)
+
+
+def _per_device(fn, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+  """Pallas kernels are not partitioned by GSPMD ("Mosaic kernels cannot be automatically
+  partitioned"): under a mesh, `fn` runs on each device's shard, rows split over the batch axes
+  and heads over `tensor` (each where it divides; whole otherwise)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  auto = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Auto}
+  if mesh.empty or not auto:
+    return fn(q, k, v, segment_ids)
+  divides = lambda size, axes: size % math.prod(mesh.shape[a] for a in axes) == 0
+  batch = tuple(a for a in BATCH_AXES if a in auto)
+  batch = (batch if divides(q.shape[0], batch) else None) or None
+  heads = 'tensor' if 'tensor' in auto and divides(k.shape[2], ('tensor',)) else None
+  qkv = P(batch, None, heads, None)
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(qkv, qkv, qkv, P(batch, None)),
+    out_specs=qkv,
+    axis_names=auto,
+    check_vma=False,
+  )(q, k, v, segment_ids)
 
 
 def cache_attention(
@@ -132,10 +170,9 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
     ),
     FLASH_BLOCK,
   )
-  with jax.ensure_compile_time_eval():  # the mask's block tables are constants, not traced
-    kernel = splash.make_splash_mqa_single_device(
-      mask, block_sizes=splash.BlockSizes(**block), interpret=interpret
-    )
+  kernel = splash.make_splash_mqa_single_device(
+    mask, block_sizes=splash.BlockSizes(**block), interpret=interpret
+  )
   return kernel, splash.SegmentIds
 
 

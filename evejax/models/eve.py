@@ -116,18 +116,26 @@ class EVE(nnx.Module):
     token to the text weights (EVEv2 decode steps)."""
     router = Router.create(vision_mask, self.cfg.routing)
     call = stack.layer_call(self.cfg.remat, scanned=self.cfg.scan_layers)
-    if self.cfg.scan_layers:
-      if taps:
-        raise ValueError('PAL taps intermediate hidden states: set model.scan_layers=False')
-      x = stack.scan_layers(call, self.layers, router.enter(x), router, positions, segment_ids)
-      return router.leave(x), []
-    states = [x]
+    # Hidden state i (0 < i < num_layers) is the output of layer i - 1.
+    inner = tuple(i for i in taps if 0 < i < self.cfg.num_layers)
+    layer_args = (router, positions, segment_ids)
+    states = {0: x}
     x = router.enter(x)  # the layers run in the router's layout (routing.py)
-    for layer in self.layers:
-      x = call(layer, x, router, positions, segment_ids)
-      states.append(router.leave(x) if len(states) in taps else None)
+    if self.cfg.scan_layers:
+      x, tapped = stack.scan_layers(
+        call, self.layers, x, *layer_args, taps=tuple(i - 1 for i in inner)
+      )
+      outputs = dict(zip(inner, tapped))
+    else:
+      outputs = {}
+      for number, layer in enumerate(self.layers, 1):
+        x = call(layer, x, *layer_args)
+        if number in inner:
+          outputs[number] = x
+    states.update((i, router.leave(h)) for i, h in outputs.items())
     x = router.leave(x)
-    states[-1] = self.norm(x)
+    if self.cfg.num_layers in taps:
+      states[self.cfg.num_layers] = self.norm(x)
     return x, [states[i] for i in taps]
 
   def forward(

@@ -57,14 +57,31 @@ def stacked_layers(
   return create_all(rngs)
 
 
-def scan_layers(call: LayerCall, stacked: nnx.Module, x: Array, *args) -> Array:
-  """Applies the stacked layers in order: a `lax.scan` whose body is one layer."""
+def scan_layers(
+  call: LayerCall, stacked: nnx.Module, x: Array, *args, taps: tuple[int, ...] = ()
+) -> tuple[Array, list[Array]]:
+  """Applies the stacked layers in order: a `lax.scan` whose body is one layer. Returns the output
+  and the outputs of the layers `taps` (0-based layer numbers, any order), for PAL.
+
+  The tapped outputs ride in the carry as a [len(taps) + 1, ...x.shape] buffer that each layer
+  writes its output into, at its tap's slot or else the last (scratch) slot: memory for the taps
+  only (as unrolled), where emitting every layer's output as a scan output would hold L of them.
+  The buffer write is linear, so the backward pass keeps no copy of it per layer."""
   graphdef, state = nnx.split(stacked)
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+  slots = [len(taps)] * num_layers
+  for slot, layer in enumerate(taps):
+    slots[layer] = slot
 
-  def body(x, layer_state):
-    return call(nnx.merge(graphdef, layer_state), x, *args), None
+  def body(carry, layer_inputs):
+    x, tapped = carry
+    layer_state, slot = layer_inputs
+    x = call(nnx.merge(graphdef, layer_state), x, *args)
+    return (x, jax.lax.dynamic_update_index_in_dim(tapped, x, slot, 0) if taps else tapped), None
 
-  return jax.lax.scan(body, x, state)[0]
+  tapped = jnp.zeros((len(taps) + 1, *x.shape), x.dtype) if taps else None
+  (x, tapped), _ = jax.lax.scan(body, (x, tapped), (state, jnp.asarray(slots, jnp.int32)))
+  return x, [tapped[i] for i in range(len(taps))]
 
 
 def stack_params(layer_params: dict) -> dict:
