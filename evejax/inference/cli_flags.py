@@ -7,7 +7,7 @@ import sys
 
 from absl import app, flags
 
-from evejax import sharding
+from evejax import cli, sharding
 from evejax.checkpoint import CheckpointError
 from evejax.data.images import RESIZE_POLICIES
 from evejax.data.templates import TEMPLATES
@@ -90,20 +90,10 @@ def sampling_config(defaults: SamplingConfig | None = None) -> SamplingConfig:
   return dataclasses.replace(defaults, **given)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-  sizes = {}
-  for item in filter(None, text.split(',')):
-    axis, sep, size = item.partition('=')
-    if not sep or not size.lstrip('-').isdigit():
-      raise app.UsageError(f'--mesh={text!r}: expected axis=size pairs, e.g. "data=-1"')
-    sizes[axis.strip()] = int(size)
-  return sizes
-
-
 def load_assistant() -> Assistant:
   """The --checkpoint run, or exit with a message naming the flag that is wrong."""
   try:
-    mesh = sharding.make_mesh(parse_mesh(MESH.value))
+    mesh = sharding.make_mesh(cli.parse_mesh(MESH.value))
   except ValueError as e:
     raise app.UsageError(f'--mesh={MESH.value}: {e}') from e
   try:
