@@ -117,8 +117,14 @@ class BatchSpec:
   @property
   def image_budget(self) -> int:
     """Visual tokens one image may need: the grid of a max_size x max_size image plus a rounding
-    row and column (the train policy rounds sides to the nearest multiple)."""
-    return (self.max_size // self.token_pixels + 1) ** 2
+    row and column (the train policy rounds sides to the nearest multiple). The inference rule
+    (eve_v2_infer) scales every image to the area budget and rounds both sides up, so an elongated
+    one needs up to twice the area (any aspect ratio up to 4 * side**2 : 1, e.g. 10000:1 at 1600
+    px; a 4332x1000 photo needs 2625 tokens at 1600 px, over the square's 51**2)."""
+    side = self.max_size // self.token_pixels
+    if self.resize == 'eve_v2_infer':
+      return max(2 * side * side, (side + 1) ** 2)
+    return (side + 1) ** 2
 
   @property
   def patch_shape(self) -> tuple[int, int]:

@@ -60,6 +60,19 @@ def define_config_flag(
   return holder
 
 
+def parse_mesh(text: str) -> dict[str, Any]:
+  """A --mesh flag: 'data=2,fsdp=-1' -> axis sizes (one may be -1); 'dcn.data=2' -> the slices
+  along an axis, under 'dcn' (multi-slice)."""
+  sizes: dict[str, Any] = {}
+  for item in filter(None, text.split(',')):
+    key, sep, size = item.partition('=')
+    if not sep or not size.strip().lstrip('-').isdigit():
+      raise app.UsageError(f'--mesh={text!r}: expected axis=size pairs, e.g. "data=2,fsdp=-1"')
+    outer, _, axis = key.strip().rpartition('.')
+    (sizes.setdefault(outer, {}) if outer else sizes)[axis] = int(size)
+  return sizes
+
+
 def config_spec() -> str:
   """`--config` as given (`FILE.py[:arg]`), e.g. to pass it on to another command."""
   return config_flags.get_config_filename(flags.FLAGS[NAME])

@@ -9,7 +9,10 @@ conversation about the same image; an empty line or end of input ends it. Role l
 so `python -m evejax.generate ... < questions.txt > answers.txt` gives one answer per line.
 
 The prompt goes through the training run's template (e.g. `USER: <image>\\n... ASSISTANT:`); without
---image the questions are asked as text only.
+--image the questions are asked as text only. --checkpoint may also be an official EVE folder
+(EVE-7B-HD-v2.0, EVE-7B-HD-v1.0) or its `convert import` output: then the official inference
+protocol applies (template, image size rule, generation_config.json), each part overridable by its
+flag (--template, --max_size, --resize, --temperature, ...).
 """
 
 import sys
@@ -48,7 +51,10 @@ def _stream_answer(assistant: Assistant, prompt: dict) -> str:
       printed = texts[0]
 
   answer = assistant.answer(
-    [prompt], cli_flags.sampling_config(), seed=cli_flags.SEED.value, on_text=stream
+    [prompt],
+    cli_flags.sampling_config(assistant.sampling),
+    seed=cli_flags.SEED.value,
+    on_text=stream,
   )[0]
   sys.stdout.write(answer[len(printed) :] if answer.startswith(printed) else '\n' + answer)
   sys.stdout.write('\n')

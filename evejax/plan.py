@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from typing import Any
 
@@ -91,16 +90,6 @@ _PATCH_GROUPS = flags.DEFINE_integer(
 )
 
 GiB, MiB = 2**30, 2**20
-
-
-def parse_sizes(text: str) -> dict[str, Any]:
-  """'data=2,fsdp=-1' -> sizes; 'dcn.data=2' -> the per-axis slice counts under 'dcn'."""
-  sizes = {}
-  for item in filter(None, text.split(',')):
-    key, _, value = item.partition('=')
-    outer, _, axis = key.strip().rpartition('.')
-    (sizes.setdefault(outer, {}) if outer else sizes)[axis] = int(value)
-  return sizes
 
 
 def batch_spec(config: TrainConfig) -> BatchSpec:
@@ -179,25 +168,6 @@ def unrolled_layer_flops(config: TrainConfig, cfg: ModelConfig, mesh, spec: Batc
   return (one + (cfg.num_layers - 1) * (two - one)) * mesh.size
 
 
-# The TPU compiler refuses a program over the chip's HBM, in one of two words: the whole program
-# ("Ran out of memory in memory space hbm. Used 101.3G of 95.74G hbm.") or its temporaries ("the
-# total memory required for HLO temporaries (34.36G) exceeds available HBM (15.75G)").
-_OVER_HBM = (
-  ('total', re.compile(r'Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm')),
-  ('temporaries', re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')),
-)
-_UNITS = dict(zip(('', 'K', 'M', 'G', 'T'), (1, 2**10, 2**20, 2**30, 2**40)))
-
-
-def over_hbm(error: Exception) -> dict[str, int] | None:
-  """What a TPU compile refused for HBM needed, {'total' or 'temporaries': bytes}; None for any
-  other error."""
-  for key, pattern in _OVER_HBM:
-    if match := pattern.search(str(error)):
-      return {key: int(float(match.group(1)) * _UNITS[match.group(2)])}
-  return None
-
-
 def plan(
   config: TrainConfig,
   cfg: ModelConfig,
@@ -223,7 +193,7 @@ def plan(
     with jax.set_mesh(mesh):
       compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
-    if (needed := over_hbm(error)) is None:
+    if (needed := topology.over_hbm(error)) is None:
       raise
     # Refused for its temporaries: the arguments come on top.
     needed.setdefault('total', result['params'] + result['opt_state'] + result['batch'])
@@ -334,7 +304,8 @@ def main(argv):
   config = TrainConfig.parse(_CONFIG.value)
   cfg = config.model
   devices, hbm_gib, layer_flops = devices_and_hbm()
-  mesh = sharding.make_mesh(parse_sizes(_MESH.value) if _MESH.value else dict(config.mesh), devices)
+  sizes = cli.parse_mesh(_MESH.value) if _MESH.value else dict(config.mesh)
+  mesh = sharding.make_mesh(sizes, devices)
   spec = batch_spec(config)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.batch_size % shards:

@@ -1,3 +1,4 @@
+import io
 import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -24,3 +25,28 @@ TINY = dict(
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
   return ModelConfig(**TINY)
+
+
+def train_sentencepiece(corpus, vocab_size: int) -> bytes:
+  """A SentencePiece `tokenizer.model` trained as Llama's (BPE, byte fallback, dummy prefix,
+  digits split, ids unk 0 / bos 1 / eos 2); a corpus without newlines gives `\\n` as <0x0A>."""
+  sentencepiece = pytest.importorskip('sentencepiece')
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+    sentence_iterator=iter(corpus),
+    model_writer=model,
+    vocab_size=vocab_size,
+    model_type='bpe',
+    byte_fallback=True,
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    normalization_rule_name='identity',
+    character_coverage=1.0,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    minloglevel=2,
+  )
+  return model.getvalue()

@@ -444,7 +444,7 @@ def test_cli_import_export_check(tmp_path):
     'evejax.convert.check',
     f'--hf_dir={tmp_path}/eve',
     '--ids=3,5,-200,7,9',
-    '--max_size=64',
+    '--image_max_size=64',
     '--atol=1e-4',
   )
   metrics = dict(line.split() for line in report.splitlines()[3:] if len(line.split()) == 2)

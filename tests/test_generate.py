@@ -64,7 +64,7 @@ def test_training_runs_the_benchmark(workdir):
 
 
 def test_checkpoint_loads_with_the_training_setup(workdir):
-  config, graphdef, params, tokenizer = load_checkpoint(str(workdir))
+  config, graphdef, params, tokenizer, *_ = load_checkpoint(str(workdir))
   assert config.model.num_layers == 1 and config.data.template == 'chat'
   expected = nnx.state(
     nnx.eval_shape(lambda: EVE(ModelConfig.from_dict(config.model), rngs=nnx.Rngs(0))), nnx.Param

@@ -206,6 +206,17 @@ def test_logit_processors_match_transformers():
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
 
 
+def test_image_seen_id_counts_for_the_repetition_penalty(model, prompts):
+  """Official EVEv2: id 0 stands in for the image in what the penalty sees; text-only rows keep it
+  unseen unless their text has it."""
+  cfg = SamplingConfig(max_new_tokens=1)
+  plain = generator_for(model).prefill(prompts, cfg).seen
+  marked = generator_for(model, image_seen_id=0).prefill(prompts, cfg).seen
+  has_image = [p['patches'] is not None for p in prompts]
+  np.testing.assert_array_equal(np.asarray(marked[:, 0]), np.asarray(plain[:, 0]) | has_image)
+  np.testing.assert_array_equal(np.asarray(marked[:, 1:]), np.asarray(plain[:, 1:]))
+
+
 def test_sampling_config_rejects_bad_values():
   for bad in (
     dict(temperature=-1),

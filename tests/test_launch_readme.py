@@ -83,7 +83,7 @@ def test_tpu_vm_steps(transcripts):
     ['python', '-m', 'evejax.convert', 'import', f'--hf_dir={llm}']
     + ['--config=configs/eve_v2/stage0.py:size=7b', f'--out={ROOT}/llm'],
     ['python', '-m', 'evejax.plan', f'--config=configs/eve_v2/stage1_0.py:{args}']
-    + ['--devices=64', '--hbm_gib=95'],
+    + ['--topology=v5p-128'],
     [*gcloud_tpu, 'create', *where, '--accelerator-type=v5p-128', '--version=v2-alpha-tpuv5'],
     ['tar', '-czf', '/tmp/evejax-me.tar.gz', '-C', REPO, '--exclude=.git', '--exclude=.venv', '.'],
     [*gcloud_tpu, 'scp', '/tmp/evejax-me.tar.gz', 'eve:/tmp/evejax.tar.gz', where[1]]

@@ -3,8 +3,9 @@
 import sys
 
 import pytest
+from absl import app
 
-from evejax.plan import over_hbm, parse_sizes
+from evejax.cli import parse_mesh
 from evejax.sharding import topology
 
 # Cloud TPU's slice shapes for these names (the documented v4 / v5p / v5e / v6e tables, which
@@ -58,9 +59,9 @@ def test_over_hbm_errors_give_the_compilers_figure():
     'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries '
     '(34.36G) exceeds available HBM (15.75G).'
   )
-  assert over_hbm(whole) == {'total': int(101.5 * 2**30)}
-  assert over_hbm(temporaries) == {'temporaries': int(34.36 * 2**30)}
-  assert over_hbm(RuntimeError('INTERNAL: something else')) is None
+  assert topology.over_hbm(whole) == {'total': int(101.5 * 2**30)}
+  assert topology.over_hbm(temporaries) == {'temporaries': int(34.36 * 2**30)}
+  assert topology.over_hbm(RuntimeError('INTERNAL: something else')) is None
 
 
 def test_multi_slice_devices_give_a_hybrid_mesh():
@@ -76,5 +77,8 @@ def test_multi_slice_devices_give_a_hybrid_mesh():
 
 
 def test_mesh_flag_takes_slices_under_dcn():
-  assert parse_sizes('fsdp=-1,dcn.data=2') == dict(fsdp=-1, dcn=dict(data=2))
-  assert parse_sizes('data=2, fsdp=4,tensor=1') == dict(data=2, fsdp=4, tensor=1)
+  assert parse_mesh('fsdp=-1,dcn.data=2') == dict(fsdp=-1, dcn=dict(data=2))
+  assert parse_mesh('data=2, fsdp=4,tensor=1') == dict(data=2, fsdp=4, tensor=1)
+  for bad in ('data2', 'data=two', 'fsdp=-1,tensor='):
+    with pytest.raises(app.UsageError, match='expected axis=size pairs'):
+      parse_mesh(bad)

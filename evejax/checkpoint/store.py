@@ -3,7 +3,8 @@
 This is the one module that knows the layout; everything else asks it. A training workdir:
 
   {workdir}/config.json             the run's full config (JSON), written when the run starts
-  {workdir}/tokenizer.json          the run's tokenizer (`Tokenizer.save`, with its config)
+  {workdir}/tokenizer.json          the run's tokenizer (`Tokenizer.save`, with its config;
+                                    tokenizer.model for a SentencePiece one)
   {workdir}/checkpoints/{step}/     one Orbax step directory per saved step, one item per part,
                                     so each can be read on its own (`init_from` reads `params`):
       params      parameter pytree (pure dict)
@@ -14,9 +15,12 @@ This is the one module that knows the layout; everything else asks it. A trainin
       checksums.json  SHA-256 of every file above, written once the save completed
 
 An import output (`python -m evejax.convert import`, a recipe's weight copy) is a folder with only
-the `params` and `metadata` ({'config': {'model': ...}, ...}) items. So whatever reads weights or
-their config (init_from, inference, export) takes a workdir, its checkpoints/ folder (newest
-step), one step folder or an import output alike (`resolve_checkpoint`).
+the `params` and `metadata` ({'config': {'model': ...}, ...}) items, and for `convert import` the
+`source/` folder: the config.json, generation_config.json and tokenizer files of the folder it was
+imported from (what inference needs besides the weights). So whatever reads weights or their config
+(init_from, inference, export) takes a workdir, its checkpoints/ folder (newest step), one step
+folder or an import output alike (`resolve_checkpoint`); `evejax.checkpoint.kinds` tells them apart
+from an official HF/EVE folder.
 """
 
 from __future__ import annotations
@@ -121,9 +125,9 @@ def workdir_of(step_folder: str) -> str:
   return os.path.dirname(os.path.dirname(storage.absolute(step_folder)))
 
 
-def tokenizer_file(workdir: str) -> str:
-  """Where the trainer saves the run's tokenizer (`Tokenizer.save(workdir)`)."""
-  return os.path.join(workdir, 'tokenizer.json')
+def source_dir(folder: str) -> str:
+  """The HF files (config, generation config, tokenizer) an import output keeps of its source."""
+  return os.path.join(folder, 'source')
 
 
 def run_config_file(workdir: str) -> str:

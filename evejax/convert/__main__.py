@@ -18,6 +18,7 @@ from evejax import cli
 from evejax.convert import checkpoints, exporter, importer
 from evejax.convert.cli_flags import HF_DIR, PARAMS, config_from_flag
 from evejax.convert.files import CheckpointReader
+from evejax.inference import official
 
 COMMANDS = ('import', 'export')
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
@@ -75,6 +76,8 @@ def run_import(hf_dir: str, out: str) -> None:
     overrides = dict(
       importer.vision_fields(CheckpointReader(hf_dir)), param_dtype=_PARAM_DTYPE.value
     )
+    if overrides.get('pal'):  # EVE-7B-HD (1344 px) pools 2x2 tokens: from its processor's size
+      overrides['pal_pool'] = official.pal_pool(hf_dir, hf)
     if _MOE_PART.value is not None:
       overrides['moe_part'] = _MOE_PART.value
     cfg = importer.model_config_from_hf(hf, **overrides)

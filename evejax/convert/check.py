@@ -42,14 +42,18 @@ _IDS = flags.DEFINE_list('ids', None, 'Token ids instead of --prompt (-200 = the
 _TOKENIZER = flags.DEFINE_string(
   'tokenizer_dir', None, 'Folder of tokenizer.json (default --hf_dir).'
 )
-_MAX_SIZE = flags.DEFINE_integer('max_size', 448, 'Image area budget (side of a square), pixels.')
+# Named apart from the generation flags (--max_size, --top_k of evejax.inference.cli_flags): absl
+# refuses a name defined twice in one process, and the tests import both.
+_MAX_SIZE = flags.DEFINE_integer(
+  'image_max_size', 448, 'Image area budget (side of a square), pixels.'
+)
 _TORCH = flags.DEFINE_enum(
   'torch_impl',
   'auto',
   ['auto', 'transformers', 'reference'],
   'PyTorch model: transformers (plain LLM, text) or the reference forward.',
 )
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'k of the top-k agreement.')
+_TOP_K = flags.DEFINE_integer('agreement_k', 5, 'k of the top-k agreement.')
 _ATOL = flags.DEFINE_float('atol', None, 'Exit with status 1 if max |logit diff| exceeds this.')
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Mapping
 
 import jax
@@ -18,8 +19,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import types as orbax_serialization
 
+from evejax import storage
 from evejax.checkpoint import store
-from evejax.convert import keymap
+from evejax.convert import exporter, keymap
 from evejax.models import ModelConfig
 
 # Orbax copies and writes at most this much at once (GB), or just over the largest array: saving
@@ -58,8 +60,26 @@ def _batched_host_copies():
     ocp.type_handlers.register_type_handler(jax.Array, previous, override=True)
 
 
+# What inference needs of the source besides its weights (evejax.inference.official reads them).
+SOURCE_FILES = ('config.json', 'generation_config.json', 'preprocessor_config.json')
+
+
+def copy_source_files(source: str, directory: str) -> list[str]:
+  """Copies the source folder's config, generation config and tokenizer files that exist into the
+  import output's `store.source_dir`; returns their names."""
+  names = [
+    n for n in SOURCE_FILES + exporter.TOKENIZER_FILES if storage.exists(os.path.join(source, n))
+  ]
+  storage.makedirs(store.source_dir(directory))
+  for name in names:
+    storage.copy(os.path.join(source, name), os.path.join(store.source_dir(directory), name))
+  return names
+
+
 def save_params(directory: str, params: Mapping, cfg: ModelConfig, source: str) -> None:
-  """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them."""
+  """Writes imported parameters where `--config.init_from=directory` (and `export`) finds them,
+  with the source's HF files (`copy_source_files`), so the output also answers questions."""
+  copy_source_files(source, storage.absolute(directory))
   # Orbax needs the largest array to fit within the limit.
   limit_gb = max([CONCURRENT_GB] + [1.05 * x.nbytes / 1e9 for x in jax.tree.leaves(params)])
   params_handler = ocp.PyTreeCheckpointHandler(

@@ -46,14 +46,23 @@ class SafetensorsFile:
   def __init__(self, path: str):
     self.path = path
     with storage.open(path, 'rb') as f:
-      (size,) = struct.unpack('<Q', f.read(8))
-      header = json.loads(f.read(size))
+      head = f.read(8)
+      try:
+        (size,) = struct.unpack('<Q', head)
+        header = json.loads(f.read(size))
+      except (struct.error, ValueError):
+        raise ValueError(
+          f'{path} is not a safetensors file (truncated or damaged header); download it again'
+        ) from None
     self.metadata = header.pop('__metadata__', {}) or {}
     self.entries = header
     self.data_start = 8 + size
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key]['shape'])
+
+  def dtype(self, key: str) -> np.dtype:
+    return np.dtype(DTYPES[self.entries[key]['dtype']])
 
   def read(self, key: str) -> np.ndarray:
     entry = self.entries[key]
@@ -95,6 +104,12 @@ class TorchBinFile:
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key].shape)
+
+  def dtype(self, key: str) -> np.dtype:
+    tensor = self.entries[key]
+    if tensor.dtype == self._torch.bfloat16:  # numpy has no bfloat16
+      return np.dtype(ml_dtypes.bfloat16)
+    return tensor.reshape(-1)[:0].numpy().dtype  # an empty view: nothing is read
 
   def read(self, key: str) -> np.ndarray:
     tensor = self.entries[key]
@@ -140,6 +155,9 @@ class CheckpointReader:
 
   def shape(self, key: str) -> tuple[int, ...]:
     return self._files[key].shape(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._files[key].dtype(key)
 
   def read(self, key: str) -> np.ndarray:
     return self._files[key].read(key)

@@ -90,15 +90,32 @@ def _image_first(text: str) -> str:
   return (IMAGE_PLACEHOLDER + '\n') * count + rest
 
 
-def _encode_with_images(text: str, tokenizer: Tokenizer) -> list[int]:
-  """Tokenises around each `<image>`, putting IMAGE_TOKEN_INDEX in its place."""
+def _encode_segments(
+  segments: Sequence[tuple[str, bool]], tokenizer: Tokenizer
+) -> tuple[list[int], list[bool]]:
+  """Ids of the (text, supervised) segments and each id's flag. As the reference
+  (`tokenizer_image_token`), the text is cut at each `<image>` (IMAGE_TOKEN_INDEX in its place)
+  and each stretch between images tokenised as one string (`Tokenizer.encode_segments`)."""
   ids: list[int] = []
-  for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-    if i:
-      ids.append(IMAGE_TOKEN_INDEX)
-    if chunk:
-      ids.extend(tokenizer.encode(chunk))
-  return ids
+  supervised: list[bool] = []
+  stretch: list[tuple[str, bool]] = []
+
+  def flush():
+    for (_, is_target), piece in zip(stretch, tokenizer.encode_segments([t for t, _ in stretch])):
+      ids.extend(piece)
+      supervised.extend([is_target] * len(piece))
+    stretch.clear()
+
+  for text, is_target in segments:
+    for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+      if i:
+        flush()
+        ids.append(IMAGE_TOKEN_INDEX)
+        supervised.append(is_target)
+      if chunk:
+        stretch.append((chunk, is_target))
+  flush()
+  return ids, supervised
 
 
 def tokenize_conversation(
@@ -127,10 +144,6 @@ def tokenize_conversation(
       )
       segments.append((f' {answer}{template.sep2}', True))
       prefix = ''
-  ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  supervised = [False] * len(ids)
-  for text, is_target in segments:
-    piece = _encode_with_images(text, tokenizer)
-    ids.extend(piece)
-    supervised.extend([is_target] * len(piece))
-  return ids, supervised
+  bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  ids, supervised = _encode_segments(segments, tokenizer)
+  return bos + ids, [False] * len(bos) + supervised

@@ -10,6 +10,8 @@ unlabelled split, `--submission=mmvet` the answers MM-Vet's GPT-4 judge grades. 
 ETA are logged every 30 s (and shown as a live bar on a terminal).
 """
 
+import dataclasses
+
 from absl import app, flags, logging
 
 from evejax import cli
@@ -43,10 +45,13 @@ def main(argv):
   needed = harness.required_submission(records)
   if needed and _SUBMISSION.value != needed:
     raise app.UsageError(f'{harness.JUDGED}: add --submission={needed}')
+  assistant = cli_flags.load_assistant()
+  # The papers' benchmark protocol: greedy, with the model's repetition penalty (EVEv2: 1.05).
+  greedy = dataclasses.replace(assistant.sampling, temperature=0.0)
   results = harness.run(
-    cli_flags.load_assistant(),
+    assistant,
     records,
-    cli_flags.sampling_config(),
+    cli_flags.sampling_config(greedy),
     _OUTPUT.value,
     batch_size=_BATCH_SIZE.value,
     submission=_SUBMISSION.value,

@@ -44,8 +44,8 @@ class DecodeState:
   cache: Any  # pure dict of every layer's nnx.Cache: keys, values and write index
   positions: Array  # (B,) RoPE position of `token`: expanded prompt length + earlier new tokens
   token: Array  # (B,) the last chosen token, the input of the next step
-  # (B, V) bool: tokens of the prompt text or generated, for the repetition penalty. The reference
-  # also counts id 0 (its image placeholder -200 is replaced by 0); visual tokens are left out here.
+  # (B, V) bool: tokens of the prompt text or generated, for the repetition penalty; visual tokens
+  # are none (see `image_seen_id`).
   seen: Array
   done: Array  # (B,) bool: the row emitted a stop token or filled its context
   output: Array  # (B, max_new_tokens) int32: chosen tokens (pad_id after a row is done)
@@ -71,11 +71,15 @@ class Generator:
     mesh: Mesh | None = None,
     length_multiple: int = 32,
     patch_multiple: int = 16,
+    image_seen_id: int | None = None,
   ):
     """`spec`: the batch format of the prompts (its seq_len and patch_slots are set per batch, to
     multiples of `length_multiple` and `patch_multiple`). `max_length` caps prompt + generated
-    tokens per row (the context the model trained on)."""
+    tokens per row (the context the model trained on). `image_seen_id`: a token the repetition
+    penalty counts as seen in a prompt with an image (the official EVEv2 code replaces its image
+    placeholder -200 by id 0 in the ids HF `generate` penalises)."""
     self.graphdef, self.params, self.pad_id, self.mesh = graphdef, params, pad_id, mesh
+    self.image_seen_id = image_seen_id
     self.spec, self.max_length = spec, max_length
     model_cfg = nnx.merge(graphdef, nnx.State(params)).cfg
     if attention.resolve(model_cfg.attention) == 'pallas':  # flash kernels take whole blocks
@@ -147,6 +151,9 @@ class Generator:
       .max(is_text)
       > 0
     )
+    if self.image_seen_id is not None:
+      has_image = jnp.any(is_real & (batch['token_kind'] != bf.TEXT), axis=-1)  # [B]
+      seen = seen.at[:, self.image_seen_id].set(seen[:, self.image_seen_id] | has_image)
     state = DecodeState(
       cache=self._constrain_cache(nnx.to_pure_dict(nnx.state(model, nnx.Cache))),
       positions=is_real.sum(-1).astype(jnp.int32),

@@ -102,3 +102,22 @@ def devices(topology: Topology, num_slices: int = 1) -> list:
     num_slices=num_slices,
   )
   return list(desc.devices)
+
+
+# The TPU compiler refuses a program over the chip's HBM, in one of two words: the whole program
+# ("Ran out of memory in memory space hbm. Used 101.3G of 95.74G hbm.") or its temporaries ("the
+# total memory required for HLO temporaries (34.36G) exceeds available HBM (15.75G)").
+_OVER_HBM = (
+  ('total', re.compile(r'Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm')),
+  ('temporaries', re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')),
+)
+_UNITS = dict(zip(('', 'K', 'M', 'G', 'T'), (1, 2**10, 2**20, 2**30, 2**40)))
+
+
+def over_hbm(error: Exception) -> dict[str, int] | None:
+  """What a TPU compile refused for HBM needed, {'total' or 'temporaries': bytes}; None for any
+  other error."""
+  for key, pattern in _OVER_HBM:
+    if match := pattern.search(str(error)):
+      return {key: int(float(match.group(1)) * _UNITS[match.group(2)])}
+  return None
