@@ -3,16 +3,13 @@ checks the oracle itself): packed rows with several segments and padding, values
 On CPU the Pallas kernels (TPU splash, GPU Triton flash) run in interpret mode; on a GPU the same
 tests run cuDNN and the compiled Triton kernel."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from evejax.models import attention
+from tests.fake_devices import run_with_devices
 
 ON_GPU = jax.default_backend() == 'gpu'
 # (name, function); bf16 for cuDNN, which has no fp32 flash kernel.
@@ -166,14 +163,4 @@ np.testing.assert_allclose(got * real, numpy_attention(q, k, v, seg) * real, ato
 def test_pallas_attention_runs_per_device_under_a_mesh():
   """GSPMD cannot partition a Pallas (Mosaic) kernel: under a mesh it runs on each device's rows
   (fsdp) and heads (tensor), and equals the NumPy oracle."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(
-    os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
-    JAX_PLATFORMS='cpu',
-    PYTHONPATH=repo,
-  )
-  result = subprocess.run(
-    [sys.executable, '-c', PER_DEVICE], cwd=repo, env=env, capture_output=True, text=True
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
+  run_with_devices(['-c', PER_DEVICE], devices=4)

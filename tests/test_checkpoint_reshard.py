@@ -1,9 +1,6 @@
 """A checkpoint written on a (2, 2, 2) mesh of 8 devices restores onto (8, 1, 1), (1, 4, 2) and one
 device: the same parameter and optimizer-state values, in the target's shardings."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,8 +9,8 @@ import numpy as np
 from evejax.checkpoint import Checkpointer
 from evejax.models import ModelConfig
 from tests.conftest import TINY
+from tests.fake_devices import run_with_devices
 
-REPO = __file__.rsplit('/tests/', 1)[0]
 CFG = dict(TINY, vocab_size=96)  # Divisible by the tensor axis.
 
 # Shared by the 8-device subprocess and this process.
@@ -70,17 +67,8 @@ WORKER = SETUP + textwrap.dedent("""
 
 def test_restore_onto_other_meshes_and_one_device(tmp_path):
   directory, expected = str(tmp_path / 'checkpoints'), str(tmp_path / 'expected.npz')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=REPO)
-  result = subprocess.run(
-    [sys.executable, '-c', WORKER, directory, expected],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = [line for line in result.stdout.splitlines() if 'restored;' in line]
+  stdout = run_with_devices(['-c', WORKER, directory, expected], devices=8)
+  lines = [line for line in stdout.splitlines() if 'restored;' in line]
   assert len(lines) == 2 and ' 0 sharded' not in lines[1]  # (1, 4, 2) really shards.
 
   # This process has one device: restore the 8-device checkpoint here too.

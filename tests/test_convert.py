@@ -26,6 +26,7 @@ from evejax.convert import files, importer  # noqa: E402
 from evejax.convert.keymap import get_param  # noqa: E402
 from evejax.data import encode  # noqa: E402
 from evejax.models import EVE, ModelConfig  # noqa: E402
+from tests.fake_devices import run_with_devices  # noqa: E402
 
 VISION = dict(vision_patch_size=4, vision_merge=2, vision_hidden_size=16)
 DIMS = dict(
@@ -360,11 +361,7 @@ SHARDED_EXPORT = textwrap.dedent("""
 
 
 def test_export_of_sharded_params_equals_host_export(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run(
-    [sys.executable, '-c', SHARDED_EXPORT, str(tmp_path)], check=True, env=env, cwd=root
-  )
+  run_with_devices(['-c', SHARDED_EXPORT, str(tmp_path)], devices=8)
   a = (tmp_path / 'sharded' / 'model.safetensors').read_bytes()
   assert a == (tmp_path / 'host' / 'model.safetensors').read_bytes()
 

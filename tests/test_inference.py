@@ -1,8 +1,5 @@
 """KV-cache generation against full recomputation, sampling against Hugging Face's processors."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -22,6 +19,7 @@ from evejax.inference.sampling import apply_repetition_penalty, filter_logits
 from evejax.models import EVE, ModelConfig
 from evejax.models.presets import model_preset
 from tests.conftest import TINY
+from tests.fake_devices import run_with_devices
 
 
 def prompt_spec(cfg: ModelConfig) -> BatchSpec:
@@ -309,18 +307,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_generation_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
-    [sys.executable, '-c', SHARDED_SCRIPT],
-    env=env,
-    cwd=root,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'OK' in result.stdout
+  assert 'OK' in run_with_devices(['-c', SHARDED_SCRIPT], devices=8)
 
 
 def test_cached_equals_uncached_for_eve_v1():

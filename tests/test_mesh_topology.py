@@ -4,16 +4,12 @@ order (a subprocess: XLA's device count is fixed at start-up)."""
 
 import dataclasses
 import itertools
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from evejax.sharding import mesh
-
-REPO = __file__.rsplit('/tests/', 1)[0]
+from tests.fake_devices import run_with_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +118,4 @@ def test_cpu_devices_keep_jax_order():
     'assert set(m.axis_types) == {AxisType.Auto}\n'
     "print('ok')\n"
   )
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-  )
-  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+  assert run_with_devices(['-c', script], devices=8).strip() == 'ok'

@@ -3,16 +3,14 @@ devices equals the 1-device step (run in a subprocess: XLA's device count is fix
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from evejax import sharding
+from tests.fake_devices import run_with_devices
 
-REPO = __file__.rsplit('/tests/', 1)[0]
 MESHES = {
   '8,1,1': dict(data=8),
   '2,4,1': dict(data=2, fsdp=4),
@@ -49,22 +47,8 @@ def test_rules_from_config_override_by_name_and_reject_typos():
 
 
 def run_worker(variants, timeout=600):
-  env = dict(
-    os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=8',
-    JAX_PLATFORMS='cpu',
-    PYTHONPATH=REPO,
-  )
-  result = subprocess.run(
-    [sys.executable, __file__, *variants],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  stdout = run_with_devices([__file__, *variants], devices=8, timeout=timeout)
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 VARIANTS = [*MESHES, '2,2,2 sorted routing', '1,4,2 scan + remat full']
